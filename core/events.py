@@ -1,0 +1,295 @@
+"""The canonical event: one store fact, as every adapter produces it and `POST /v1/events` accepts it.
+
+Parsing is strict about what the contract requires and lenient about what it does not: unknown
+fields stay in the raw payload, a missing or mistyped field is rejected with its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from subledger.core.errors import InvalidEvent
+
+
+class EventType(StrEnum):
+    PURCHASE = "purchase"
+    RENEWAL = "renewal"
+    AUTO_RENEW_DISABLED = "auto_renew_disabled"
+    AUTO_RENEW_ENABLED = "auto_renew_enabled"
+    BILLING_ISSUE = "billing_issue"
+    BILLING_RECOVERED = "billing_recovered"
+    EXPIRATION = "expiration"
+    REFUND = "refund"
+    REFUND_REVERSED = "refund_reversed"
+    PRODUCT_CHANGE = "product_change"
+    PAUSE_SCHEDULED = "pause_scheduled"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    EXTENDED = "extended"
+    ONE_TIME_PURCHASE = "one_time_purchase"
+
+
+class Source(StrEnum):
+    CUSTOM = "custom"
+    APPLE = "apple"
+    GOOGLE = "google"
+    STRIPE = "stripe"
+    REVENUECAT = "revenuecat"
+    SCHEDULER = "scheduler"
+
+
+class Store(StrEnum):
+    APP_STORE = "app_store"
+    PLAY_STORE = "play_store"
+    STRIPE = "stripe"
+    AMAZON = "amazon"
+    OTHER = "other"
+
+
+class Environment(StrEnum):
+    PRODUCTION = "production"
+    SANDBOX = "sandbox"
+
+
+class PeriodType(StrEnum):
+    TRIAL = "trial"
+    INTRO = "intro"
+    NORMAL = "normal"
+    PROMOTIONAL = "promotional"
+    PREPAID = "prepaid"
+
+
+class Reason(StrEnum):
+    UNSUBSCRIBE = "unsubscribe"
+    BILLING_ERROR = "billing_error"
+    DEVELOPER_INITIATED = "developer_initiated"
+    PRICE_INCREASE = "price_increase"
+    CUSTOMER_SUPPORT = "customer_support"
+    SUBSCRIPTION_PAUSED = "subscription_paused"
+    UNKNOWN = "unknown"
+
+
+DEFAULT_STORE: dict[Source, Store] = {
+    Source.APPLE: Store.APP_STORE,
+    Source.GOOGLE: Store.PLAY_STORE,
+    Source.STRIPE: Store.STRIPE,
+}
+
+NEEDS_PRODUCT = frozenset({EventType.PURCHASE, EventType.RENEWAL, EventType.ONE_TIME_PURCHASE})
+MAX_ID_LENGTH = 200
+E = TypeVar("E", bound=StrEnum)
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalEvent:
+    """A store fact. Frozen so the fold can never change what the log holds."""
+
+    id: str
+    source: Source
+    app_id: str
+    type: EventType
+    occurred_at: datetime
+    subscription_id: str | None
+    app_user_id: str | None = None
+    store: Store = Store.OTHER
+    environment: Environment = Environment.PRODUCTION
+    product_id: str | None = None
+    new_product_id: str | None = None
+    period_type: PeriodType = PeriodType.NORMAL
+    price: Decimal | None = None
+    currency: str | None = None
+    expires_at: datetime | None = None
+    transaction_id: str | None = None
+    country_code: str | None = None
+    reason: Reason | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def subscription_key(self) -> str:
+        """The stream this fact belongs to; one-time purchases each get a stream of their own."""
+        return subscription_key(self)
+
+    @property
+    def sort_key(self) -> tuple[datetime, str, str]:
+        """Occurrence order; ties broken by (source, id) so arrival order never matters."""
+        return (self.occurred_at, self.source.value, self.id)
+
+    def to_facts(self) -> dict[str, Any]:
+        """The canonical facts as JSON-ready data: what the log stores and hashes."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "source": self.source.value,
+            "app_id": self.app_id,
+            "type": self.type.value,
+            "occurred_at": format_time(self.occurred_at),
+            "store": self.store.value,
+            "environment": self.environment.value,
+            "period_type": self.period_type.value,
+        }
+        optional: dict[str, Any] = {
+            "subscription_id": self.subscription_id,
+            "app_user_id": self.app_user_id,
+            "product_id": self.product_id,
+            "new_product_id": self.new_product_id,
+            "price": None if self.price is None else str(self.price),
+            "currency": self.currency,
+            "expires_at": None if self.expires_at is None else format_time(self.expires_at),
+            "transaction_id": self.transaction_id,
+            "country_code": self.country_code,
+            "reason": None if self.reason is None else self.reason.value,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.attributes:
+            out["attributes"] = self.attributes
+        return out
+
+
+def subscription_key(event: CanonicalEvent) -> str:
+    """`app/store/subscription` names one stream across every source that reports on it."""
+    if event.subscription_id is not None:
+        return f"{event.app_id}/{event.store.value}/{event.subscription_id}"
+    return f"{event.app_id}/{event.store.value}/otp:{event.transaction_id or event.source.value + ':' + event.id}"
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 UTC with microseconds: stable bytes for hashing and sorting."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: Any, name: str) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidEvent("must be an RFC 3339 time string", name)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidEvent(f"not an RFC 3339 time: {value!r}", name) from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent(f"time has no UTC offset: {value!r}", name)
+    return parsed.astimezone(UTC)
+
+
+def _text(obj: dict[str, Any], name: str, *, required: bool = False, limit: int = 500) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise InvalidEvent("is required", name)
+        return None
+    if not isinstance(value, str):
+        raise InvalidEvent(f"must be a string, got {type(value).__name__}", name)
+    if required and not value.strip():
+        raise InvalidEvent("must not be empty", name)
+    if len(value) > limit:
+        raise InvalidEvent(f"longer than {limit} characters", name)
+    return value
+
+
+def _enum(obj: dict[str, Any], name: str, enum: type[E], default: E | None) -> E | None:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidEvent(f"must be a string, got {type(value).__name__}", name)
+    try:
+        return enum(value.lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)
+        raise InvalidEvent(f"unknown value {value!r}; expected one of: {allowed}", name) from None
+
+
+def _price(obj: dict[str, Any]) -> Decimal | None:
+    value = obj.get("price")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidEvent(f"must be a decimal number or string, got {type(value).__name__}", "price")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidEvent(f"not a decimal number: {value!r}", "price") from None
+    if not amount.is_finite() or abs(amount) >= Decimal("1e12"):
+        raise InvalidEvent(f"not a finite amount: {value!r}", "price")
+    return amount
+
+
+def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> CanonicalEvent:
+    """Validate one canonical JSON object; raise `InvalidEvent` naming the first bad field."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {type(obj).__name__}")
+    event_id = _text(obj, "id", required=True, limit=MAX_ID_LENGTH)
+    source = _enum(obj, "source", Source, default_source)
+    app_id = _text(obj, "app_id", required=True, limit=200)
+    event_type = _enum(obj, "type", EventType, None)
+    if event_type is None:
+        raise InvalidEvent("is required", "type")
+    occurred_at = parse_time(obj.get("occurred_at"), "occurred_at") if "occurred_at" in obj else None
+    if occurred_at is None:
+        raise InvalidEvent("is required", "occurred_at")
+    subscription = _text(obj, "subscription_id", limit=500)
+    if subscription is None and event_type is not EventType.ONE_TIME_PURCHASE:
+        raise InvalidEvent("is required", "subscription_id")
+    assert source is not None and event_id is not None and app_id is not None
+    store = _enum(obj, "store", Store, DEFAULT_STORE.get(source, Store.OTHER))
+    environment = _enum(obj, "environment", Environment, Environment.PRODUCTION)
+    period_type = _enum(obj, "period_type", PeriodType, PeriodType.NORMAL)
+    product_id = _text(obj, "product_id")
+    if event_type in NEEDS_PRODUCT and product_id is None:
+        raise InvalidEvent(f"is required for type {event_type.value}", "product_id")
+    new_product_id = _text(obj, "new_product_id")
+    if event_type is EventType.PRODUCT_CHANGE and new_product_id is None:
+        raise InvalidEvent("is required for type product_change", "new_product_id")
+    price = _price(obj)
+    currency = _text(obj, "currency", limit=3)
+    if currency is not None:
+        currency = currency.upper()
+        if not _CURRENCY.match(currency):
+            raise InvalidEvent(f"not an ISO 4217 code: {obj.get('currency')!r}", "currency")
+    if price is not None and price != 0 and currency is None:
+        raise InvalidEvent("is required when price is given", "currency")
+    expires_at = parse_time(obj["expires_at"], "expires_at") if obj.get("expires_at") is not None else None
+    country = _text(obj, "country_code", limit=2)
+    if country is not None:
+        country = country.upper()
+        if not _COUNTRY.match(country):
+            raise InvalidEvent(f"not an ISO 3166-1 alpha-2 code: {obj.get('country_code')!r}", "country_code")
+    attributes = obj.get("attributes", {})
+    if attributes is None:
+        attributes = {}
+    if not isinstance(attributes, dict):
+        raise InvalidEvent(f"must be an object, got {type(attributes).__name__}", "attributes")
+    assert store is not None and environment is not None and period_type is not None
+    return CanonicalEvent(
+        id=event_id,
+        source=source,
+        app_id=app_id,
+        type=event_type,
+        occurred_at=occurred_at,
+        subscription_id=subscription,
+        app_user_id=_text(obj, "app_user_id"),
+        store=store,
+        environment=environment,
+        product_id=product_id,
+        new_product_id=new_product_id,
+        period_type=period_type,
+        price=price,
+        currency=currency,
+        expires_at=expires_at,
+        transaction_id=_text(obj, "transaction_id"),
+        country_code=country,
+        reason=_enum(obj, "reason", Reason, None),
+        attributes=attributes,
+    )
+
+
+def event_from_facts(facts: dict[str, Any]) -> CanonicalEvent:
+    """Rebuild an event from the facts the log stored (they were valid when written)."""
+    return parse_event(facts, default_source=Source(facts.get("source", "custom")))

@@ -1,0 +1,199 @@
+"""Segment message rendering: a transition plus one destination's settings → the exact wire messages.
+
+Rendered once, inside the ingest transaction, and stored in the outbox: the payload of a messageId
+never changes afterwards, whatever the relay or a rebuild does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from enum import StrEnum
+from typing import Any
+
+from subledger.core.events import Environment, Store
+from subledger.core.lifecycle import REVENUE_KINDS, Transition, TransitionKind
+
+DEFAULT_EVENT_NAMES: Mapping[TransitionKind, str] = {kind: f"rc_{kind.value}_event" for kind in TransitionKind}
+LIBRARY_NAME = "subledger"
+ONE_YEAR = timedelta(days=365)
+
+
+class RevenueMode(StrEnum):
+    GROSS = "gross"
+    AFTER_COMMISSION = "after_commission"
+    AFTER_COMMISSION_AND_TAX = "after_commission_and_tax"
+
+
+@dataclass(frozen=True, slots=True)
+class Commission:
+    """Store commission rates (segment.md): App Store 30 % the first paid year then 15 %."""
+
+    app_store_first_year: Decimal = Decimal("0.30")
+    app_store_later: Decimal = Decimal("0.15")
+    app_store_small_business: bool = False
+    play_store: Decimal = Decimal("0.15")
+    stripe: Decimal = Decimal("0")
+    other: Decimal = Decimal("0")
+
+    def rate(self, transition: Transition) -> Decimal:
+        if transition.store is Store.APP_STORE:
+            if self.app_store_small_business:
+                return self.app_store_later
+            since = transition.paid_since or transition.occurred_at
+            first_year = transition.occurred_at - since < ONE_YEAR
+            return self.app_store_first_year if first_year else self.app_store_later
+        if transition.store is Store.PLAY_STORE:
+            return self.play_store
+        if transition.store is Store.STRIPE:
+            return self.stripe
+        return self.other
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One Segment-compatible destination of one app, as the outbox writer needs it."""
+
+    name: str
+    app_id: str
+    event_names: Mapping[TransitionKind, str] = field(default_factory=lambda: dict(DEFAULT_EVENT_NAMES))
+    revenue_mode: RevenueMode = RevenueMode.GROSS
+    commission: Commission = field(default_factory=Commission)
+    tax_rates: Mapping[str, Decimal] = field(default_factory=dict)
+    default_tax_rate: Decimal = Decimal("0")
+    currency: str | None = None
+    rates: Mapping[str, Decimal] = field(default_factory=dict)
+    send_sandbox: bool = False
+    publish_historical: bool = False
+    library_version: str = "0"
+
+    def event_name(self, kind: TransitionKind) -> str:
+        return self.event_names.get(kind, DEFAULT_EVENT_NAMES[kind])
+
+    def accepts(self, transition: Transition, *, historical: bool) -> bool:
+        """Whether this destination gets a message at all for the transition."""
+        if not self.event_name(transition.kind):
+            return False
+        if transition.environment is Environment.SANDBOX and not self.send_sandbox:
+            return False
+        return not (historical and not self.publish_historical)
+
+
+class MissingRate(ValueError):
+    """Raised when currency conversion is configured but the rates table lacks the currency."""
+
+
+def message_id_base(transition_id: str, destination: str) -> str:
+    """≤ 64 chars of [A-Za-z0-9._-], the same for every retry, relay and rebuild."""
+    return "sl-" + hashlib.sha256(f"{transition_id}\x1f{destination}".encode()).hexdigest()[:40]
+
+
+def iso_millis(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _money(amount: Decimal) -> float:
+    return float(amount.quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN).normalize())
+
+
+def _convert(amount: Decimal, currency: str, dest: Destination) -> tuple[Decimal, str]:
+    if dest.currency is None or dest.currency == currency:
+        return amount, currency
+    rate = dest.rates.get(currency)
+    if rate is None:
+        raise MissingRate(f"no rate from {currency} to {dest.currency}")
+    return amount * rate, dest.currency
+
+
+def takehome_share(transition: Transition, dest: Destination) -> Decimal:
+    """The share of the gross price the revenue mode reports."""
+    if dest.revenue_mode is RevenueMode.GROSS:
+        return Decimal(1)
+    share = 1 - dest.commission.rate(transition)
+    if dest.revenue_mode is RevenueMode.AFTER_COMMISSION_AND_TAX:
+        tax = dest.tax_rates.get(transition.country_code or "", dest.default_tax_rate)
+        share = share / (1 + tax)  # store prices include VAT/GST; strip it before the store's cut
+    return share
+
+
+def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    if transition.price is not None and transition.currency is not None:
+        has_revenue = transition.kind in REVENUE_KINDS or transition.price < 0
+        share = takehome_share(transition, dest)
+        gross, currency = _convert(transition.price, transition.currency, dest)
+        if has_revenue:
+            props["revenue"] = _money(gross * share)
+            props["currency"] = currency
+            props["takehome_percentage"] = _money(share)
+        props["price"] = _money(gross)
+        props["price_in_purchased_currency"] = _money(transition.price)
+        props["purchased_currency"] = transition.currency
+    optional: dict[str, Any] = {
+        "product_id": transition.product_id,
+        "new_product_id": transition.new_product_id,
+        "period_type": None if transition.period_type is None else transition.period_type.value.upper(),
+        "store": transition.store.value.upper(),
+        "environment": transition.environment.value.upper(),
+        "transaction_id": transition.transaction_id,
+        "original_transaction_id": transition.subscription_id,
+        "app_id": transition.app_id,
+        "app_user_id": transition.app_user_id,
+        "purchased_at": None if transition.purchased_at is None else int(transition.purchased_at.timestamp()),
+        "expires_at": None if transition.expires_at is None else int(transition.expires_at.timestamp()),
+        "country_code": transition.country_code,
+        "cancel_reason": None if transition.cancel_reason is None else transition.cancel_reason.value.upper(),
+        "expiration_reason": (
+            None if transition.expiration_reason is None else transition.expiration_reason.value.upper()
+        ),
+        "is_trial_conversion": transition.is_trial_conversion,
+        "renewal_number": transition.renewal_number,
+        "event_id": transition.event_id,
+    }
+    props.update({k: v for k, v in optional.items() if v is not None})
+    return props
+
+
+def render(
+    transition: Transition, dest: Destination, *, aliases: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """The `track` and `identify` of one transition for one destination, as Segment's wire format."""
+    base = message_id_base(transition.id, dest.name)
+    who: dict[str, Any] = (
+        {"userId": transition.app_user_id}
+        if transition.app_user_id
+        else {"anonymousId": transition.subscriber}
+    )
+    context = {
+        "environment": transition.environment.value,
+        "library": {"name": LIBRARY_NAME, "version": dest.library_version},
+    }
+    timestamp = iso_millis(transition.occurred_at)
+    track = {
+        "type": "track",
+        "messageId": base + ".t",
+        **who,
+        "event": dest.event_name(transition.kind),
+        "timestamp": timestamp,
+        "properties": _properties(transition, dest),
+        "context": context,
+    }
+    traits: dict[str, Any] = {}
+    if transition.status is not None:
+        traits["subscription_status"] = transition.status.value
+    if transition.app_user_id:
+        traits["last_seen_app_user_id"] = transition.app_user_id
+    if aliases:
+        traits["aliases"] = list(aliases)
+    identify = {
+        "type": "identify",
+        "messageId": base + ".i",
+        **who,
+        "traits": traits,
+        "timestamp": timestamp,
+        "context": context,
+    }
+    return [track, identify]
