@@ -1,0 +1,40 @@
+"""Store adapters: one module per source, each doing parse → verify → map into canonical events.
+
+Every adapter returns a `Notification`: one raw delivery with its idempotency key and the zero or
+more canonical facts it states. Zero facts means "stored only" (informational or unknown types).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subledger.core.events import CanonicalEvent, Source
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One raw delivery from a source, mapped. The log stores one entry per (source, external_id)."""
+
+    source: Source
+    external_id: str
+    app_id: str
+    kind: str
+    events: tuple[CanonicalEvent, ...] = ()
+    subscription_key: str | None = None
+
+    @classmethod
+    def of(cls, event: CanonicalEvent) -> Notification:
+        """A canonical event is its own notification."""
+        return cls(
+            source=event.source,
+            external_id=event.id,
+            app_id=event.app_id,
+            kind=event.type.value,
+            events=(event,),
+            subscription_key=event.subscription_key,
+        )
+
+    def key(self) -> str | None:
+        if self.subscription_key is not None:
+            return self.subscription_key
+        return self.events[0].subscription_key if self.events else None
