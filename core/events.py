@@ -155,12 +155,17 @@ def subscription_key(event: CanonicalEvent) -> str:
     """`app/store/subscription` names one stream across every source that reports on it."""
     if event.subscription_id is not None:
         return f"{event.app_id}/{event.store.value}/{event.subscription_id}"
-    return f"{event.app_id}/{event.store.value}/otp:{event.transaction_id or event.source.value + ':' + event.id}"
+    own = event.transaction_id or f"{event.source.value}:{event.id}"
+    return f"{event.app_id}/{event.store.value}/otp:{own}"
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 UTC with microseconds: stable bytes for hashing and sorting."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds: stable bytes for hashing and sorting.
+
+    `isoformat` always writes four year digits (`strftime("%Y")` does not below year 1000), so the
+    text sorts like the instant it names and parses back.
+    """
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(value: Any, name: str) -> datetime:
@@ -235,6 +240,8 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
     if occurred_at is None:
         raise InvalidEvent("is required", "occurred_at")
     subscription = _text(obj, "subscription_id", limit=500)
+    if subscription is not None and not subscription.strip():
+        raise InvalidEvent("must not be empty", "subscription_id")
     if subscription is None and event_type is not EventType.ONE_TIME_PURCHASE:
         raise InvalidEvent("is required", "subscription_id")
     assert source is not None and event_id is not None and app_id is not None

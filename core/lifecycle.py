@@ -126,11 +126,13 @@ class SubscriptionState:
 
     @property
     def status(self) -> Status | None:
-        if not self.started:
+        """None until a subscription period started: a stream of one-time purchases has no status."""
+        if not self.started or self.period_type is None:
             return None
         trial = self.period_type is PeriodType.TRIAL
         if self.expired:
-            return Status.EXPIRED_PROMOTIONAL if self.period_type is PeriodType.PROMOTIONAL else Status.EXPIRED
+            promotional = self.period_type is PeriodType.PROMOTIONAL
+            return Status.EXPIRED_PROMOTIONAL if promotional else Status.EXPIRED
         if self.paused:
             return Status.PAUSED
         if self.billing_issue:
@@ -319,6 +321,20 @@ def _charge(state: SubscriptionState, event: CanonicalEvent) -> SubscriptionStat
     )
 
 
+def _stale_inference(state: SubscriptionState, event: CanonicalEvent) -> bool:
+    """A scheduler-inferred expiration closes the period ending at its `expires_at` (rule 6).
+
+    When the log holds a charge or extension that moved the period end past it (a renewal that
+    arrived after the inference but happened before it), the inference was wrong: it is a no-op.
+    """
+    return (
+        event.source is Source.SCHEDULER
+        and event.expires_at is not None
+        and state.expires_at is not None
+        and state.expires_at > event.expires_at
+    )
+
+
 def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionState, Transition | None]:
     """Apply one fact. Returns the new state and the one transition it derives, if any."""
     base = replace(
@@ -374,7 +390,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             kind = TransitionKind.BILLING_ISSUE
             new = replace(base, billing_issue=True)
     elif event.type is t.EXPIRATION:
-        if state.live:
+        if state.live and not _stale_inference(state, event):
             kind = TransitionKind.EXPIRATION
             extra["expiration_reason"] = event.reason or Reason.UNKNOWN
             new = replace(base, expired=True, billing_issue=False, paused=False, pause_pending=False)
@@ -384,7 +400,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             kind = TransitionKind.CANCELLATION
             amount = abs(event.price) if event.price is not None else state.last_price
             extra["cancel_reason"] = Reason.CUSTOMER_SUPPORT
-            extra["price"] = None if amount is None else -amount
+            extra["price"] = None if amount is None else Decimal(0) - amount  # never a "-0"
             extra["currency"] = event.currency or state.last_currency
             new = replace(base, auto_renew=False, refunds=_remember(state.refunds, refund_key))
     elif event.type is t.REFUND_REVERSED:
@@ -405,18 +421,17 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
         new = replace(base, paused=False, pause_pending=False)
     elif event.type is t.EXTENDED:
         new = replace(base, expires_at=event.expires_at or base.expires_at)
-    elif event.type is t.ONE_TIME_PURCHASE:
-        if not already_charged:
-            kind = TransitionKind.NON_SUBSCRIPTION_PURCHASE
-            new = replace(
-                base,
-                started=True,
-                product_id=event.product_id,
-                purchased_at=event.occurred_at,
-                last_price=event.price,
-                last_currency=event.currency,
-                transactions=_remember(state.transactions, event.transaction_id),
-            )
+    elif event.type is t.ONE_TIME_PURCHASE and not already_charged:
+        kind = TransitionKind.NON_SUBSCRIPTION_PURCHASE
+        new = replace(
+            base,
+            started=True,
+            product_id=event.product_id,
+            purchased_at=event.occurred_at,
+            last_price=event.price,
+            last_currency=event.currency,
+            transactions=_remember(state.transactions, event.transaction_id),
+        )
 
     if kind is None:
         return new, None
@@ -452,8 +467,13 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
 
 
 def ordered(events: Iterable[CanonicalEvent]) -> list[CanonicalEvent]:
-    """Occurrence order with repeats of one (source, id) dropped: arrival order cannot matter."""
-    unique = {(e.source.value, e.id): e for e in events}
+    """Occurrence order with repeats of one (source, id) dropped: arrival order cannot matter.
+
+    Like the log (rule 4), the first delivery of a (source, id) is the one that counts.
+    """
+    unique: dict[tuple[str, str], CanonicalEvent] = {}
+    for event in events:
+        unique.setdefault((event.source.value, event.id), event)
     return sorted(unique.values(), key=sort_key)
 
 
@@ -505,7 +525,12 @@ def reconcile(existing: Mapping[str, bool], folded: Sequence[Transition]) -> Rec
 def inferred_expiration(state: SubscriptionState, now: datetime, grace: timedelta) -> CanonicalEvent | None:
     """Rule 6: when a period ended (plus grace) with no renewal, the scheduler logs an expiration fact.
 
-    Its id names the period it closes, so inferring it twice stores it once.
+    The fact happened when the period ended, not when it was noticed: it is dated `expires_at`, so a
+    real `expiration` of the same period (dated at or after the period end) sorts after it and is a
+    no-op, whatever the grace. It names the period it closes (`expires_at`), so a renewal that turns
+    up later but happened before makes it a no-op on re-fold. Its id is a digest of (subscription,
+    period end): inferring it twice stores it once, and it stays within the canonical id limit
+    however long the subscription key is.
     """
     if not state.live or state.paused or state.expires_at is None:
         return None
@@ -518,12 +543,15 @@ def inferred_expiration(state: SubscriptionState, now: datetime, grace: timedelt
         reason = Reason.UNSUBSCRIBE
     else:
         reason = Reason.UNKNOWN
+    period_end = format_time(state.expires_at)
+    digest = hashlib.sha256(f"{state.key}\x1f{period_end}".encode()).hexdigest()[:32]
     return CanonicalEvent(
-        id=f"expire:{state.key}:{format_time(state.expires_at)}",
+        id=f"expire:{period_end}:{digest}",
         source=Source.SCHEDULER,
         app_id=state.app_id,
         type=EventType.EXPIRATION,
-        occurred_at=due,
+        occurred_at=state.expires_at,
+        expires_at=state.expires_at,
         subscription_id=state.subscription_id,
         app_user_id=state.app_user_id,
         store=state.store,

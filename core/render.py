@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import Any
@@ -17,7 +17,9 @@ from typing import Any
 from subledger.core.events import Environment, Store
 from subledger.core.lifecycle import REVENUE_KINDS, Transition, TransitionKind
 
-DEFAULT_EVENT_NAMES: Mapping[TransitionKind, str] = {kind: f"rc_{kind.value}_event" for kind in TransitionKind}
+DEFAULT_EVENT_NAMES: Mapping[TransitionKind, str] = {
+    kind: f"rc_{kind.value}_event" for kind in TransitionKind
+}
 LIBRARY_NAME = "subledger"
 ONE_YEAR = timedelta(days=365)
 
@@ -92,7 +94,9 @@ def message_id_base(transition_id: str, destination: str) -> str:
 
 
 def iso_millis(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    """ISO 8601 in UTC with milliseconds and `Z`, whatever offset the datetime carries."""
+    utc = value.astimezone(UTC) if value.tzinfo is not None else value
+    return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def _money(amount: Decimal) -> float:

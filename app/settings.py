@@ -1,0 +1,222 @@
+"""Configuration: a TOML file plus SUBLEDGER_* environment variables, validated at start.
+
+Secrets stay out of the file: any string value written as "${NAME}" is read from the environment.
+Every error names the key it is about, e.g. `apps."com.example".destinations.segment.write_key`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from decimal import Decimal
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from subledger.core.errors import ConfigError
+from subledger.core.lifecycle import TransitionKind
+from subledger.core.render import DEFAULT_EVENT_NAMES, Commission, Destination, RevenueMode
+
+SEGMENT_US = "https://api.segment.io"
+SEGMENT_EU = "https://events.eu1.segmentapis.com"
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def package_version() -> str:
+    try:
+        return version("subledger")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommissionSettings(_Strict):
+    app_store_first_year: Decimal = Decimal("0.30")
+    app_store_later: Decimal = Decimal("0.15")
+    app_store_small_business: bool = False
+    play_store: Decimal = Decimal("0.15")
+    stripe: Decimal = Decimal("0")
+    other: Decimal = Decimal("0")
+
+
+class DestinationSettings(_Strict):
+    write_key: str = Field(min_length=1)
+    sandbox_write_key: str | None = None
+    endpoint: str = SEGMENT_US
+    send_sandbox: bool = False
+    event_names: dict[TransitionKind, str] = Field(default_factory=dict)
+    revenue_mode: RevenueMode = RevenueMode.GROSS
+    commission: CommissionSettings = Field(default_factory=CommissionSettings)
+    tax_rates: dict[str, Decimal] = Field(default_factory=dict)
+    default_tax_rate: Decimal = Decimal("0")
+    currency: str | None = None
+    rates: dict[str, Decimal] = Field(default_factory=dict)
+    publish_historical: bool = False
+    gzip: bool = False
+    timeout_seconds: float = 15.0
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) base URL, e.g. https://api.segment.io")
+        return value.rstrip("/")
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Z]{3}", value):
+            raise ValueError("must be an ISO 4217 code such as USD")
+        return value
+
+
+class AppSettings(_Strict):
+    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
+    settle_delay_seconds: float = Field(default=0, ge=0, le=3600)
+    expiration_grace_hours: float = Field(default=24, ge=0)
+    # Store credentials, read by the store adapters.
+    apple: dict[str, Any] = Field(default_factory=dict)
+    stripe: dict[str, Any] = Field(default_factory=dict)
+    revenuecat: dict[str, Any] = Field(default_factory=dict)
+    google: dict[str, Any] = Field(default_factory=dict)
+
+
+class FileSettings(_Strict):
+    api_token: str | None = None
+    database_url: str | None = None
+    historical_horizon_hours: float = Field(default=72, gt=0)
+    accept_unconfigured_apps: bool = False
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    apps: dict[str, AppSettings] = Field(default_factory=dict)
+
+
+class EnvSettings(BaseSettings):
+    """The environment's say; it wins over the file for these keys."""
+
+    model_config = SettingsConfigDict(env_prefix="SUBLEDGER_", extra="ignore")
+    config: str | None = None
+    api_token: str | None = None
+    database_url: str | None = None
+
+
+class Settings(_Strict):
+    api_token: str | None
+    database_url: str | None
+    historical_horizon: timedelta
+    accept_unconfigured_apps: bool
+    max_body_bytes: int
+    apps: dict[str, AppSettings]
+    source: str
+
+    def destinations(self, library_version: str | None = None) -> dict[str, tuple[Destination, ...]]:
+        lib = library_version or package_version()
+        return {
+            app_id: tuple(_destination(app_id, name, d, lib) for name, d in app.destinations.items())
+            for app_id, app in self.apps.items()
+        }
+
+    def knows(self, app_id: str) -> bool:
+        return self.accept_unconfigured_apps or app_id in self.apps
+
+
+def _destination(app_id: str, name: str, d: DestinationSettings, lib: str) -> Destination:
+    names = dict(DEFAULT_EVENT_NAMES)
+    names.update(d.event_names)
+    return Destination(
+        name=name,
+        app_id=app_id,
+        event_names=names,
+        revenue_mode=d.revenue_mode,
+        commission=Commission(**d.commission.model_dump()),
+        tax_rates=d.tax_rates,
+        default_tax_rate=d.default_tax_rate,
+        currency=d.currency,
+        rates=d.rates,
+        send_sandbox=d.send_sandbox,
+        publish_historical=d.publish_historical,
+        library_version=lib,
+    )
+
+
+def _expand(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{_key(k)}" if path else _key(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        match = _ENV_REF.match(value)
+        if match:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(path, f"refers to environment variable {name}, which is not set")
+            return os.environ[name]
+    return value
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else f'"{k}"'
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(_key(str(part)) for part in loc)
+
+
+def load(path: str | Path | None = None) -> Settings:
+    """Read, expand and validate the configuration; raise ConfigError naming the bad key."""
+    env = EnvSettings()
+    chosen = path or env.config
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if chosen:
+        file = Path(chosen)
+        try:
+            raw = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{file} is not valid TOML: {exc}") from None
+        source = str(file)
+    raw = _expand(raw, "")
+    try:
+        parsed = FileSettings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(_loc(first["loc"]), first["msg"]) from None
+    return Settings(
+        api_token=env.api_token or parsed.api_token,
+        database_url=env.database_url or parsed.database_url,
+        historical_horizon=timedelta(hours=parsed.historical_horizon_hours),
+        accept_unconfigured_apps=parsed.accept_unconfigured_apps,
+        max_body_bytes=parsed.max_body_bytes,
+        apps=parsed.apps,
+        source=source,
+    )
+
+
+def from_dict(data: dict[str, Any]) -> Settings:
+    """Settings from an in-memory mapping (tests, the demo), validated like a file."""
+    try:
+        parsed = FileSettings.model_validate(_expand(data, ""))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(_loc(first["loc"]), first["msg"]) from None
+    return Settings(
+        api_token=parsed.api_token,
+        database_url=parsed.database_url,
+        historical_horizon=timedelta(hours=parsed.historical_horizon_hours),
+        accept_unconfigured_apps=parsed.accept_unconfigured_apps,
+        max_body_bytes=parsed.max_body_bytes,
+        apps=parsed.apps,
+        source="dict",
+    )
+
+
+Mode = Literal["gross", "after_commission", "after_commission_and_tax"]

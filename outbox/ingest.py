@@ -1,0 +1,180 @@
+"""The write side of the transactional outbox: one transaction per ingest.
+
+Log entries, projections, transitions and outbox rows commit together or not at all; the relay
+is woken by a NOTIFY sent only after the commit. Every item of a batch is applied in occurrence
+order per subscription, so a shuffled batch yields exactly the transitions of the sorted one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+import psycopg
+
+from subledger.core.events import CanonicalEvent
+from subledger.core.lifecycle import (
+    SubscriptionState,
+    Transition,
+    advance,
+    fold,
+    is_historical,
+    needs_refold,
+    reconcile,
+)
+from subledger.core.render import Destination
+from subledger.core.sources import Notification
+from subledger.outbox import writer
+from subledger.store import log, projections
+from subledger.store.db import translate_errors
+
+DEFAULT_HORIZON = timedelta(hours=72)
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    """What the ingest transaction needs from the configuration."""
+
+    destinations: Mapping[str, tuple[Destination, ...]] = field(default_factory=dict)
+    horizon: timedelta = DEFAULT_HORIZON
+    settle_delay: Mapping[str, timedelta] = field(default_factory=dict)
+
+    def destinations_for(self, app_id: str) -> tuple[Destination, ...]:
+        return self.destinations.get(app_id, ())
+
+
+@dataclass(frozen=True)
+class Incoming:
+    notification: Notification
+    raw: bytes
+    historical: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    source: str
+    external_id: str
+    result: Literal["new", "duplicate"]
+    position: int | None = None
+    transitions: tuple[str, ...] = ()
+
+
+@dataclass
+class _Batch:
+    """Per-transaction scratch space, so each table is written once per batch."""
+
+    states: dict[str, tuple[SubscriptionState, int]] = field(default_factory=dict)
+    transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
+    outbox: list[writer.OutboxRow] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+    by_position: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+FailureHook = Callable[[str], None]
+
+
+def ingest(
+    conn: psycopg.Connection,
+    items: Sequence[Incoming],
+    policy: IngestPolicy,
+    now: datetime,
+    *,
+    fail_at: FailureHook | None = None,
+    notify: bool = True,
+) -> list[Outcome]:
+    """Append, fold, render and enqueue `items` in one transaction; return one outcome per item."""
+    batch = _Batch()
+    with translate_errors(), conn.transaction():
+        entries = [
+            log.Entry(
+                notification=item.notification,
+                raw=item.raw,
+                received_at=now,
+                historical=item.historical
+                or any(is_historical(e.occurred_at, now, policy.horizon) for e in item.notification.events),
+            )
+            for item in items
+        ]
+        results = log.append(conn, entries)
+        if fail_at:
+            fail_at("after_log_insert")
+        appended = [r for r in results if isinstance(r, log.Appended)]
+        by_key: dict[str, list[tuple[CanonicalEvent, log.Appended]]] = defaultdict(list)
+        for event, entry in log.events_of(appended):
+            by_key[event.subscription_key].append((event, entry))
+        stored = projections.lock_states(conn, sorted(by_key))
+        for key, pairs in by_key.items():
+            _derive(conn, key, pairs, stored.get(key), policy, now, batch)
+        if fail_at:
+            fail_at("after_derive")
+        projections.save_states(conn, batch.states.values(), now)
+        projections.insert_transitions(conn, batch.transitions, now)
+        projections.mark_superseded(conn, batch.superseded, now)
+        writer.withdraw(conn, batch.superseded, now)
+        writer.insert(conn, batch.outbox, now)
+        if fail_at:
+            fail_at("before_commit")
+    if notify and batch.outbox:
+        wake_relay(conn)
+    return [
+        Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "new", r.position,
+                tuple(batch.by_position.get(r.position, ())))
+        if isinstance(r, log.Appended)
+        else Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "duplicate")
+        for r in results
+    ]
+
+
+def wake_relay(conn: psycopg.Connection) -> None:
+    """NOTIFY after commit: a hint only; the relay also polls, so a lost one only delays."""
+    with translate_errors(), conn.transaction():
+        conn.execute(f"NOTIFY {writer.OUTBOX_CHANNEL}")
+
+
+def _derive(
+    conn: psycopg.Connection,
+    key: str,
+    pairs: list[tuple[CanonicalEvent, log.Appended]],
+    state: SubscriptionState | None,
+    policy: IngestPolicy,
+    now: datetime,
+    batch: _Batch,
+) -> None:
+    events = [event for event, _ in pairs]
+    origin = {(e.source.value, e.id): (entry.position, entry.entry.historical) for e, entry in pairs}
+    last_position = max(entry.position for _, entry in pairs)
+    if state is None or not needs_refold(state, events):
+        start = state or SubscriptionState.empty(min(events, key=lambda e: e.occurred_at))
+        result = advance(start, events)
+        emitted = result.transitions
+        new_state = result.state
+    else:
+        # Rule 3: a late event re-folds the whole history; ids decide what is new or superseded.
+        history = log.history(conn, key)
+        origin.update({(h.event.source.value, h.event.id): (h.position, h.historical) for h in history})
+        refolded = fold([h.event for h in history])
+        diff = reconcile(projections.existing_transitions(conn, key), refolded.transitions)
+        emitted = diff.new
+        new_state = refolded.state
+        batch.superseded.extend(diff.superseded)
+        for transition, historical in projections.revive(conn, diff.revived):
+            batch.outbox.extend(_rows(transition, historical, policy, now))
+    batch.states[key] = (new_state, last_position)
+    for transition in emitted:
+        position, historical = origin[(transition.event_source, transition.event_id)]
+        batch.transitions.append((transition, position, historical))
+        batch.by_position[position].append(transition.id)
+        batch.outbox.extend(_rows(transition, historical, policy, now))
+
+
+def _rows(transition: Transition, historical: bool, policy: IngestPolicy, now: datetime) -> list[writer.OutboxRow]:
+    delay = policy.settle_delay.get(transition.app_id, timedelta(0))
+    return writer.rows_for(
+        transition,
+        policy.destinations_for(transition.app_id),
+        historical=historical,
+        available_at=now + delay,
+    )
