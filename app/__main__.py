@@ -1,0 +1,3 @@
+from subledger.app.cli import main
+
+main()

@@ -1,0 +1,192 @@
+"""One transaction per ingest: idempotent, atomic, ordered per subscription, late events re-folded."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from subledger.core.events import parse_event
+from subledger.core.render import Destination
+from subledger.core.sources import Notification
+from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+APP = "com.example"
+POLICY = IngestPolicy(destinations={APP: (Destination(name="segment", app_id=APP),
+                                          Destination(name="rudder", app_id=APP))})
+
+
+def item(eid: str, kind: str, hours_ago: float, sub: str = "sub1", **extra: Any) -> Incoming:
+    data: dict[str, Any] = {
+        "id": eid, "app_id": APP, "type": kind, "subscription_id": sub, "app_user_id": "u1",
+        "occurred_at": (NOW - timedelta(hours=hours_ago)).isoformat(),
+    }
+    if kind in ("purchase", "renewal"):
+        data.update(product_id="monthly", price="9.99", currency="USD")
+    data.update(extra)
+    return Incoming(Notification.of(parse_event(data)), b"{}")
+
+
+LIFECYCLE = [
+    item("a1", "purchase", 60, period_type="trial"),
+    item("a2", "renewal", 50),
+    item("a3", "renewal", 40),
+    item("a4", "auto_renew_disabled", 30),
+    item("a5", "expiration", 20),
+]
+EXPECTED = ["trial_started", "trial_converted", "renewal", "cancellation", "expiration"]
+
+
+def kinds(conn: psycopg.Connection, *, live_only: bool = True) -> list[str]:
+    where = "WHERE superseded_at IS NULL" if live_only else ""
+    return [r[0] for r in conn.execute(f"SELECT kind FROM transitions {where} ORDER BY occurred_at")]
+
+
+def counts(conn: psycopg.Connection) -> tuple[int, int, int, int]:
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM event_log), (SELECT count(*) FROM transitions),"
+        " (SELECT count(*) FROM outbox), (SELECT count(*) FROM subscriptions)"
+    ).fetchone()
+    assert row is not None
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def test_lifecycle_in_order_derives_and_enqueues(conn: psycopg.Connection) -> None:
+    for it in LIFECYCLE:
+        ingest(conn, [it], POLICY, NOW)
+    assert kinds(conn) == EXPECTED
+    assert counts(conn) == (5, 5, 10, 1)  # one outbox row per transition per destination
+    status = conn.execute("SELECT status FROM subscriptions").fetchone()
+    assert status == ("expired",)
+
+
+def test_shuffled_batch_equals_sorted_batch(conn: psycopg.Connection, db_url: str) -> None:
+    shuffled = LIFECYCLE[:]
+    random.Random(7).shuffle(shuffled)
+    outcomes = ingest(conn, shuffled, POLICY, NOW)
+    assert all(o.result == "new" for o in outcomes)
+    assert kinds(conn, live_only=False) == EXPECTED
+
+
+@pytest.mark.parametrize("late", range(len(LIFECYCLE)))
+def test_late_event_refolds_and_ends_like_in_order(conn: psycopg.Connection, late: int) -> None:
+    """Each event delivered last: the live transitions end up exactly those of the in-order fold."""
+    order = [e for i, e in enumerate(LIFECYCLE) if i != late] + [LIFECYCLE[late]]
+    for it in order:
+        ingest(conn, [it], POLICY, NOW)
+    assert kinds(conn) == EXPECTED
+    superseded = {r[0] for r in conn.execute("SELECT id FROM transitions WHERE superseded_at IS NOT NULL")}
+    # A superseded transition's undelivered messages were withdrawn from the outbox.
+    in_outbox = {r[0] for r in conn.execute("SELECT DISTINCT transition_id FROM outbox")}
+    assert not superseded & in_outbox
+    assert len(in_outbox) == 5
+
+
+def test_late_trial_start_supersedes_initial_purchase(conn: psycopg.Connection) -> None:
+    ingest(conn, [item("b2", "renewal", 10, sub="s2")], POLICY, NOW)
+    assert kinds(conn) == ["renewal"]
+    ingest(conn, [item("b1", "purchase", 20, sub="s2", period_type="trial")], POLICY, NOW)
+    assert kinds(conn) == ["trial_started", "trial_converted"]
+    assert sorted(kinds(conn, live_only=False)) == ["renewal", "trial_converted", "trial_started"]
+    superseded = conn.execute("SELECT kind FROM transitions WHERE superseded_at IS NOT NULL").fetchall()
+    assert superseded == [("renewal",)]
+
+
+def test_same_event_ten_times_eight_concurrently(db_url: str) -> None:
+    event = item("dup", "purchase", 1)
+    start = threading.Barrier(8)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            with psycopg.connect(db_url) as c:
+                start.wait()
+                results.extend(o.result for o in ingest(c, [event], POLICY, NOW))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with psycopg.connect(db_url) as c:
+        for _ in range(2):
+            results.extend(o.result for o in ingest(c, [event], POLICY, NOW))
+        assert not errors
+        assert sorted(results) == ["duplicate"] * 9 + ["new"]
+        assert counts(c) == (1, 1, 2, 1)
+        receipts = c.execute("SELECT count(*) FROM duplicate_receipts").fetchone()
+        assert receipts == (9,)
+
+
+@pytest.mark.parametrize("point", ["after_log_insert", "after_derive", "before_commit"])
+def test_failure_inside_the_transaction_leaves_nothing(conn: psycopg.Connection, point: str) -> None:
+    class Injected(Exception):
+        pass
+
+    def fail(at: str) -> None:
+        if at == point:
+            raise Injected(at)
+
+    with pytest.raises(Injected):
+        ingest(conn, LIFECYCLE, POLICY, NOW, fail_at=fail)
+    assert counts(conn) == (0, 0, 0, 0)
+    head = conn.execute("SELECT position FROM log_head").fetchone()
+    assert head == (0,)
+    # and the same batch then goes through whole
+    ingest(conn, LIFECYCLE, POLICY, NOW)
+    assert counts(conn) == (5, 5, 10, 1)
+
+
+def test_historical_events_record_but_do_not_publish(conn: psycopg.Connection) -> None:
+    old = [item("h1", "purchase", 24 * 30, sub="old"), item("h2", "renewal", 24 * 10, sub="old")]
+    ingest(conn, old, POLICY, NOW)  # older than the 72 h horizon
+    explicit = Incoming(item("h3", "purchase", 1, sub="new").notification, b"{}", historical=True)
+    ingest(conn, [explicit], POLICY, NOW)
+    assert kinds(conn) == ["initial_purchase", "renewal", "initial_purchase"]
+    assert counts(conn)[2] == 0
+    flags = [r[0] for r in conn.execute("SELECT historical FROM event_log ORDER BY position")]
+    assert flags == [True, True, True]
+    opted_in = IngestPolicy(destinations={APP: (Destination(name="s", app_id=APP, publish_historical=True),)})
+    ingest(conn, [item("h4", "auto_renew_disabled", 24 * 5, sub="old")], opted_in, NOW)
+    assert counts(conn)[2] == 1
+
+
+def test_disabled_event_and_sandbox_are_not_enqueued(conn: psycopg.Connection) -> None:
+    from subledger.core.lifecycle import TransitionKind
+    from subledger.core.render import DEFAULT_EVENT_NAMES
+
+    names = {**DEFAULT_EVENT_NAMES, TransitionKind.RENEWAL: ""}
+    policy = IngestPolicy(destinations={APP: (Destination(name="s", app_id=APP, event_names=names),)})
+    ingest(conn, [item("d1", "purchase", 3), item("d2", "renewal", 2)], policy, NOW)
+    ingest(conn, [item("d3", "purchase", 1, sub="sb", environment="sandbox")], policy, NOW)
+    events = [r[0] for r in conn.execute("SELECT body->0->>'event' FROM outbox ORDER BY id")]
+    assert events == ["rc_initial_purchase_event"]
+
+
+def test_settle_delay_holds_messages(conn: psycopg.Connection) -> None:
+    policy = IngestPolicy(destinations=POLICY.destinations, settle_delay={APP: timedelta(seconds=30)})
+    ingest(conn, [item("s1", "purchase", 1)], policy, NOW)
+    available = conn.execute("SELECT min(available_at) FROM outbox").fetchone()
+    assert available is not None and available[0] == NOW + timedelta(seconds=30)
+
+
+def test_messages_are_rendered_into_the_outbox(conn: psycopg.Connection) -> None:
+    ingest(conn, LIFECYCLE[:2], POLICY, NOW)
+    row = conn.execute(
+        "SELECT message_id, subscriber, body FROM outbox WHERE destination = 'segment' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    message_id, subscriber, body = row
+    track, identify = body
+    assert track["messageId"] == message_id and track["type"] == "track"
+    assert track["event"] == "rc_trial_converted_event" and track["userId"] == "u1" == subscriber
+    assert track["properties"]["revenue"] == 9.99 and track["properties"]["currency"] == "USD"
+    assert identify["traits"] == {"subscription_status": "active", "last_seen_app_user_id": "u1"}
