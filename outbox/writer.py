@@ -6,12 +6,12 @@ relay only ever sends what is written here, so a messageId's payload never chang
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import psycopg
 
 from subledger.core.lifecycle import Transition
@@ -81,7 +81,7 @@ def insert(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime) -
         " available_at, last_error, created_at) FROM STDIN"
     ) as copy:
         copy.set_types(
-            ["text", "text", "text", "text", "text", "text", "text", "timestamptz", "text", "timestamptz"]  # body: JSON text
+            ["text", "text", "text", "text", "text", "text", "text", "timestamptz", "text", "timestamptz"]
         )
         for r in rows:
             copy.write_row(
@@ -91,7 +91,7 @@ def insert(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime) -
                     r.destination,
                     r.app_id,
                     r.subscriber,
-                    json.dumps(r.body, separators=(",", ":")),
+                    orjson.dumps(r.body).decode(),
                     "dead" if r.dead_reason else "pending",
                     r.available_at,
                     r.dead_reason,
@@ -114,7 +114,7 @@ def insert_missing(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: dat
             """,
             (
                 r.message_id, r.transition_id, r.destination, r.app_id, r.subscriber,
-                json.dumps(r.body, separators=(",", ":")), "dead" if r.dead_reason else "pending",
+                orjson.dumps(r.body).decode(), "dead" if r.dead_reason else "pending",
                 r.available_at, r.dead_reason, now, r.message_id,
             ),
         )

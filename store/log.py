@@ -7,12 +7,12 @@ order, lets each hash cover the previous one, and turns a concurrent duplicate i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 
 from subledger.core.chain import chain_hash, entry_for_hash
@@ -112,7 +112,7 @@ def append(conn: psycopg.Connection, entries: Sequence[Entry]) -> list[Appended 
                 entry.received_at,
                 entry.historical,
                 entry.raw,
-                json.dumps({"kind": n.kind, "events": facts}, separators=(",", ":")),
+                orjson.dumps({"kind": n.kind, "events": facts}).decode(),
                 head,
             )
         )

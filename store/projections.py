@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 
 from subledger.core.lifecycle import SubscriptionState, Transition
@@ -31,7 +31,7 @@ def save_states(
             s.app_user_id,
             None if s.status is None else s.status.value,
             s.expires_at,
-            json.dumps(s.to_json(), separators=(",", ":")),
+            orjson.dumps(s.to_json()).decode(),
             position,
             now,
         )
@@ -72,7 +72,7 @@ def insert_transitions(
         " historical, created_at, body) FROM STDIN"
     ) as copy:
         copy.set_types(
-            ["text", "text", "text", "text", "text", "timestamptz", "int8", "bool", "timestamptz", "text"]  # body: JSON text
+            ["text", "text", "text", "text", "text", "timestamptz", "int8", "bool", "timestamptz", "text"]
         )
         for t, position, historical in rows:
             copy.write_row(
@@ -86,7 +86,7 @@ def insert_transitions(
                     position,
                     historical,
                     now,
-                    json.dumps(t.to_json(), separators=(",", ":")),
+                    orjson.dumps(t.to_json()).decode(),
                 )
             )
 
