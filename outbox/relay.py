@@ -1,0 +1,671 @@
+"""The outbox relay: claim due rows, POST them to their destination, record the outcome.
+
+Why it is shaped this way (segment.md "Relay mechanics", eventstore-outbox.md §4):
+
+- No transaction is open across HTTP. A claim is one short transaction (`FOR UPDATE SKIP LOCKED`,
+  then a lease: `lease_until`, `lease_owner`); the outcome is another. A relay killed between the
+  two leaves leased rows that become claimable again when the lease runs out, and the resend
+  carries the same messageId, which Segment, RudderStack (dedup on) and Jitsu drop.
+- Claims are by row state, never by a cursor, so sequence gaps and late commits cannot hide a row.
+- A row is delivered only after a 2xx: in one transaction it leaves `outbox` and lands in
+  `outbox_delivered`, so the hot table stays small. Every request is recorded in `outbox_attempts`.
+- Per subscriber order: a row is not claimable while an earlier (lower id) pending row of the same
+  (app_id, destination, subscriber) exists, whether leased, waiting for a retry or not yet tried.
+  Dead rows do not block.
+- Outcomes other than a 2xx are recorded only by the lease holder (fencing): a relay whose lease
+  ran out cannot overwrite what another relay decided. A 2xx is recorded by anyone: it is a fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from subledger.core.delivery import (
+    Backoff,
+    Delivered,
+    Paused,
+    Poisoned,
+    RetryAt,
+    Verdict,
+    classify,
+    excerpt,
+    halves,
+    plan,
+)
+from subledger.outbox import metrics
+from subledger.outbox.segment import Response, SegmentClient, oversize_verdict
+from subledger.store.db import connect
+
+log = logging.getLogger("subledger.relay")
+
+DEDUP_WINDOW = timedelta(hours=24)
+"""Segment keeps at least 24 h of messageIds; a resend after that may be a duplicate downstream."""
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one (app, destination) sends: endpoint, keys and transport options."""
+
+    app_id: str
+    destination: str
+    endpoint: str
+    write_key: str
+    sandbox_write_key: str | None = None
+    gzip: bool = False
+    timeout_seconds: float = 15.0
+
+    def key_for(self, sandbox: bool) -> str:
+        return self.sandbox_write_key if sandbox and self.sandbox_write_key else self.write_key
+
+    def fingerprint(self) -> str:
+        """Changes when the endpoint or a key changes: a paused destination resumes on a config change."""
+        material = "\x1f".join((self.endpoint, self.write_key, self.sandbox_write_key or ""))
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def routes_from(apps: Mapping[str, Any]) -> dict[tuple[str, str], Route]:
+    """Routes from `Settings.apps` (duck-typed: outbox must not import the app layer)."""
+    out: dict[tuple[str, str], Route] = {}
+    for app_id, app in apps.items():
+        for name, d in app.destinations.items():
+            out[(app_id, name)] = Route(
+                app_id=app_id,
+                destination=name,
+                endpoint=d.endpoint,
+                write_key=d.write_key,
+                sandbox_write_key=d.sandbox_write_key,
+                gzip=d.gzip,
+                timeout_seconds=d.timeout_seconds,
+            )
+    return out
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    batch_rows: int = 1000
+    """Rows claimed per pass (each row is a track + an identify)."""
+    lease: timedelta = timedelta(seconds=60)
+    """How long claimed rows are ours. Longer than a pass can take (timeouts x bisection depth)."""
+    backoff: Backoff = field(default_factory=Backoff)
+    owner: str = field(default_factory=default_owner)
+    max_batch_bytes: int | None = None
+    max_batch_events: int | None = None
+
+
+@dataclass(slots=True)
+class Row:
+    """A claimed outbox row: its stored messages as the exact bytes to send."""
+
+    id: int
+    message_id: str
+    app_id: str
+    destination: str
+    subscriber: str
+    messages: tuple[bytes, ...]
+    message_ids: tuple[str, ...]
+    sandbox: bool
+    attempts: int
+    first_attempt_at: datetime | None
+    created_at: datetime
+    tries: int = 0
+
+
+@dataclass
+class PassStats:
+    claimed: int = 0
+    delivered: int = 0
+    dead: int = 0
+    retried: int = 0
+    released: int = 0
+    requests: int = 0
+
+    def add(self, other: PassStats) -> None:
+        for name in ("claimed", "delivered", "dead", "retried", "released", "requests"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Outcome:
+    """What a batch came to, recorded in one short transaction."""
+
+    delivered: list[Row] = field(default_factory=list)
+    delivered_status: int = 200
+    dead: list[tuple[Row, int | None, str]] = field(default_factory=list)
+    retry: list[tuple[Row, datetime, int | None, str]] = field(default_factory=list)
+    release: list[Row] = field(default_factory=list)
+    attempts: list[tuple[str, datetime, int | None, str, str]] = field(default_factory=list)
+    pause: tuple[int, str] | None = None
+    wait_until: datetime | None = None
+
+
+CLAIM = """
+WITH routes(app_id, destination) AS (
+  SELECT * FROM unnest(%(apps)s::text[], %(dests)s::text[])
+), candidates AS (
+  SELECT o.id FROM outbox o
+  JOIN routes r ON r.app_id = o.app_id AND r.destination = o.destination
+  WHERE o.status = 'pending' AND o.available_at <= %(now)s
+    AND (o.lease_until IS NULL OR o.lease_until < %(now)s)
+    AND NOT EXISTS (
+      SELECT 1 FROM outbox p
+      WHERE p.status = 'pending' AND p.app_id = o.app_id AND p.destination = o.destination
+        AND p.subscriber = o.subscriber AND p.id < o.id)
+    AND NOT EXISTS (
+      SELECT 1 FROM destination_state d
+      WHERE d.app_id = o.app_id AND d.destination = o.destination
+        AND (d.paused OR d.retry_after > %(now)s))
+  ORDER BY o.id
+  LIMIT %(limit)s
+  FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox o
+SET lease_until = %(lease_until)s, lease_owner = %(owner)s,
+    first_attempt_at = coalesce(o.first_attempt_at, %(now)s)
+FROM candidates c
+WHERE o.id = c.id
+RETURNING o.id, o.message_id, o.app_id, o.destination, o.subscriber,
+  ARRAY(SELECT e::text FROM jsonb_array_elements(o.body) e),
+  ARRAY(SELECT e->>'messageId' FROM jsonb_array_elements(o.body) e),
+  coalesce(o.body->0->'context'->>'environment', '') = 'sandbox',
+  o.attempts, o.first_attempt_at, o.created_at
+"""
+
+
+class Relay:
+    """Drains the outbox to the configured routes. One instance per thread of work; many may run."""
+
+    def __init__(
+        self,
+        database_url: str,
+        routes: Mapping[tuple[str, str], Route],
+        config: RelayConfig | None = None,
+        *,
+        clock: Clock = _utc_now,
+        client: SegmentClient | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.routes = dict(routes)
+        self.config = config or RelayConfig()
+        self.clock = clock
+        self.client = client or SegmentClient(backoff=self.config.backoff)
+        self.rng = rng or random.Random()
+        self._conn: psycopg.Connection | None = None
+        self._resumed = False
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def _db(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.database_url, autocommit=True)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self._drop_connection()
+        self.client.close()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run_pass(self) -> PassStats:
+        """Claim up to `batch_rows` due rows, send them, record every outcome. Returns counts."""
+        with self._lock:
+            try:
+                return self._run_pass()
+            except psycopg.OperationalError:
+                self._drop_connection()  # reconnect next pass; leased rows come back after the lease
+                raise
+
+    def drain(self, stop: threading.Event | None = None, max_passes: int | None = None) -> PassStats:
+        """Passes until nothing is claimable right now (or `stop` is set)."""
+        total = PassStats()
+        passes = 0
+        while not (stop and stop.is_set()):
+            stats = self.run_pass()
+            total.add(stats)
+            passes += 1
+            if stats.claimed == 0 or (max_passes is not None and passes >= max_passes):
+                break
+        return total
+
+    def drain_all(self, timeout: float = 30.0, stop: threading.Event | None = None) -> PassStats:
+        """Drain, then wait out retries and rate limits, until no sendable row is pending (or timeout).
+
+        Rows of paused destinations and of unconfigured routes are not waited for.
+        """
+        deadline = time.monotonic() + timeout
+        total = PassStats()
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            total.add(self.drain(stop))
+            wait = self.next_due_in()
+            if wait is None:
+                break
+            time.sleep(min(max(wait, 0.005), 0.25, max(deadline - time.monotonic(), 0)))
+        return total
+
+    def next_due_in(self) -> float | None:
+        """Seconds until a pending row of a live route may be claimable; None if there is none."""
+        if not self.routes:
+            return None
+        apps, dests = self._route_arrays()
+        now = self.clock()
+        row = self._db().execute(
+            """
+            WITH routes(app_id, destination) AS (SELECT * FROM unnest(%s::text[], %s::text[]))
+            SELECT min(greatest(o.available_at, coalesce(o.lease_until, o.available_at),
+                                coalesce(d.retry_after, o.available_at)))
+            FROM outbox o JOIN routes r ON r.app_id = o.app_id AND r.destination = o.destination
+            LEFT JOIN destination_state d ON d.app_id = o.app_id AND d.destination = o.destination
+            WHERE o.status = 'pending' AND NOT coalesce(d.paused, false)
+            """,
+            (apps, dests),
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return max((row[0] - now).total_seconds(), 0.0)
+
+    def _route_arrays(self) -> tuple[list[str], list[str]]:
+        keys = sorted(self.routes)
+        return [a for a, _ in keys], [d for _, d in keys]
+
+    def _run_pass(self) -> PassStats:
+        stats = PassStats()
+        if not self.routes:
+            return stats
+        if not self._resumed:
+            self._resume_changed_routes()
+            self._resumed = True
+        rows = self._claim()
+        stats.claimed = len(rows)
+        if not rows:
+            return stats
+        groups: dict[tuple[str, str, bool], list[Row]] = defaultdict(list)
+        for row in rows:
+            groups[(row.app_id, row.destination, row.sandbox)].append(row)
+        for (app_id, destination, sandbox), group in groups.items():
+            route = self.routes[(app_id, destination)]
+            self._send_group(route, route.key_for(sandbox), group, stats)
+        return stats
+
+    def _claim(self) -> list[Row]:
+        now = self.clock()
+        apps, dests = self._route_arrays()
+        conn = self._db()
+        with conn.transaction():
+            fetched = conn.execute(
+                CLAIM,
+                {
+                    "apps": apps,
+                    "dests": dests,
+                    "now": now,
+                    "limit": self.config.batch_rows,
+                    "lease_until": now + self.config.lease,
+                    "owner": self.config.owner,
+                },
+            ).fetchall()
+        rows = [
+            Row(
+                id=r[0], message_id=r[1], app_id=r[2], destination=r[3], subscriber=r[4],
+                messages=tuple(m.encode() for m in r[5]), message_ids=tuple(r[6]), sandbox=bool(r[7]),
+                attempts=r[8], first_attempt_at=r[9], created_at=r[10],
+            )
+            for r in fetched
+        ]
+        rows.sort(key=lambda row: row.id)
+        for row in rows:
+            if row.first_attempt_at is not None and now - row.first_attempt_at > DEDUP_WINDOW:
+                metrics.REDELIVERIES_PAST_DEDUP.labels(row.app_id, row.destination).inc()
+                log.warning(
+                    "redelivering %s to %s/%s %.1f h after its first attempt: past Segment's 24 h "
+                    "dedup window, a destination may see it twice",
+                    row.message_id, row.app_id, row.destination,
+                    (now - row.first_attempt_at).total_seconds() / 3600,
+                )
+        return rows
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _send_group(self, route: Route, key: str, rows: list[Row], stats: PassStats) -> None:
+        limits: dict[str, int] = {}
+        if self.config.max_batch_bytes:
+            limits["max_bytes"] = self.config.max_batch_bytes
+        if self.config.max_batch_events:
+            limits["max_events"] = self.config.max_batch_events
+        packed = plan(rows, lambda r: r.messages, **limits)
+        if packed.oversize:
+            outcome = _Outcome()
+            now = self.clock()
+            for row in packed.oversize:
+                size = max(len(m) for m in row.messages)
+                reason = oversize_verdict(size).reason
+                outcome.dead.append((row, None, reason))
+                outcome.attempts.append((row.message_id, now, None, "dead", reason))
+            self._record(route, outcome, stats)
+        stopped = False
+        for batch in packed.batches:
+            outcome = _Outcome()
+            if stopped:
+                outcome.release.extend(batch)
+            else:
+                self._attempt(route, key, list(batch), outcome, stats)
+                stopped = outcome.pause is not None or outcome.wait_until is not None
+            self._record(route, outcome, stats)
+
+    def _attempt(self, route: Route, key: str, rows: list[Row], outcome: _Outcome, stats: PassStats) -> None:
+        """Send `rows` in one request; on a content refusal, bisect to find the culprits."""
+        if outcome.pause is not None or outcome.wait_until is not None:
+            outcome.release.extend(rows)
+            return
+        messages = [m for row in rows for m in row.messages]
+        response = self.client.post(
+            route.endpoint, key, messages, gzip_body=route.gzip, timeout=route.timeout_seconds
+        )
+        stats.requests += 1
+        now = self.clock()
+        verdict = classify(
+            response.status, response.headers, response.body, now,
+            attempts=0, jitter=self.rng.random(), backoff=self.config.backoff,
+        )
+        metrics.REQUEST_SECONDS.observe(response.elapsed)
+        metrics.REQUESTS.labels(route.app_id, route.destination, _kind(verdict, response)).inc()
+        for row in rows:
+            row.tries += 1
+        self._apply(route, key, rows, response, verdict, now, outcome, stats)
+
+    def _apply(
+        self,
+        route: Route,
+        key: str,
+        rows: list[Row],
+        response: Response,
+        verdict: Verdict,
+        now: datetime,
+        outcome: _Outcome,
+        stats: PassStats,
+    ) -> None:
+        status = response.status
+        text = _describe(response, verdict)
+
+        def attempt(row: Row, what: str) -> None:
+            outcome.attempts.append((row.message_id, now, status, what, text))
+
+        if isinstance(verdict, Delivered):
+            outcome.delivered_status = verdict.status
+            for row in rows:
+                attempt(row, "delivered")
+            outcome.delivered.extend(rows)
+        elif isinstance(verdict, Paused):
+            for row in rows:
+                attempt(row, "paused")
+            outcome.pause = (verdict.status, verdict.reason)
+            outcome.release.extend(rows)
+        elif isinstance(verdict, RetryAt) and verdict.destination_wide:
+            for row in rows:
+                attempt(row, "rate_limited")
+            outcome.wait_until = verdict.at
+            outcome.retry.extend((row, now, status, verdict.reason) for row in rows)
+        elif isinstance(verdict, RetryAt):
+            for row in rows:
+                attempt(row, "retry")
+                at = max(verdict.at, now + self.config.backoff.delay(row.attempts + row.tries - 1,
+                                                                     self.rng.random()))
+                outcome.retry.append((row, at, status, verdict.reason))
+        elif isinstance(verdict, Poisoned) and verdict.message_ids:
+            for row in rows:
+                if verdict.message_ids.intersection(row.message_ids):
+                    attempt(row, "dead")
+                    outcome.dead.append((row, status, verdict.reason))
+                else:
+                    attempt(row, "delivered")
+                    outcome.delivered.append(row)
+        elif isinstance(verdict, Poisoned) and len(rows) > 1:
+            for row in rows:
+                attempt(row, "split")
+            first, second = halves(rows)
+            self._attempt(route, key, list(first), outcome, stats)
+            self._attempt(route, key, list(second), outcome, stats)
+        else:
+            assert isinstance(verdict, Poisoned)
+            attempt(rows[0], "dead")
+            outcome.dead.append((rows[0], status, verdict.reason))
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def _record(self, route: Route, outcome: _Outcome, stats: PassStats) -> None:
+        """One short transaction for everything one batch came to."""
+        now = self.clock()
+        owner = self.config.owner
+        conn = self._db()
+        with conn.transaction():
+            if outcome.attempts:
+                cols = list(zip(*outcome.attempts, strict=True))
+                conn.execute(
+                    """
+                    INSERT INTO outbox_attempts (message_id, attempted_at, status_code, outcome, response)
+                    SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::text[])
+                    """,
+                    [list(c) for c in cols],
+                )
+            if outcome.delivered:
+                conn.execute(
+                    """
+                    WITH t(id, tries) AS (SELECT * FROM unnest(%(ids)s::bigint[], %(tries)s::int[])),
+                    gone AS (
+                      DELETE FROM outbox o USING t WHERE o.id = t.id
+                      RETURNING o.*, t.tries
+                    )
+                    INSERT INTO outbox_delivered (message_id, transition_id, destination, app_id, subscriber,
+                      body, attempts, created_at, first_attempt_at, delivered_at, status_code)
+                    SELECT message_id, transition_id, destination, app_id, subscriber, body,
+                      attempts + tries, created_at, first_attempt_at, %(now)s, %(status)s FROM gone
+                    ON CONFLICT (message_id) DO NOTHING
+                    """,
+                    {
+                        "ids": [r.id for r in outcome.delivered],
+                        "tries": [r.tries for r in outcome.delivered],
+                        "now": now,
+                        "status": outcome.delivered_status,
+                    },
+                )
+            if outcome.dead:
+                conn.execute(
+                    """
+                    UPDATE outbox o SET status = 'dead', attempts = o.attempts + t.tries,
+                      last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
+                      lease_until = NULL, lease_owner = NULL
+                    FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(statuses)s::int[], %(errors)s::text[])
+                      AS t(id, tries, status, error)
+                    WHERE o.id = t.id AND o.lease_owner = %(owner)s
+                    """,
+                    {
+                        "ids": [r.id for r, _, _ in outcome.dead],
+                        "tries": [r.tries for r, _, _ in outcome.dead],
+                        "statuses": [s for _, s, _ in outcome.dead],
+                        "errors": [e for _, _, e in outcome.dead],
+                        "now": now,
+                        "owner": owner,
+                    },
+                )
+            if outcome.retry:
+                conn.execute(
+                    """
+                    UPDATE outbox o SET attempts = o.attempts + t.tries, available_at = t.at,
+                      last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
+                      lease_until = NULL, lease_owner = NULL
+                    FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(ats)s::timestamptz[],
+                                %(statuses)s::int[], %(errors)s::text[]) AS t(id, tries, at, status, error)
+                    WHERE o.id = t.id AND o.lease_owner = %(owner)s
+                    """,
+                    {
+                        "ids": [r.id for r, _, _, _ in outcome.retry],
+                        "tries": [r.tries for r, _, _, _ in outcome.retry],
+                        "ats": [a for _, a, _, _ in outcome.retry],
+                        "statuses": [s for _, _, s, _ in outcome.retry],
+                        "errors": [e for _, _, _, e in outcome.retry],
+                        "now": now,
+                        "owner": owner,
+                    },
+                )
+            if outcome.release:
+                conn.execute(
+                    """
+                    UPDATE outbox o SET attempts = o.attempts + t.tries,
+                      lease_until = NULL, lease_owner = NULL
+                    FROM unnest(%s::bigint[], %s::int[]) AS t(id, tries)
+                    WHERE o.id = t.id AND o.lease_owner = %s
+                    """,
+                    ([r.id for r in outcome.release], [r.tries for r in outcome.release], owner),
+                )
+            if outcome.pause is not None:
+                pause(conn, route.app_id, route.destination, outcome.pause[1], now, key=route.fingerprint())
+            if outcome.wait_until is not None:
+                conn.execute(
+                    """
+                    INSERT INTO destination_state (app_id, destination, retry_after) VALUES (%s, %s, %s)
+                    ON CONFLICT (app_id, destination) DO UPDATE
+                      SET retry_after = greatest(destination_state.retry_after, EXCLUDED.retry_after)
+                    """,
+                    (route.app_id, route.destination, outcome.wait_until),
+                )
+        self._count(route, outcome, stats, now)
+
+    def _count(self, route: Route, outcome: _Outcome, stats: PassStats, now: datetime) -> None:
+        labels = (route.app_id, route.destination)
+        stats.delivered += len(outcome.delivered)
+        stats.dead += len(outcome.dead)
+        stats.retried += len(outcome.retry)
+        stats.released += len(outcome.release)
+        if outcome.delivered:
+            metrics.DELIVERED.labels(*labels).inc(len(outcome.delivered))
+            for row in outcome.delivered:
+                metrics.LATENCY.observe(max((now - row.created_at).total_seconds(), 0.0))
+        if outcome.dead:
+            metrics.DEAD.labels(*labels).inc(len(outcome.dead))
+            for row, _, reason in outcome.dead:
+                log.warning("dead-lettered %s for %s/%s: %s", row.message_id, *labels, reason)
+        for row, _, status, reason in outcome.retry:
+            kind = "rate_limited" if status == 429 else "no_response" if status is None else "server_error"
+            metrics.RETRIES.labels(*labels, kind).inc()
+            log.debug("retry %s later: %s", row.message_id, reason)
+        if outcome.pause is not None:
+            metrics.PAUSES.labels(*labels).inc()
+            log.error(
+                "paused destination %s/%s: %s; its rows stay pending. Fix the write key or endpoint "
+                "(the destination resumes when its configuration changes) or run `subledger outbox resume`",
+                *labels, outcome.pause[1],
+            )
+        if outcome.wait_until is not None:
+            log.warning("%s/%s asked us to wait until %s", *labels, outcome.wait_until.isoformat())
+
+    def _resume_changed_routes(self) -> None:
+        """A destination paused for a key or endpoint that has since changed in the config resumes."""
+        keys = sorted(self.routes)
+        resumed = self._db().execute(
+            """
+            UPDATE destination_state s SET paused = false, paused_reason = NULL, paused_at = NULL,
+              paused_key = NULL
+            FROM unnest(%s::text[], %s::text[], %s::text[]) AS r(app_id, destination, fingerprint)
+            WHERE s.app_id = r.app_id AND s.destination = r.destination AND s.paused
+              AND s.paused_key IS NOT NULL AND s.paused_key <> r.fingerprint
+            RETURNING s.app_id, s.destination
+            """,
+            (
+                [a for a, _ in keys],
+                [d for _, d in keys],
+                [self.routes[k].fingerprint() for k in keys],
+            ),
+        ).fetchall()
+        for app_id, destination in resumed:
+            log.info("resumed %s/%s: its endpoint or write key changed since it was paused",
+                     app_id, destination)
+
+
+def _kind(verdict: Verdict, response: Response) -> str:
+    if isinstance(verdict, Delivered):
+        return "delivered"
+    if isinstance(verdict, Paused):
+        return "paused"
+    if isinstance(verdict, Poisoned):
+        return "refused"
+    if response.status == 429:
+        return "rate_limited"
+    return "no_response" if response.status is None else "server_error"
+
+
+def _describe(response: Response, verdict: Verdict) -> str:
+    if response.status is None:
+        return excerpt(response.error or "no response")
+    return excerpt(response.body) if response.body else str(response.status)
+
+
+def pause(
+    conn: psycopg.Connection,
+    app_id: str,
+    destination: str,
+    reason: str,
+    now: datetime,
+    *,
+    key: str | None = None,
+) -> None:
+    """Stop sending to a destination; its rows stay pending. `key`: resume when the config changes."""
+    conn.execute(
+        """
+        INSERT INTO destination_state (app_id, destination, paused, paused_reason, paused_at, paused_key)
+        VALUES (%s, %s, true, %s, %s, %s)
+        ON CONFLICT (app_id, destination) DO UPDATE SET paused = true, paused_reason = EXCLUDED.paused_reason,
+          paused_at = EXCLUDED.paused_at, paused_key = EXCLUDED.paused_key
+        """,
+        (app_id, destination, reason, now, key),
+    )
+
+
+def resume(conn: psycopg.Connection, app_id: str, destination: str | None = None) -> list[tuple[str, str]]:
+    """Resume one destination of an app, or all of them; also lifts a pending rate-limit wait."""
+    rows = conn.execute(
+        """
+        UPDATE destination_state SET paused = false, paused_reason = NULL, paused_at = NULL,
+          paused_key = NULL, retry_after = NULL
+        WHERE app_id = %s AND (%s::text IS NULL OR destination = %s)
+        RETURNING app_id, destination
+        """,
+        (app_id, destination, destination),
+    ).fetchall()
+    return [(a, d) for a, d in rows]
+
+
+def pending_counts(conn: psycopg.Connection) -> Iterable[tuple[str, str, str, int]]:
+    """(app_id, destination, status, count) for the outbox, for `/readyz` and metrics."""
+    return conn.execute(
+        "SELECT app_id, destination, status, count(*) FROM outbox GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).fetchall()
+
