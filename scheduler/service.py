@@ -1,0 +1,268 @@
+"""The scheduler: the relay job, its NOTIFY wake-up, and the inferred-expiration job (APScheduler 3.x).
+
+- The relay job runs every `relay_interval` (1 s), never twice at once in a process
+  (max_instances=1), missed runs coalesced. It drains: passes until nothing is claimable.
+- A listener thread holds its own connection with `LISTEN subledger_outbox` and runs the relay job
+  at once on a notification. NOTIFY is a hint only (sent after commit, lost on a dropped connection):
+  the interval still polls, and the listener checks its connection every `listener_check` seconds,
+  reconnecting and waking the relay when it had to (a notification may have been missed meanwhile).
+- Lease expiry and the retry sweep need no job of their own: a claim takes any pending row whose
+  `available_at` and lease have passed.
+- The expiration job (lifecycle rule 6) logs an inferred expiration for live subscriptions whose
+  period ended more than the app's grace ago, through the normal ingest transaction.
+- `stop()` waits for a running relay pass to finish recording, so a batch is never left half-marked;
+  a pass interrupted by a kill is recovered by the lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from subledger.core.lifecycle import SubscriptionState, inferred_expiration
+from subledger.core.sources import Notification
+from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+from subledger.outbox.relay import Relay
+from subledger.outbox.writer import OUTBOX_CHANNEL
+from subledger.store.db import connect
+
+log = logging.getLogger("subledger.scheduler")
+
+DEFAULT_GRACE = timedelta(hours=24)
+EXPIRATION_BATCH = 200
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    relay_interval: float = 1.0
+    listener_check: float = 5.0
+    """The poll fallback: a silent listener is checked (and the relay run) at least this often."""
+    expiration_interval: float = 60.0
+    expirations: bool = True
+
+
+class Scheduler:
+    """Owns the background jobs of one process (`serve` or `relay`)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        relay: Relay,
+        *,
+        policy: IngestPolicy | None = None,
+        grace: Mapping[str, timedelta] | None = None,
+        config: SchedulerConfig | None = None,
+        clock: Clock = _utc_now,
+    ) -> None:
+        self.database_url = database_url
+        self.relay = relay
+        self.policy = policy or IngestPolicy()
+        self.grace = dict(grace or {})
+        self.config = config or SchedulerConfig()
+        self.clock = clock
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._running = False
+        self._running_lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._listen_conn: psycopg.Connection | None = None
+        self.listener_reconnects = 0
+        self.listener_healthy = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> Scheduler:
+        self._scheduler.add_job(
+            self.relay_job, "interval", seconds=self.config.relay_interval, id="relay",
+            max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
+        )
+        if self.config.expirations:
+            self._scheduler.add_job(
+                self.expiration_job, "interval", seconds=self.config.expiration_interval, id="expiration",
+                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
+            )
+        self._scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+        self._scheduler.start()
+        self._listener = threading.Thread(target=self._listen, name="subledger-listener", daemon=True)
+        self._listener.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking work; wait for a running pass to record its outcome."""
+        self._stop.set()
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            self._scheduler.shutdown(wait=True)
+        if self._listener is not None:
+            self._listener.join(timeout=timeout)
+        self.relay.close()
+
+    def wait(self) -> None:
+        """Block until `stop()` is called (from a signal handler)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wake(self) -> None:
+        """Run the relay now (or right after the running pass)."""
+        with self._running_lock:
+            self._wake.set()
+            if self._stop.is_set() or self._running:
+                return  # the running pass sees the flag and drains again
+        with contextlib.suppress(Exception):
+            self._scheduler.modify_job("relay", next_run_time=datetime.now(UTC))
+
+    def _on_error(self, event: JobExecutionEvent) -> None:
+        log.error("job %s failed: %s", event.job_id, event.exception)
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def relay_job(self) -> None:
+        """Drain; if a wake-up arrived meanwhile, drain again (a wake-up is never lost to max_instances)."""
+        with self._running_lock:
+            self._running = True
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    self.relay.drain(self._stop)
+                except psycopg.OperationalError as exc:
+                    log.warning("relay pass failed, database unavailable: %s", exc)
+                    return
+                with self._running_lock:
+                    if not self._wake.is_set():
+                        self._running = False
+                        return
+        finally:
+            with self._running_lock:
+                self._running = False
+
+    def expiration_job(self) -> int:
+        """Rule 6: ingest inferred expirations for periods that ended more than the grace ago."""
+        return infer_expirations(self.database_url, self.policy, self.grace, self.clock(), stop=self._stop)
+
+    # -- the listener -----------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                conn = connect(self.database_url, autocommit=True)
+            except Exception as exc:
+                self.listener_healthy = False
+                log.warning("listener cannot connect (%s); retrying in %.1f s, the relay polls meanwhile",
+                            exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self._listen_conn = conn
+            try:
+                conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                self.listener_healthy = True
+                backoff = 0.5
+                self.wake()  # anything committed while we were not listening
+                self._listen_on(conn)
+            except psycopg.Error as exc:
+                if not self._stop.is_set():
+                    self.listener_reconnects += 1
+                    log.warning("listener connection lost (%s); reconnecting", exc)
+            finally:
+                self.listener_healthy = False
+                self._listen_conn = None
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _listen_on(self, conn: psycopg.Connection) -> None:
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            for _ in conn.notifies(timeout=0.5, stop_after=1):
+                self.wake()
+            if time.monotonic() - last_check >= self.config.listener_check:
+                conn.execute("SELECT 1")  # raises on a dead connection: reconnect, then wake
+                last_check = time.monotonic()
+                self.wake()  # the ≤ 5 s poll fallback, whatever the interval says
+
+
+def _due_states(conn: psycopg.Connection, cutoff: datetime, limit: int) -> list[SubscriptionState]:
+    rows = conn.execute(
+        """
+        SELECT state FROM subscriptions
+        WHERE status IS NOT NULL AND status NOT IN ('expired', 'expired_promotional', 'paused')
+          AND expires_at <= %s
+        ORDER BY expires_at LIMIT %s
+        """,
+        (cutoff, limit),
+    ).fetchall()
+    return [SubscriptionState.from_json(r[0]) for r in rows]
+
+
+def infer_expirations(
+    database_url: str,
+    policy: IngestPolicy,
+    grace: Mapping[str, timedelta],
+    now: datetime,
+    *,
+    stop: threading.Event | None = None,
+) -> int:
+    """Ingest one inferred expiration per overdue subscription; returns how many were new."""
+    shortest = min([*grace.values(), DEFAULT_GRACE])
+    made = 0
+    with connect(database_url) as conn:
+        seen: set[str] = set()
+        states = _due_states(conn, now - shortest, EXPIRATION_BATCH * 5)
+        conn.commit()
+        items: list[Incoming] = []
+        for state in states:
+            if stop is not None and stop.is_set():
+                break
+            event = inferred_expiration(state, now, grace.get(state.app_id, DEFAULT_GRACE))
+            if event is None or event.id in seen:
+                continue
+            seen.add(event.id)
+            known = conn.execute(
+                "SELECT 1 FROM event_log WHERE source = %s AND external_id = %s",
+                (event.source.value, event.id),
+            ).fetchone()
+            conn.commit()
+            if known:
+                continue  # inferred before and a no-op: do not log a duplicate receipt every minute
+            raw = json.dumps(event.to_facts(), sort_keys=True, separators=(",", ":")).encode()
+            items.append(Incoming(Notification.of(event), raw))
+            if len(items) >= EXPIRATION_BATCH:
+                made += _ingest(conn, items, policy, now)
+                items = []
+        if items:
+            made += _ingest(conn, items, policy, now)
+    if made:
+        log.info("inferred %d expirations", made)
+    return made
+
+
+def _ingest(conn: psycopg.Connection, items: list[Incoming], policy: IngestPolicy, now: datetime) -> int:
+    outcomes = ingest(conn, items, policy, now)
+    return sum(1 for o in outcomes if o.result == "new")
+
+
+def grace_by_app(apps: Mapping[str, Any]) -> dict[str, timedelta]:
+    """`AppSettings.expiration_grace_hours` per app (duck-typed: scheduler does not import app)."""
+    return {app_id: timedelta(hours=app.expiration_grace_hours) for app_id, app in apps.items()}
