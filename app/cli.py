@@ -210,18 +210,97 @@ def ingest(
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    scheduler: Annotated[
+        bool, typer.Option(help="Run the relay and the scheduled jobs in this process too.")
+    ] = True,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Run the HTTP service (canonical events, webhooks, health)."""
+    """Run the HTTP service (canonical events, webhooks, health, metrics) and the relay + scheduler."""
     import uvicorn
 
     from subledger.app.http import create_app
+    from subledger.app.worker import build_relay, build_scheduler, configure_logging
     from subledger.store import migrate
 
     services = _services(config, database_url)
     migrate.upgrade(services.database_url)
-    uvicorn.run(create_app(services), host=host, port=port, log_level="info")
+    configure_logging()
+    jobs = build_scheduler(services, build_relay(services)) if scheduler else None
+    if jobs is not None:
+        jobs.start()
+    try:
+        # uvicorn owns SIGTERM/SIGINT here; when it returns, the scheduler finishes its pass and stops.
+        uvicorn.run(create_app(services), host=host, port=port, log_level="info")
+    finally:
+        if jobs is not None:
+            jobs.stop()
+
+
+@app.command()
+def relay(
+    once: Annotated[bool, typer.Option("--once", help="Drain what is due now, then exit.")] = False,
+    batch_rows: Annotated[int, typer.Option(help="Outbox rows claimed per pass.", min=1)] = 1000,
+    lease_seconds: Annotated[
+        float, typer.Option(help="How long a claim is held; a killed relay's rows return after it.", min=0.1)
+    ] = 60.0,
+    interval: Annotated[float, typer.Option(help="Relay poll interval in seconds (NOTIFY wakes it sooner).")] = 1.0,
+    backoff_base: Annotated[float, typer.Option(help="First retry delay in seconds (then doubled).")] = 1.0,
+    backoff_cap: Annotated[float, typer.Option(help="Longest retry delay in seconds.")] = 300.0,
+    expirations: Annotated[bool, typer.Option(help="Also run the inferred-expiration job.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="With --once: print the counts as JSON.")] = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run the outbox relay (and the scheduled jobs) without the HTTP service; stops on SIGTERM/SIGINT."""
+    from subledger.app.worker import build_relay, build_scheduler, configure_logging, run_until_signal
+    from subledger.store import migrate
+
+    services = _services(config, database_url)
+    migrate.upgrade(services.database_url)
+    configure_logging()
+    worker = build_relay(
+        services, batch_rows=batch_rows, lease_seconds=lease_seconds,
+        backoff_base=backoff_base, backoff_cap=backoff_cap,
+    )
+    if not worker.routes:
+        err.print("warning: no destinations are configured; nothing will be sent", highlight=False)
+    if once:
+        try:
+            stats = worker.drain()
+        except StoreError as exc:
+            raise fail(str(exc)) from None
+        finally:
+            worker.close()
+        counts = {k: getattr(stats, k) for k in ("claimed", "delivered", "dead", "retried", "released", "requests")}
+        if as_json:
+            print(json.dumps(counts))
+        else:
+            out.print(", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+        return
+    run_until_signal(build_scheduler(services, worker, interval=interval, expirations=expirations))
+
+
+@app.command()
+def sink(
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8089,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    write_key: Annotated[
+        list[str] | None, typer.Option(help="Accept only these write keys (repeatable); default: any.")
+    ] = None,
+    full: Annotated[bool, typer.Option("--json", help="Print each message as JSON instead of a summary.")] = False,
+) -> None:
+    """A local Segment-compatible endpoint that prints what it receives (set `endpoint` to its URL)."""
+    from subledger.outbox.sink import Sink, printer
+
+    server = Sink(host, port, write_keys=set(write_key) if write_key else None, echo=printer(sys.stdout, full=full))
+    err.print(f"Segment-compatible sink on {server.url} (POST /v1/batch); Ctrl-C to stop", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        err.print(f"received {server.capture.distinct()} distinct messages", highlight=False)
 
 
 @app.command()

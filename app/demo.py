@@ -17,6 +17,7 @@ from subledger.store.db import recreate_database, resolve_url
 
 DEMO_DATABASE = "subledger_demo"
 DEMO_APP = "com.example.fitness"
+DEMO_WRITE_KEY = "demo-write-key"
 SAMPLES = ("canonical_lifecycle.ndjson",)
 
 
@@ -27,7 +28,7 @@ def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Setti
                 DEMO_APP: {
                     "destinations": {
                         "segment": {
-                            "write_key": "demo-write-key",
+                            "write_key": DEMO_WRITE_KEY,
                             "endpoint": endpoint,
                             # The bundled samples are months old; the demo opts in to publishing history.
                             "publish_historical": True,
@@ -40,13 +41,41 @@ def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Setti
 
 
 def run_demo(console: Console) -> None:
+    """Sink up, database fresh, samples in, relay until the outbox is drained, then show both ends."""
+    from subledger.app.worker import build_relay
+    from subledger.outbox.sink import Sink
+
+    with Sink(write_keys={DEMO_WRITE_KEY}) as sink:
+        console.print(f"[bold]sink[/bold] Segment-compatible capture endpoint on {sink.url}")
+        server = resolve_url()
+        url = recreate_database(server, DEMO_DATABASE)
+        console.print(f"[bold]database[/bold] fresh database {DEMO_DATABASE!r} on {_where(server)}")
+        migrate.upgrade(url)
+        services = build(demo_settings(sink.url), database_url=url)
+        _ingest_samples(console, services)
+        relay = build_relay(services, backoff_base=0.2, backoff_cap=2.0)
+        try:
+            stats = relay.drain_all(timeout=20.0)
+        finally:
+            relay.close()
+        console.print(
+            f"[bold]relay[/bold] delivered {stats.delivered} outbox rows in {stats.requests} /v1/batch "
+            f"request(s), dead-lettered {stats.dead}"
+        )
+        with psycopg.connect(url) as conn:
+            print_timelines(console, conn)
+            left = conn.execute("SELECT status, count(*) FROM outbox GROUP BY 1 ORDER BY 1").fetchall()
+        print_received(console, sink.capture.messages())
+        console.print(
+            f"[bold]segment[/bold] the sink received {sink.capture.distinct()} distinct messageIds "
+            f"({len(sink.capture.duplicates())} duplicates); outbox left: "
+            + (", ".join(f"{n} {status}" for status, n in left) or "empty")
+        )
+
+
+def _ingest_samples(console: Console, services: Any) -> None:
     from subledger.app.cli import ingest_stream
 
-    server = resolve_url()
-    url = recreate_database(server, DEMO_DATABASE)
-    console.print(f"[bold]database[/bold] fresh database {DEMO_DATABASE!r} on {_where(server)}")
-    migrate.upgrade(url)
-    services = build(demo_settings(), database_url=url)
     for name in SAMPLES:
         data = files("subledger.app.samples").joinpath(name).read_bytes()
         summary = ingest_stream(services, io.BytesIO(data), name, historical=False, progress=False)
@@ -54,8 +83,25 @@ def run_demo(console: Console) -> None:
             f"[bold]ingest[/bold] {name}: new {summary.new}, duplicate {summary.duplicate}, "
             f"rejected {summary.rejected}, transitions {summary.transitions}"
         )
-    with psycopg.connect(url) as conn:
-        print_timelines(console, conn)
+
+
+def print_received(console: Console, messages: list[dict[str, Any]]) -> None:
+    """Exactly what the endpoint accepted, in arrival order: one line per message, never cropped."""
+    console.print(f"[bold]received by the Segment-compatible endpoint[/bold] ({len(messages)} messages, "
+                  "arrival order; full JSON with `subledger sink --json`)")
+    for m in messages:
+        who = m.get("userId") or m.get("anonymousId", "")
+        if m.get("type") == "track":
+            props = m.get("properties") or {}
+            what = str(m.get("event"))
+            if "revenue" in props:
+                what += f" revenue={props['revenue']} {props.get('currency', '')}"
+        else:
+            what = " ".join(f"{k}={v}" for k, v in sorted((m.get("traits") or {}).items()))
+        console.print(
+            f"  {m.get('type'):<8} {m.get('timestamp')} {who:<12} {what}  [dim]{m.get('messageId')}[/dim]",
+            soft_wrap=True, highlight=False,
+        )
 
 
 def _where(url: str) -> str:
