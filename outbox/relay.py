@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+
 from subledger.core.delivery import (
     Backoff,
     Delivered,

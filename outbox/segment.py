@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 import httpx
+
 from subledger.core.delivery import (
     Backoff,
     Poisoned,
