@@ -7,6 +7,7 @@ order per subscription, so a shuffled batch yields exactly the transitions of th
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from subledger.store import log, projections
 from subledger.store.db import translate_errors
 
 DEFAULT_HORIZON = timedelta(hours=72)
+SMALL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ def ingest(
 ) -> list[Outcome]:
     """Append, fold, render and enqueue `items` in one transaction; return one outcome per item."""
     batch = _Batch()
-    with translate_errors(), conn.transaction():
+    # Small batches (a webhook, an API call) pipeline every statement into two round trips;
+    # big ones (file imports) use COPY, which a pipeline cannot carry.
+    small = len(items) <= SMALL_BATCH
+    with translate_errors(), conn.transaction(), conn.pipeline() if small else contextlib.nullcontext():
         entries = [
             log.Entry(
                 notification=item.notification,
@@ -98,23 +103,27 @@ def ingest(
             )
             for item in items
         ]
-        results = log.append(conn, entries)
+        keys = sorted({k for item in items if (k := item.notification.key()) is not None})
+        head_cursor = log.request_head(conn, entries)
+        states_cursor = projections.request_states(conn, keys)
+        head = log.read_head(head_cursor)
+        stored = projections.read_states(states_cursor)
+        results = log.append(conn, entries, head, copy=not small)
         if fail_at:
             fail_at("after_log_insert")
         appended = [r for r in results if isinstance(r, log.Appended)]
         by_key: dict[str, list[tuple[CanonicalEvent, log.Appended]]] = defaultdict(list)
         for event, entry in log.events_of(appended):
             by_key[event.subscription_key].append((event, entry))
-        stored = projections.lock_states(conn, sorted(by_key))
         for key, pairs in by_key.items():
             _derive(conn, key, pairs, stored.get(key), policy, now, batch)
         if fail_at:
             fail_at("after_derive")
         projections.save_states(conn, batch.states.values(), now)
-        projections.insert_transitions(conn, batch.transitions, now)
+        projections.insert_transitions(conn, batch.transitions, now, copy=not small)
         projections.mark_superseded(conn, batch.superseded, now)
         writer.withdraw(conn, batch.superseded, now)
-        writer.insert(conn, batch.outbox, now)
+        writer.insert(conn, batch.outbox, now, copy=not small)
         if fail_at:
             fail_at("before_commit")
     if notify and batch.outbox:

@@ -16,6 +16,7 @@ import psycopg
 
 from subledger.core.lifecycle import Transition
 from subledger.core.render import Destination, MissingRate, render
+from subledger.store.rows import write_rows
 
 OUTBOX_CHANNEL = "subledger_outbox"
 
@@ -73,31 +74,24 @@ def _without_conversion(dest: Destination) -> Destination:
     return replace(dest, currency=None)
 
 
-def insert(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime) -> None:
-    if not rows:
-        return
-    with conn.cursor().copy(
-        "COPY outbox (message_id, transition_id, destination, app_id, subscriber, body, status,"
-        " available_at, last_error, created_at) FROM STDIN"
-    ) as copy:
-        copy.set_types(
-            ["text", "text", "text", "text", "text", "text", "text", "timestamptz", "text", "timestamptz"]
-        )
-        for r in rows:
-            copy.write_row(
-                (
-                    r.message_id,
-                    r.transition_id,
-                    r.destination,
-                    r.app_id,
-                    r.subscriber,
-                    orjson.dumps(r.body).decode(),
-                    "dead" if r.dead_reason else "pending",
-                    r.available_at,
-                    r.dead_reason,
-                    now,
-                )
-            )
+COLUMNS = ("message_id", "transition_id", "destination", "app_id", "subscriber", "body", "status",
+           "available_at", "last_error", "created_at")
+TYPES = ("text", "text", "text", "text", "text", "jsonb", "text", "timestamptz", "text", "timestamptz")
+
+
+def insert(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime, *, copy: bool = True) -> None:
+    write_rows(
+        conn,
+        "outbox",
+        COLUMNS,
+        TYPES,
+        [
+            (r.message_id, r.transition_id, r.destination, r.app_id, r.subscriber, orjson.dumps(r.body).decode(),
+             "dead" if r.dead_reason else "pending", r.available_at, r.dead_reason, now)
+            for r in rows
+        ],
+        copy=copy,
+    )
 
 
 def insert_missing(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime) -> int:

@@ -18,6 +18,12 @@ import psycopg
 from subledger.core.chain import chain_hash, entry_for_hash
 from subledger.core.events import CanonicalEvent, event_from_facts, format_time
 from subledger.core.sources import Notification
+from subledger.store.rows import write_rows
+
+COLUMNS = ("position", "source", "external_id", "app_id", "kind", "subscription_key", "app_user_id",
+           "environment", "occurred_at", "received_at", "historical", "raw", "facts", "hash")
+TYPES = ("int8", "text", "text", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "bool",
+         "bytea", "jsonb", "bytea")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +34,10 @@ class Entry:
     raw: bytes
     received_at: datetime
     historical: bool
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.notification.source.value, self.notification.external_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,39 +51,56 @@ class AlreadySeen:
     entry: Entry
 
 
-def lock_head(conn: psycopg.Connection) -> tuple[int, bytes]:
-    row = conn.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The chain head, locked for this transaction, and which of the batch's keys are already stored."""
+
+    position: int
+    hash: bytes
+    seen: frozenset[tuple[str, str]]
+
+
+LOCK_SQL = "SELECT position, hash FROM log_head FOR UPDATE"
+# A separate statement on purpose: under READ COMMITTED it takes its snapshot after the lock
+# above is granted, so it sees a concurrent writer's committed duplicate.
+SEEN_SQL = """
+SELECT l.source, l.external_id FROM event_log l
+JOIN unnest(%s::text[], %s::text[]) AS k(source, external_id)
+  ON l.source = k.source AND l.external_id = k.external_id
+"""
+
+
+def request_head(conn: psycopg.Connection, entries: Sequence[Entry]) -> tuple[psycopg.Cursor[Any], ...]:
+    """Send the head lock and the duplicate check; fetch with `read_head` (pipelining)."""
+    lock = conn.cursor()
+    lock.execute(LOCK_SQL)
+    seen = conn.cursor()
+    seen.execute(SEEN_SQL, ([e.key[0] for e in entries], [e.key[1] for e in entries]))
+    return lock, seen
+
+
+def read_head(cursors: tuple[psycopg.Cursor[Any], ...]) -> Head:
+    lock, seen = cursors
+    row = lock.fetchone()
     assert row is not None, "log_head is missing: run `subledger db upgrade`"
-    return int(row[0]), bytes(row[1])
+    return Head(int(row[0]), bytes(row[1]), frozenset((r[0], r[1]) for r in seen.fetchall()))
 
 
-def existing_keys(conn: psycopg.Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    if not keys:
-        return set()
-    rows = conn.execute(
-        """
-        SELECT l.source, l.external_id FROM event_log l
-        JOIN unnest(%s::text[], %s::text[]) AS k(source, external_id)
-          ON l.source = k.source AND l.external_id = k.external_id
-        """,
-        ([k[0] for k in keys], [k[1] for k in keys]),
-    ).fetchall()
-    return {(r[0], r[1]) for r in rows}
+def facts_of(notification: Notification) -> dict[str, Any]:
+    return {"kind": notification.kind, "events": [event.to_facts() for event in notification.events]}
 
 
-def facts_of(notification: Notification) -> list[dict[str, Any]]:
-    return [event.to_facts() for event in notification.events]
-
-
-def append(conn: psycopg.Connection, entries: Sequence[Entry]) -> list[Appended | AlreadySeen]:
+def append(
+    conn: psycopg.Connection, entries: Sequence[Entry], head: Head, *, copy: bool
+) -> list[Appended | AlreadySeen]:
     """Append entries in order inside the caller's transaction; repeats come back as `AlreadySeen`."""
-    position, head = lock_head(conn)
-    keys = [(e.notification.source.value, e.notification.external_id) for e in entries]
-    seen = existing_keys(conn, keys)
+    position, chained = head.position, head.hash
+    seen = set(head.seen)
     results: list[Appended | AlreadySeen] = []
     rows: list[tuple[Any, ...]] = []
     duplicates: list[tuple[str, str, datetime]] = []
-    for key, entry in zip(keys, entries, strict=True):
+    for entry in entries:
+        key = entry.key
         if key in seen:
             results.append(AlreadySeen(entry))
             duplicates.append((key[0], key[1], entry.received_at))
@@ -82,53 +109,32 @@ def append(conn: psycopg.Connection, entries: Sequence[Entry]) -> list[Appended 
         n = entry.notification
         facts = facts_of(n)
         subscription = n.key()
-        received = format_time(entry.received_at)
-        head = chain_hash(
-            head,
+        chained = chain_hash(
+            chained,
             entry_for_hash(
                 source=key[0],
                 external_id=key[1],
                 app_id=n.app_id,
                 subscription_key=subscription or "",
-                received_at=received,
+                received_at=format_time(entry.received_at),
                 historical=entry.historical,
                 raw=entry.raw,
-                facts={"kind": n.kind, "events": facts},
+                facts=facts,
             ),
         )
         position += 1
         first = n.events[0] if n.events else None
-        rows.append(
-            (
-                position,
-                key[0],
-                key[1],
-                n.app_id,
-                n.kind,
-                subscription,
-                next((e.app_user_id for e in n.events if e.app_user_id), None),
-                first.environment.value if first else None,
-                min((e.occurred_at for e in n.events), default=None),
-                entry.received_at,
-                entry.historical,
-                entry.raw,
-                orjson.dumps({"kind": n.kind, "events": facts}).decode(),
-                head,
-            )
-        )
+        rows.append((
+            position, key[0], key[1], n.app_id, n.kind, subscription,
+            next((e.app_user_id for e in n.events if e.app_user_id), None),
+            first.environment.value if first else None,
+            min((e.occurred_at for e in n.events), default=None),
+            entry.received_at, entry.historical, entry.raw, orjson.dumps(facts).decode(), chained,
+        ))
         results.append(Appended(position, entry))
+    write_rows(conn, "event_log", COLUMNS, TYPES, rows, copy=copy)
     if rows:
-        with conn.cursor().copy(
-            "COPY event_log (position, source, external_id, app_id, kind, subscription_key, app_user_id,"
-            " environment, occurred_at, received_at, historical, raw, facts, hash) FROM STDIN"
-        ) as copy:
-            copy.set_types(
-                ["int8", "text", "text", "text", "text", "text", "text", "text", "timestamptz",
-                 "timestamptz", "bool", "bytea", "text", "bytea"]  # jsonb columns take JSON text
-            )
-            for row in rows:
-                copy.write_row(row)
-        conn.execute("UPDATE log_head SET position = %s, hash = %s", (position, head))
+        conn.execute("UPDATE log_head SET position = %s, hash = %s", (position, chained))
     if duplicates:
         conn.cursor().executemany(
             "INSERT INTO duplicate_receipts (source, external_id, received_at) VALUES (%s, %s, %s)",

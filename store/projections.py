@@ -10,15 +10,7 @@ import orjson
 import psycopg
 
 from subledger.core.lifecycle import SubscriptionState, Transition
-
-
-def lock_states(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, SubscriptionState]:
-    if not keys:
-        return {}
-    rows = conn.execute(
-        "SELECT key, state FROM subscriptions WHERE key = ANY(%s) ORDER BY key FOR UPDATE", (list(keys),)
-    ).fetchall()
-    return {key: SubscriptionState.from_json(state) for key, state in rows}
+from subledger.store.rows import write_rows
 
 
 def save_states(
@@ -61,34 +53,38 @@ def existing_transitions(conn: psycopg.Connection, subscription_key: str) -> dic
     return {r[0]: bool(r[1]) for r in rows}
 
 
+TRANSITION_COLUMNS = ("id", "subscription_key", "kind", "app_id", "subscriber", "occurred_at", "log_position",
+                      "historical", "created_at", "body")
+TRANSITION_TYPES = ("text", "text", "text", "text", "text", "timestamptz", "int8", "bool", "timestamptz", "jsonb")
+
+
 def insert_transitions(
-    conn: psycopg.Connection, rows: Sequence[tuple[Transition, int, bool]], now: datetime
+    conn: psycopg.Connection, rows: Sequence[tuple[Transition, int, bool]], now: datetime, *, copy: bool
 ) -> None:
     """Rows of (transition, causing log position, historical). Ids are new by construction."""
-    if not rows:
-        return
-    with conn.cursor().copy(
-        "COPY transitions (id, subscription_key, kind, app_id, subscriber, occurred_at, log_position,"
-        " historical, created_at, body) FROM STDIN"
-    ) as copy:
-        copy.set_types(
-            ["text", "text", "text", "text", "text", "timestamptz", "int8", "bool", "timestamptz", "text"]
-        )
-        for t, position, historical in rows:
-            copy.write_row(
-                (
-                    t.id,
-                    t.subscription_key,
-                    t.kind.value,
-                    t.app_id,
-                    t.subscriber,
-                    t.occurred_at,
-                    position,
-                    historical,
-                    now,
-                    orjson.dumps(t.to_json()).decode(),
-                )
-            )
+    write_rows(
+        conn,
+        "transitions",
+        TRANSITION_COLUMNS,
+        TRANSITION_TYPES,
+        [
+            (t.id, t.subscription_key, t.kind.value, t.app_id, t.subscriber, t.occurred_at, position, historical,
+             now, orjson.dumps(t.to_json()).decode())
+            for t, position, historical in rows
+        ],
+        copy=copy,
+    )
+
+
+def request_states(conn: psycopg.Connection, keys: Sequence[str]) -> psycopg.Cursor[Any]:
+    """Send the lock of the batch's subscriptions; fetch with `read_states` (pipelining)."""
+    cur = conn.cursor()
+    cur.execute("SELECT key, state FROM subscriptions WHERE key = ANY(%s) ORDER BY key FOR UPDATE", (list(keys),))
+    return cur
+
+
+def read_states(cur: psycopg.Cursor[Any]) -> dict[str, SubscriptionState]:
+    return {key: SubscriptionState.from_json(state) for key, state in cur.fetchall()}
 
 
 def mark_superseded(conn: psycopg.Connection, ids: Sequence[str], now: datetime) -> None:
@@ -110,6 +106,3 @@ def load_state(conn: psycopg.Connection, key: str) -> SubscriptionState | None:
     row = conn.execute("SELECT state FROM subscriptions WHERE key = %s", (key,)).fetchone()
     return None if row is None else SubscriptionState.from_json(row[0])
 
-
-def state_json(state: SubscriptionState) -> dict[str, Any]:
-    return state.to_json()
