@@ -92,7 +92,8 @@ def ingest(
     # Small batches (a webhook, an API call) pipeline every statement into two round trips;
     # big ones (file imports) use COPY, which a pipeline cannot carry.
     small = len(items) <= SMALL_BATCH
-    with translate_errors(), conn.transaction(), conn.pipeline() if small else contextlib.nullcontext():
+    pipeline = conn.pipeline() if small else contextlib.nullcontext()
+    with translate_errors(), pipeline, conn.transaction():
         entries = [
             log.Entry(
                 notification=item.notification,
