@@ -78,9 +78,7 @@ def _cert(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
     )
     if marker is not None:
         builder = builder.add_extension(x509.UnrecognizedExtension(marker, b"\x05\x00"), critical=False)
@@ -149,7 +147,7 @@ def sign(
     payload: dict[str, Any],
     ca: SigningCA,
     *,
-    x5c: list[str] | None | bool = True,
+    x5c: list[str] | bool | None = True,
     algorithm: str = "ES256",
     key: ec.EllipticCurvePrivateKey | None = None,
 ) -> str:
@@ -160,8 +158,10 @@ def sign(
     elif isinstance(x5c, list):
         headers["x5c"] = x5c
     signing_key = key or ca.leaf_key
+    if algorithm == "none":
+        return jwt.encode(payload, None, algorithm="none", headers=headers)
     if algorithm != "ES256":
-        return jwt.encode(payload, "not-an-apple-key", algorithm=algorithm, headers=headers)
+        return jwt.encode(payload, "not-an-apple-key-but-32-bytes-long", algorithm=algorithm, headers=headers)
     return jwt.encode(payload, signing_key, algorithm="ES256", headers=headers)
 
 

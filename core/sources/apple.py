@@ -1,0 +1,635 @@
+"""App Store Server Notifications V2 → canonical events.
+
+Why this module looks the way it does:
+
+* Verification is Apple's own `SignedDataVerifier` (chain to a configured root, marker OIDs,
+  ES256, bundle id / app id / environment), not a re-implementation. It sits behind the
+  `AppleVerifier` protocol so tests and tools can inject a verifier. The signed transaction and
+  renewal info are separate JWS and are verified separately, as Apple asks.
+* One verifier per accepted environment, because the library checks one environment per verifier.
+  The environment is read from the unverified payload only to *pick* the verifier; the library then
+  re-checks it on the verified payload. `Xcode` / `LocalTesting` are never accepted: the library
+  skips the signature check for them, which a public webhook must not allow.
+* Offline by default (`enable_online_checks=False`): the library then validates the chain at the
+  payload's `signedDate` and touches neither network nor clock, which keeps `core` pure. Turning
+  online (OCSP) checks on is a deliberate per-app choice.
+* The adapter states facts (purchase with period_type trial, renewal, auto_renew_disabled, ...);
+  whether a renewal is a trial conversion is the fold's decision, from prior state.
+* Unknown notification types and subtypes are stored with zero events, never refused: Apple adds
+  types regularly and the raw log must keep them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
+
+from appstoreserverlibrary.models.Environment import Environment as AppleEnvironment
+from appstoreserverlibrary.models.JWSRenewalInfoDecodedPayload import JWSRenewalInfoDecodedPayload
+from appstoreserverlibrary.models.JWSTransactionDecodedPayload import JWSTransactionDecodedPayload
+from appstoreserverlibrary.models.ResponseBodyV2DecodedPayload import ResponseBodyV2DecodedPayload
+from appstoreserverlibrary.signed_data_verifier import (
+    SignedDataVerifier,
+    VerificationException,
+    VerificationStatus,
+)
+from cryptography import x509
+
+from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
+from subledger.core.events import (
+    CanonicalEvent,
+    EventType,
+    PeriodType,
+    Reason,
+    Source,
+    Store,
+    format_time,
+    parse_event,
+)
+from subledger.core.sources import Notification
+
+PRODUCTION = "Production"
+SANDBOX = "Sandbox"
+ACCEPTABLE_ENVIRONMENTS = frozenset({PRODUCTION, SANDBOX})
+AUTO_RENEWABLE = "Auto-Renewable Subscription"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+T = TypeVar("T")
+
+
+class AppleVerifier(Protocol):
+    """What the adapter needs from Apple's `SignedDataVerifier` (which satisfies it as is)."""
+
+    def verify_and_decode_notification(self, signed_payload: str, /) -> ResponseBodyV2DecodedPayload: ...
+
+    def verify_and_decode_signed_transaction(self, signed_transaction: str, /) -> JWSTransactionDecodedPayload: ...
+
+    def verify_and_decode_renewal_info(self, signed_renewal_info: str, /) -> JWSRenewalInfoDecodedPayload: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AppleConfig:
+    """One app's App Store settings. `app_id` (canonical events' app) defaults to the bundle id."""
+
+    bundle_id: str
+    app_apple_id: int | None
+    root_certificates: tuple[bytes, ...]
+    environments: frozenset[str] = ACCEPTABLE_ENVIRONMENTS
+    enable_online_checks: bool = False
+    app_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.bundle_id:
+            raise ConfigError("apple.bundle_id", "must not be empty")
+        if not self.app_id:
+            object.__setattr__(self, "app_id", self.bundle_id)
+        object.__setattr__(self, "environments", frozenset(self.environments))
+        object.__setattr__(self, "root_certificates", tuple(self.root_certificates))
+        unknown = sorted(self.environments - ACCEPTABLE_ENVIRONMENTS)
+        if unknown:
+            raise ConfigError(
+                "apple.environments",
+                f"unsupported {unknown}; only Production and Sandbox are verified by signature",
+            )
+        if not self.environments:
+            raise ConfigError("apple.environments", "accept at least one environment")
+        if PRODUCTION in self.environments and self.app_apple_id is None:
+            raise ConfigError("apple.app_apple_id", "is required when Production is accepted")
+        if not self.root_certificates:
+            raise ConfigError("apple.root_certificates", "at least one Apple root certificate (DER)")
+        for index, der in enumerate(self.root_certificates):
+            try:
+                x509.load_der_x509_certificate(der)
+            except (ValueError, TypeError):
+                raise ConfigError(f"apple.root_certificates[{index}]", "not a DER certificate") from None
+
+
+def make_verifier(config: AppleConfig, environment: str) -> AppleVerifier:
+    """Apple's verifier for one environment of one app."""
+    return SignedDataVerifier(
+        list(config.root_certificates),
+        config.enable_online_checks,
+        AppleEnvironment(environment),
+        config.bundle_id,
+        config.app_apple_id,
+    )
+
+
+class AppleAdapter:
+    """Parse → verify → map for one app. Build once: online checks cache verified keys per verifier."""
+
+    def __init__(self, config: AppleConfig, verifiers: Mapping[str, AppleVerifier] | None = None) -> None:
+        self.config = config
+        if verifiers is None:
+            verifiers = {env: make_verifier(config, env) for env in sorted(config.environments)}
+        self._verifiers = dict(verifiers)
+
+    def parse(self, body: bytes) -> Notification:
+        """One POSTed body → a Notification; raises a PayloadRejected subclass for anything refused."""
+        signed = _signed_payload(body)
+        claims = _peek(signed, "signedPayload")
+        environment = _claimed_environment(claims)
+        if environment not in self.config.environments or environment not in self._verifiers:
+            raise BadSignature(f"environment {environment!r} is not accepted for this app", "environment")
+        verifier = self._verifiers[environment]
+        decoded = self._verified(lambda: verifier.verify_and_decode_notification(signed), "signedPayload", claims)
+        # The library checks appAppleId in Production only; Sandbox omits it, but when present it must match.
+        section = decoded.data or decoded.summary
+        claimed_app = section.appAppleId if section is not None else None
+        expected_app = self.config.app_apple_id
+        if claimed_app is not None and expected_app is not None and claimed_app != expected_app:
+            raise BadSignature(f"appAppleId {claimed_app!r} is not this app's", "appAppleId")
+        return _Mapping(self.config, verifier, decoded, environment, self._verified).notification()
+
+    def _verified(self, call: Callable[[], T], name: str, claims: Mapping[str, Any] | None = None) -> T:
+        try:
+            return call()
+        except VerificationException as exc:
+            raise self._refusal(exc.status, name, claims) from None
+        except Exception as exc:  # the library's cattrs structuring: signed, but not Apple's schema
+            raise MalformedPayload(f"signed data does not match Apple's schema ({type(exc).__name__})", name) from None
+
+    def _refusal(self, status: int, name: str, claims: Mapping[str, Any] | None) -> BadSignature:
+        if status == VerificationStatus.INVALID_APP_IDENTIFIER:
+            data = _section(claims or {}) or (claims or {})
+            bundle, apple_id = data.get("bundleId"), data.get("appAppleId")
+            if name == "signedPayload" and bundle == self.config.bundle_id:
+                return BadSignature(f"appAppleId {apple_id!r} is not this app's", "appAppleId")
+            return BadSignature(f"bundleId {bundle!r} is not {self.config.bundle_id!r}", "bundleId")
+        if status == VerificationStatus.INVALID_ENVIRONMENT:
+            return BadSignature("signed data is for another environment", "environment")
+        if status == VerificationStatus.RETRYABLE_VERIFICATION_FAILURE:
+            # Only with online checks on: OCSP could not be reached. Apple retries any 4xx/5xx answer.
+            return BadSignature("online certificate (OCSP) check could not complete; transient", name)
+        if status == VerificationStatus.INVALID_CHAIN_LENGTH:
+            return BadSignature("x5c must hold exactly 3 certificates", name)
+        if status == VerificationStatus.INVALID_CERTIFICATE:
+            return BadSignature("x5c certificates are unreadable or no root is configured", name)
+        return BadSignature("signature or certificate chain does not verify against Apple's root", name)
+
+
+def parse_notification(body: bytes, config: AppleConfig) -> Notification:
+    """Convenience for one-off use (CLI); servers should keep an `AppleAdapter` per app."""
+    return AppleAdapter(config).parse(body)
+
+
+def unverified_bundle_id(body: bytes) -> str | None:
+    """The bundle id the body *claims*, to route a shared endpoint to an app's config. Not trusted."""
+    try:
+        return _text_or_none(_section(_peek(_signed_payload(body), "signedPayload")).get("bundleId"))
+    except MalformedPayload:
+        return None
+
+
+# --- parsing helpers -------------------------------------------------------------------------
+
+
+def _signed_payload(body: bytes) -> str:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MalformedPayload("body is not JSON") from None
+    if not isinstance(obj, dict):
+        raise MalformedPayload("body must be a JSON object")
+    signed = obj.get("signedPayload")
+    if not isinstance(signed, str) or not signed:
+        raise MalformedPayload("is required and must be a string", "signedPayload")
+    return signed
+
+
+def _peek(jws: str, name: str) -> dict[str, Any]:
+    """The claims of a compact JWS, unverified: only used to choose a verifier and word errors."""
+    parts = jws.split(".")
+    if len(parts) != 3:
+        raise MalformedPayload("not a compact JWS", name)
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise MalformedPayload("JWS payload is not base64url JSON", name) from None
+    if not isinstance(claims, dict):
+        raise MalformedPayload("JWS payload must be a JSON object", name)
+    return claims
+
+
+def _peek_quietly(jws: str) -> dict[str, Any]:
+    """Claims for wording an error about an inner JWS; {} when it cannot even be read."""
+    try:
+        return _peek(jws, "-")
+    except MalformedPayload:
+        return {}
+
+
+def _section(claims: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The part of a notification that names app and environment (data/summary/appData/token)."""
+    for key in ("data", "summary", "appData", "externalPurchaseToken"):
+        value = claims.get(key)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _claimed_environment(claims: Mapping[str, Any]) -> str:
+    token = claims.get("externalPurchaseToken")
+    if isinstance(token, dict) and not any(isinstance(claims.get(k), dict) for k in ("data", "summary")):
+        purchase_id = token.get("externalPurchaseId")
+        return SANDBOX if isinstance(purchase_id, str) and purchase_id.startswith("SANDBOX") else PRODUCTION
+    environment = _section(claims).get("environment")
+    if not isinstance(environment, str):
+        raise MalformedPayload("notification names no environment", "data.environment")
+    return environment
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _time(value: Any, name: str) -> datetime:
+    """Apple's UNIX milliseconds → aware UTC datetime (exact, no float rounding)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEvent("must be UNIX milliseconds", name)
+    if not 0 <= value <= _MAX_MS:
+        raise InvalidEvent(f"out of range: {value}", name)
+    return _EPOCH + timedelta(milliseconds=value)
+
+
+def _maybe_time(value: Any, name: str) -> datetime | None:
+    return None if value is None else _time(value, name)
+
+
+def _milliunits(value: Any, name: str) -> Decimal | None:
+    """Apple prices are integer milliunits: 9990 is 9.99 in the currency."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEvent("must be integer milliunits", name)
+    return Decimal(value) / Decimal(1000)
+
+
+def _period_type(txn: JWSTransactionDecodedPayload) -> PeriodType:
+    """Trial ⇔ introductory offer that is a free trial; other introductory offers are `intro`."""
+    offer, discount = txn.rawOfferType, txn.rawOfferDiscountType
+    if discount == "FREE_TRIAL" and offer in (None, 1):
+        return PeriodType.TRIAL
+    if offer == 1:
+        return PeriodType.INTRO
+    return PeriodType.NORMAL
+
+
+EXPIRED_SUBTYPE_REASON = {
+    "VOLUNTARY": Reason.UNSUBSCRIBE,
+    "BILLING_RETRY": Reason.BILLING_ERROR,
+    "PRICE_INCREASE": Reason.PRICE_INCREASE,
+    "PRODUCT_NOT_FOR_SALE": Reason.UNKNOWN,
+}
+EXPIRATION_INTENT_REASON = {
+    1: Reason.UNSUBSCRIBE,
+    2: Reason.BILLING_ERROR,
+    3: Reason.PRICE_INCREASE,
+    4: Reason.UNKNOWN,
+    5: Reason.UNKNOWN,
+}
+STORED_ONLY = frozenset(
+    {
+        "TEST",
+        "CONSUMPTION_REQUEST",
+        "REFUND_DECLINED",
+        "PRICE_INCREASE",
+        "RENEWAL_EXTENSION",
+        "EXTERNAL_PURCHASE_TOKEN",
+        "METADATA_UPDATE",
+        "MIGRATION",
+        "PRICE_CHANGE",
+        "RESCIND_CONSENT",
+    }
+)
+
+_ALPHA3 = (
+    "ABWAW AFGAF AGOAO AIAAI ALAAX ALBAL ANDAD AREAE ARGAR ARMAM ASMAS ATAAQ ATFTF ATGAG AUSAU AUTAT "
+    "AZEAZ BDIBI BELBE BENBJ BESBQ BFABF BGDBD BGRBG BHRBH BHSBS BIHBA BLMBL BLRBY BLZBZ BMUBM BOLBO "
+    "BRABR BRBBB BRNBN BTNBT BVTBV BWABW CAFCF CANCA CCKCC CHECH CHLCL CHNCN CIVCI CMRCM CODCD COGCG "
+    "COKCK COLCO COMKM CPVCV CRICR CUBCU CUWCW CXRCX CYMKY CYPCY CZECZ DEUDE DJIDJ DMADM DNKDK DOMDO "
+    "DZADZ ECUEC EGYEG ERIER ESHEH ESPES ESTEE ETHET FINFI FJIFJ FLKFK FRAFR FROFO FSMFM GABGA GBRGB "
+    "GEOGE GGYGG GHAGH GIBGI GINGN GLPGP GMBGM GNBGW GNQGQ GRCGR GRDGD GRLGL GTMGT GUFGF GUMGU GUYGY "
+    "HKGHK HMDHM HNDHN HRVHR HTIHT HUNHU IDNID IMNIM INDIN IOTIO IRLIE IRNIR IRQIQ ISLIS ISRIL ITAIT "
+    "JAMJM JEYJE JORJO JPNJP KAZKZ KENKE KGZKG KHMKH KIRKI KNAKN KORKR KWTKW LAOLA LBNLB LBRLR LBYLY "
+    "LCALC LIELI LKALK LSOLS LTULT LUXLU LVALV MACMO MAFMF MARMA MCOMC MDAMD MDGMG MDVMV MEXMX MHLMH "
+    "MKDMK MLIML MLTMT MMRMM MNEME MNGMN MNPMP MOZMZ MRTMR MSRMS MTQMQ MUSMU MWIMW MYSMY MYTYT NAMNA "
+    "NCLNC NERNE NFKNF NGANG NICNI NIUNU NLDNL NORNO NPLNP NRUNR NZLNZ OMNOM PAKPK PANPA PCNPN PERPE "
+    "PHLPH PLWPW PNGPG POLPL PRIPR PRKKP PRTPT PRYPY PSEPS PYFPF QATQA REURE ROURO RUSRU RWARW SAUSA "
+    "SDNSD SENSN SGPSG SGSGS SHNSH SJMSJ SLBSB SLESL SLVSV SMRSM SOMSO SPMPM SRBRS SSDSS STPST SURSR "
+    "SVKSK SVNSI SWESE SWZSZ SXMSX SYCSC SYRSY TCATC TCDTD TGOTG THATH TJKTJ TKLTK TKMTM TLSTL TONTO "
+    "TTOTT TUNTN TURTR TUVTV TWNTW TZATZ UGAUG UKRUA UMIUM URYUY USAUS UZBUZ VATVA VCTVC VENVE VGBVG "
+    "VIRVI VNMVN VUTVU WLFWF WSMWS YEMYE ZAFZA ZMBZM ZWEZW"
+)
+ALPHA3_TO_ALPHA2 = {pair[:3]: pair[3:] for pair in _ALPHA3.split()}
+
+
+def stream_key(app_id: str, subscription_id: str) -> str:
+    """The subscription key an App Store subscription's events get (for stored-only notifications)."""
+    probe = CanonicalEvent(
+        id="-",
+        source=Source.APPLE,
+        app_id=app_id,
+        type=EventType.EXTENDED,
+        occurred_at=_EPOCH,
+        subscription_id=subscription_id,
+        store=Store.APP_STORE,
+    )
+    return str(probe.subscription_key)
+
+
+# --- mapping ---------------------------------------------------------------------------------
+
+
+class _Mapping:
+    """The mapping of one verified notification; one method per notification type family."""
+
+    def __init__(
+        self,
+        config: AppleConfig,
+        verifier: AppleVerifier,
+        decoded: ResponseBodyV2DecodedPayload,
+        environment: str,
+        verified: Callable[..., Any],
+    ) -> None:
+        self.config = config
+        self.decoded = decoded
+        self.environment = "sandbox" if environment == SANDBOX else "production"
+        uuid = decoded.notificationUUID
+        if not isinstance(uuid, str) or not uuid.strip():
+            raise InvalidEvent("is required", "notificationUUID")
+        if len(uuid) > 200:
+            raise InvalidEvent("longer than 200 characters", "notificationUUID")
+        self.external_id = uuid
+        self.type = decoded.rawNotificationType or ""
+        self.subtype = decoded.rawSubtype or ""
+        kind = f"{self.type or 'UNKNOWN'}/{self.subtype}" if self.subtype else (self.type or "UNKNOWN")
+        self.kind = kind[:200]
+        self.signed_at = _time(decoded.signedDate, "signedDate")
+        data = decoded.data
+        self.txn: JWSTransactionDecodedPayload | None = None
+        self.renewal: JWSRenewalInfoDecodedPayload | None = None
+        if data is not None and data.signedTransactionInfo:
+            signed_txn = data.signedTransactionInfo
+            self.txn = verified(
+                lambda: verifier.verify_and_decode_signed_transaction(signed_txn),
+                "data.signedTransactionInfo",
+                _peek_quietly(signed_txn),
+            )
+        if data is not None and data.signedRenewalInfo:
+            signed_renewal = data.signedRenewalInfo
+            self.renewal = verified(
+                lambda: verifier.verify_and_decode_renewal_info(signed_renewal), "data.signedRenewalInfo"
+            )
+        txn_otid = self.txn.originalTransactionId if self.txn is not None else None
+        renewal_otid = self.renewal.originalTransactionId if self.renewal is not None else None
+        if txn_otid and renewal_otid and txn_otid != renewal_otid:
+            raise InvalidEvent("belongs to another subscription than the transaction", "data.signedRenewalInfo")
+        self.subscription_id = txn_otid or renewal_otid or None
+        self.facts: list[dict[str, Any]] = []
+
+    # -- result --
+
+    def notification(self) -> Notification:
+        handler = self.HANDLERS.get(self.type)
+        if handler is not None:
+            handler(self)
+        events = tuple(parse_event(f, default_source=Source.APPLE) for f in self.facts)
+        key = None
+        if not events and self.subscription_id and self._is_subscription():
+            key = stream_key(self.config.app_id, self.subscription_id)
+        return Notification(
+            source=Source.APPLE,
+            external_id=self.external_id,
+            app_id=self.config.app_id,
+            kind=self.kind,
+            events=events,
+            subscription_key=key if not events else events[0].subscription_key,
+        )
+
+    # -- handlers (named after notificationType) --
+
+    def on_subscribed(self) -> None:
+        if self.subtype in ("INITIAL_BUY", "RESUBSCRIBE"):
+            self._charge(EventType.PURCHASE)
+
+    def on_did_renew(self) -> None:
+        if self.subtype == "":
+            self._charge(EventType.RENEWAL)
+        elif self.subtype == "BILLING_RECOVERY":
+            self._charge(EventType.BILLING_RECOVERED)
+
+    def on_did_change_renewal_status(self) -> None:
+        if self.subtype == "AUTO_RENEW_DISABLED":
+            enabled = False
+        elif self.subtype == "AUTO_RENEW_ENABLED":
+            enabled = True
+        elif self.subtype == "" and self.renewal is not None and self.renewal.rawAutoRenewStatus in (0, 1):
+            enabled = self.renewal.rawAutoRenewStatus == 1
+        else:
+            return
+        if enabled:
+            self._status(EventType.AUTO_RENEW_ENABLED)
+        else:
+            self._status(EventType.AUTO_RENEW_DISABLED, reason=self._intent_reason())
+
+    def on_did_fail_to_renew(self) -> None:
+        if self.subtype in ("", "GRACE_PERIOD"):
+            grace = self.renewal.gracePeriodExpiresDate if self.renewal is not None else None
+            extra = {}
+            if grace is not None:
+                extra["grace_period_expires_at"] = format_time(_time(grace, "gracePeriodExpiresDate"))
+            self._status(EventType.BILLING_ISSUE, attributes=extra)
+
+    def on_grace_period_expired(self) -> None:
+        self._status(EventType.EXPIRATION, reason=Reason.BILLING_ERROR)
+
+    def on_expired(self) -> None:
+        if self.subtype in EXPIRED_SUBTYPE_REASON:
+            reason: Reason | None = EXPIRED_SUBTYPE_REASON[self.subtype]
+        elif self.subtype == "":
+            reason = self._intent_reason() or Reason.UNKNOWN
+        else:
+            return
+        self._status(EventType.EXPIRATION, reason=reason)
+
+    def on_refund(self) -> None:
+        txn = self._require_txn()
+        if not self._is_subscription():
+            return  # a refunded consumable or non-consumable: no subscription stream to state it on
+        price = _milliunits(txn.price, "price")
+        if price is not None and txn.rawRevocationType == "REFUND_PRORATED" and txn.revocationPercentage:
+            price = price * Decimal(txn.revocationPercentage) / Decimal(100000)
+        when = _maybe_time(txn.revocationDate, "revocationDate") or self.signed_at
+        attributes: dict[str, Any] = {}
+        if txn.rawRevocationReason is not None:
+            attributes["revocation_reason"] = txn.rawRevocationReason
+        if txn.rawRevocationType is not None:
+            attributes["revocation_type"] = txn.rawRevocationType
+        self._add(
+            EventType.REFUND,
+            when,
+            price=None if price is None else -price,
+            currency=txn.currency if price is not None else None,
+            transaction_id=txn.transactionId,
+            product_id=txn.productId,
+            attributes=attributes,
+        )
+
+    def on_refund_reversed(self) -> None:
+        txn = self._require_txn()
+        if self._is_subscription():
+            self._status(EventType.REFUND_REVERSED, transaction_id=txn.transactionId)
+
+    def on_revoke(self) -> None:
+        txn = self._require_txn()
+        if self._is_subscription():
+            when = _maybe_time(txn.revocationDate, "revocationDate") or self.signed_at
+            self._add(EventType.EXPIRATION, when, reason=Reason.UNKNOWN, product_id=txn.productId)
+
+    def on_did_change_renewal_pref(self) -> None:
+        if self.subtype == "UPGRADE":
+            txn = self._require_txn()
+            when = _time(txn.purchaseDate, "purchaseDate")
+            # The upgrade takes effect now and starts a new, charged period: state both facts at the
+            # same instant so the change sorts first (ids: uuid < uuid#1).
+            self._add(EventType.PRODUCT_CHANGE, when, new_product_id=txn.productId)
+            self._charge(EventType.RENEWAL, when=when)
+        elif self.subtype in ("DOWNGRADE", ""):
+            renewal = self.renewal
+            if renewal is None or not renewal.autoRenewProductId:
+                if self.subtype == "":
+                    return  # a reverted downgrade with nothing to revert to: keep it stored only
+                raise InvalidEvent("is required for a downgrade", "data.signedRenewalInfo")
+            product = renewal.productId or (self.txn.productId if self.txn is not None else None)
+            self._status(EventType.PRODUCT_CHANGE, new_product_id=renewal.autoRenewProductId, product_id=product)
+
+    def on_offer_redeemed(self) -> None:
+        if self.subtype in ("UPGRADE", "DOWNGRADE"):
+            self.on_did_change_renewal_pref()
+
+    def on_renewal_extended(self) -> None:
+        txn = self._require_txn()
+        self._status(EventType.EXTENDED, expires_at=_maybe_time(txn.expiresDate, "expiresDate"))
+
+    def on_one_time_charge(self) -> None:
+        self._require_txn()
+        if self._is_subscription():
+            return
+        self._charge(EventType.ONE_TIME_PURCHASE)
+
+    HANDLERS: dict[str, Callable[[_Mapping], None]] = {
+        "SUBSCRIBED": on_subscribed,
+        "DID_RENEW": on_did_renew,
+        "DID_CHANGE_RENEWAL_STATUS": on_did_change_renewal_status,
+        "DID_FAIL_TO_RENEW": on_did_fail_to_renew,
+        "GRACE_PERIOD_EXPIRED": on_grace_period_expired,
+        "EXPIRED": on_expired,
+        "REFUND": on_refund,
+        "REFUND_REVERSED": on_refund_reversed,
+        "REVOKE": on_revoke,
+        "DID_CHANGE_RENEWAL_PREF": on_did_change_renewal_pref,
+        "OFFER_REDEEMED": on_offer_redeemed,
+        "RENEWAL_EXTENDED": on_renewal_extended,
+        "ONE_TIME_CHARGE": on_one_time_charge,
+    }
+
+    # -- building blocks --
+
+    def _require_txn(self) -> JWSTransactionDecodedPayload:
+        if self.txn is None:
+            raise InvalidEvent(f"is required for {self.type}", "data.signedTransactionInfo")
+        return self.txn
+
+    def _is_subscription(self) -> bool:
+        return self.txn is None or self.txn.rawType in (None, AUTO_RENEWABLE)
+
+    def _intent_reason(self) -> Reason | None:
+        intent = self.renewal.rawExpirationIntent if self.renewal is not None else None
+        return EXPIRATION_INTENT_REASON.get(intent) if isinstance(intent, int) else None
+
+    def _charge(self, kind: EventType, when: datetime | None = None) -> None:
+        """A fact that starts a period (or sells a one-time product): everything the transaction says."""
+        txn = self._require_txn()
+        price = _milliunits(txn.price, "price")
+        self._add(
+            kind,
+            when or _maybe_time(txn.purchaseDate, "purchaseDate") or self.signed_at,
+            product_id=txn.productId,
+            period_type=_period_type(txn) if kind is not EventType.ONE_TIME_PURCHASE else PeriodType.NORMAL,
+            price=price,
+            currency=txn.currency if price is not None else None,
+            expires_at=_maybe_time(txn.expiresDate, "expiresDate"),
+            transaction_id=txn.transactionId,
+        )
+
+    def _status(self, kind: EventType, **fields: Any) -> None:
+        """A fact about the subscription's state, dated when Apple signed the notification."""
+        if self.txn is not None:
+            fields.setdefault("product_id", self.txn.productId)
+            fields.setdefault("expires_at", _maybe_time(self.txn.expiresDate, "expiresDate"))
+        self._add(kind, self.signed_at, **fields)
+
+    def _add(self, kind: EventType, when: datetime, **fields: Any) -> None:
+        subscription = None if kind is EventType.ONE_TIME_PURCHASE else self.subscription_id
+        if kind is not EventType.ONE_TIME_PURCHASE and not subscription:
+            raise InvalidEvent(f"is required for {self.type}", "originalTransactionId")
+        index = len(self.facts)
+        facts: dict[str, Any] = {
+            "id": self.external_id if index == 0 else f"{self.external_id}#{index}",
+            "source": Source.APPLE.value,
+            "app_id": self.config.app_id,
+            "type": kind.value,
+            "occurred_at": format_time(when),
+            "subscription_id": subscription,
+            "store": Store.APP_STORE.value,
+            "environment": self.environment,
+            "app_user_id": self._app_user_id(),
+            "country_code": self._country(),
+        }
+        attributes = {**self._attributes(), **fields.pop("attributes", {})}
+        for name, value in fields.items():
+            if isinstance(value, datetime):
+                value = format_time(value)
+            elif isinstance(value, Decimal):
+                value = str(value)
+            elif isinstance(value, Reason | PeriodType):
+                value = value.value
+            facts[name] = value
+        if attributes:
+            facts["attributes"] = attributes
+        self.facts.append({k: v for k, v in facts.items() if v is not None})
+
+    def _app_user_id(self) -> str | None:
+        for source in (self.txn, self.renewal):
+            token = source.appAccountToken if source is not None else None
+            if isinstance(token, str) and token:
+                return token
+        return None
+
+    def _country(self) -> str | None:
+        storefront = self.txn.storefront if self.txn is not None else None
+        return ALPHA3_TO_ALPHA2.get(storefront) if isinstance(storefront, str) else None
+
+    def _attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"apple_notification": self.kind}
+        txn = self.txn
+        if txn is not None:
+            pairs: Iterable[tuple[str, Any]] = (
+                ("storefront", txn.storefront),
+                ("offer_type", txn.rawOfferType),
+                ("offer_discount_type", txn.rawOfferDiscountType),
+                ("offer_identifier", txn.offerIdentifier),
+                ("offer_period", txn.offerPeriod),
+                ("ownership", txn.rawInAppOwnershipType),
+                ("transaction_type", txn.rawType),
+            )
+            out.update({k: v for k, v in pairs if v is not None})
+        return out
