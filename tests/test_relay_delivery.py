@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from fake_segment import (
     APP,
     SANDBOX_KEY,
@@ -22,6 +21,7 @@ from fake_segment import (
     routes_for,
     settings_for,
 )
+
 from subledger.core.delivery import Backoff
 from subledger.outbox.relay import Relay, RelayConfig
 
