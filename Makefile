@@ -23,9 +23,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# mypy resolves `subledger.core` through a tree of symlinks that mirrors the installed layout.
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict core
+	rm -rf .typecheck && mkdir -p .typecheck/subledger
+	for d in core store outbox scheduler app migrations; do ln -s ../../$$d .typecheck/subledger/$$d; done
+	MYPYPATH=.typecheck $(BIN)/mypy --strict --namespace-packages --explicit-package-bases -p subledger.core
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

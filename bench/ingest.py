@@ -79,17 +79,16 @@ def bulk(report: Report, count: int) -> None:
         f"{count:,} events (+{summary['transitions']:,} transitions, outbox rows), events/s",
         f"{ours:,.0f}/s",
         f"bare COPY {baseline:,.0f}/s",
-        f"{ours / baseline:.2f}× (target ≥ 10,000/s)",
+        f"{ours / baseline:.2f}x (target ≥ 10,000/s)",
     )
 
 
 def transactional(report: Report, count: int) -> None:
+    from bench.generate import events
     from subledger.app import settings as settings_module
     from subledger.app.bootstrap import build
     from subledger.app.canonical import Rejection, to_incoming
     from subledger.outbox.ingest import ingest
-
-    from bench.generate import events
 
     items = list(events(count, seed=7))
     raws = [json.dumps(i, separators=(",", ":")).encode() for i in items]
@@ -129,7 +128,7 @@ def transactional(report: Report, count: int) -> None:
         f"{count:,} events, one transaction each, events/s",
         f"{ours:,.0f}/s",
         f"bare insert loop {baseline:,.0f}/s",
-        f"{ours / baseline:.2f}× (target ≥ 0.7)",
+        f"{ours / baseline:.2f}x (target ≥ 0.7)",
     )
 
 
