@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ class FakeSegment:
         self.script: deque[Fault] = deque()
         self.poison: set[str] = set()
         self.jitsu = jitsu
+        self.hook: Callable[[Request], Fault] | None = None
         self.seen_requests: list[Request] = []
         self._lock = threading.Lock()
         self.sink = Sink(write_keys=set(write_keys), responder=self._respond)
@@ -58,6 +59,10 @@ class FakeSegment:
         return self
 
     def _respond(self, request: Request) -> Reply | Reset | None:
+        if self.hook is not None:
+            hooked = self.hook(request)
+            if hooked is not None:
+                return hooked
         with self._lock:
             self.seen_requests.append(request)
             if self.script:
@@ -143,6 +148,19 @@ def ingest_events(db_url: str, settings: Any, events: Sequence[dict[str, Any]], 
             for outcome in ingest(conn, items, policy, when):
                 made += len(outcome.transitions)
     return made
+
+
+def write_config(path: Any, endpoint: str, **extra: Any) -> Any:
+    """The TOML a `subledger relay` subprocess reads."""
+    lines = [f'[apps."{APP}".destinations.segment]', f'write_key = "{WRITE_KEY}"', f'endpoint = "{endpoint}"',
+             "publish_historical = true", "timeout_seconds = 2.0"]
+    lines += [f"{k} = {v!r}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def requests_so_far(fake: FakeSegment) -> int:
+    return fake.sink._counter
 
 
 def outbox_counts(db_url: str) -> dict[str, int]:
