@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from subledger.core.errors import ConfigError
@@ -78,14 +78,93 @@ class DestinationSettings(_Strict):
         return value
 
 
+APPLE_ENVIRONMENTS = ("Production", "Sandbox")
+
+
+def read_certificate(path: str) -> bytes:
+    """A certificate file (DER, or PEM as Apple's download page also offers) → DER bytes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    data = Path(path).expanduser().read_bytes()
+    if b"-----BEGIN" in data:
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    x509.load_der_x509_certificate(data)
+    return data
+
+
+class AppleSourceSettings(_Strict):
+    """`[apps."<app>".apple]`: App Store Server Notifications V2 for this app."""
+
+    bundle_id: str | None = Field(default=None, min_length=1)  # default: the app's key
+    app_apple_id: int | None = Field(default=None, gt=0)
+    environments: list[Literal["Production", "Sandbox"]] = Field(
+        default_factory=lambda: list(APPLE_ENVIRONMENTS), min_length=1
+    )
+    root_certificates: list[str] = Field(min_length=1)  # files: Apple Root CA - G3 (DER or PEM)
+    enable_online_checks: bool = False
+
+    @field_validator("root_certificates")
+    @classmethod
+    def _readable(cls, paths: list[str]) -> list[str]:
+        for index, path in enumerate(paths):
+            try:
+                read_certificate(path)
+            except OSError as exc:
+                raise ValueError(f"[{index}] {path}: {exc.strerror or exc}") from None
+            except ValueError:
+                raise ValueError(f"[{index}] {path}: not a DER or PEM certificate") from None
+        return paths
+
+    @model_validator(mode="after")
+    def _production_needs_app_id(self) -> AppleSourceSettings:
+        if "Production" in self.environments and self.app_apple_id is None:
+            raise ValueError("app_apple_id is required when Production is accepted (App Store Connect → App ID)")
+        return self
+
+
+class StripeSourceSettings(_Strict):
+    """`[apps."<app>".stripe]`: the webhook endpoint POST /webhooks/stripe/<app>."""
+
+    endpoint_secrets: list[str] = Field(min_length=1)  # whsec_…; several while rolling a secret
+    metadata_key: str = Field(default="app_user_id", min_length=1)
+    tolerance_seconds: int = Field(default=300, ge=0)  # 0 turns the timestamp age check off
+
+    @field_validator("endpoint_secrets", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("endpoint_secrets")
+    @classmethod
+    def _non_empty(cls, secrets: list[str]) -> list[str]:
+        for index, secret in enumerate(secrets):
+            if not secret.strip():
+                raise ValueError(f"[{index}] must not be empty")
+        return secrets
+
+
+class RevenueCatSourceSettings(_Strict):
+    """`[apps."<app>".revenuecat]`: the webhook endpoint POST /webhooks/revenuecat/<app>."""
+
+    authorization: str = Field(min_length=1)  # the exact Authorization header value set in RevenueCat
+
+    @field_validator("authorization")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
 class AppSettings(_Strict):
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     settle_delay_seconds: float = Field(default=0, ge=0, le=3600)
     expiration_grace_hours: float = Field(default=24, ge=0)
-    # Store credentials, read by the store adapters.
-    apple: dict[str, Any] = Field(default_factory=dict)
-    stripe: dict[str, Any] = Field(default_factory=dict)
-    revenuecat: dict[str, Any] = Field(default_factory=dict)
+    # Store credentials, read by the store adapters (app/sources.py).
+    apple: AppleSourceSettings | None = None
+    stripe: StripeSourceSettings | None = None
+    revenuecat: RevenueCatSourceSettings | None = None
     google: dict[str, Any] = Field(default_factory=dict)
 
 
