@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -152,11 +152,14 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
         try:
             with pool.connection(timeout=5) as conn:
                 row = conn.execute(
-                    "SELECT count(*), extract(epoch FROM now() - min(created_at)) FROM outbox"
-                    " WHERE status = 'pending'"
+                    "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'),"
+                    " extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) FROM outbox"
                 ).fetchone()
                 paused = conn.execute(
-                    "SELECT app_id, destination, paused_reason FROM destination_state WHERE paused"
+                    "SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused"
+                ).fetchall()
+                waiting = conn.execute(
+                    "SELECT app_id, destination, retry_after FROM destination_state WHERE retry_after > now()"
                 ).fetchall()
         except Exception as exc:  # any failure to reach the database means not ready
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
@@ -164,9 +167,29 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
         body = {
             "status": "degraded" if paused else "ok",
             "pending": int(row[0]),
-            "oldest_pending_seconds": float(row[1] or 0),
-            "paused_destinations": [{"app_id": a, "destination": d, "reason": r} for a, d, r in paused],
+            "dead": int(row[1]),
+            "oldest_pending_seconds": float(row[2] or 0),
+            "paused_destinations": [
+                {"app_id": a, "destination": d, "reason": r, "since": t.isoformat() if t else None}
+                for a, d, r, t in paused
+            ],
+            "rate_limited_destinations": [
+                {"app_id": a, "destination": d, "until": t.isoformat()} for a, d, t in waiting
+            ],
         }
         return JSONResponse(body, status_code=200)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: this process's relay counters + outbox gauges read now."""
+        from subledger.outbox.metrics import CONTENT_TYPE, outbox_exposition, process_exposition
+
+        body = process_exposition()
+        try:
+            with pool.connection(timeout=5) as conn:
+                body += outbox_exposition(conn)
+        except Exception as exc:  # the counters are still worth serving without the database
+            body += f"# outbox gauges unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}\n".encode()
+        return Response(body, media_type=CONTENT_TYPE)
 
     return app

@@ -7,7 +7,12 @@ letters, oldest pending age and paused destinations are read from the database a
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 DELIVERED = Counter(
     "subledger_relay_delivered_total",
@@ -49,3 +54,49 @@ REQUEST_SECONDS = Histogram(
     "Duration of /v1/batch requests.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 30),
 )
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+OUTBOX_SNAPSHOT = """
+SELECT o.app_id, o.destination,
+  count(*) FILTER (WHERE o.status = 'pending'),
+  count(*) FILTER (WHERE o.status = 'dead'),
+  coalesce(extract(epoch FROM now() - min(o.created_at) FILTER (WHERE o.status = 'pending')), 0)
+FROM outbox o GROUP BY 1, 2
+"""
+
+
+def outbox_exposition(conn: Any) -> bytes:
+    """Gauges read from the database now: depth, dead letters, oldest pending age, paused flags."""
+    registry = CollectorRegistry()
+    pending = GaugeMetricFamily("subledger_outbox_pending", "Outbox rows waiting to be delivered.",
+                                labels=["app_id", "destination"])
+    dead = GaugeMetricFamily("subledger_outbox_dead", "Dead-lettered outbox rows (retryable by hand).",
+                             labels=["app_id", "destination"])
+    oldest = GaugeMetricFamily("subledger_outbox_oldest_pending_seconds",
+                               "Age of the oldest pending outbox row; alert well before 24 h.",
+                               labels=["app_id", "destination"])
+    paused = GaugeMetricFamily("subledger_destination_paused",
+                               "1 when a destination is paused (401/403/404 or by hand).",
+                               labels=["app_id", "destination"])
+    for app_id, destination, n_pending, n_dead, age in conn.execute(OUTBOX_SNAPSHOT).fetchall():
+        pending.add_metric([app_id, destination], float(n_pending))
+        dead.add_metric([app_id, destination], float(n_dead))
+        oldest.add_metric([app_id, destination], float(age or 0))
+    for app_id, destination, is_paused in conn.execute(
+        "SELECT app_id, destination, paused FROM destination_state"
+    ).fetchall():
+        paused.add_metric([app_id, destination], 1.0 if is_paused else 0.0)
+
+    class _Snapshot(Collector):
+        def collect(self) -> Iterable[Metric]:
+            return [pending, dead, oldest, paused]
+
+    registry.register(_Snapshot())
+    return generate_latest(registry)
+
+
+def process_exposition() -> bytes:
+    """The counters and histograms of this process (relay work done here)."""
+    return generate_latest(REGISTRY)
