@@ -143,6 +143,10 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
         counts = {k: sum(1 for r in results if r and r["result"] == k) for k in ("new", "duplicate", "rejected")}
         return JSONResponse({"results": results, **counts})
 
+    from subledger.app.http_webhooks import webhook_router
+
+    app.include_router(webhook_router(services, pool, read_body))
+
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}

@@ -1,0 +1,131 @@
+"""Store webhooks: bytes in, the adapter's `Notification` to `ingest`, the raw body stored verbatim.
+
+Each endpoint authenticates by the source's own mechanism (Apple's signed JWS, `Stripe-Signature`,
+RevenueCat's static `Authorization` value). 200 answers an accepted or duplicate delivery (the
+store then stops retrying); every refusal is a 4xx with a JSON reason and stores nothing:
+
+    400 malformed body · 401 bad signature or credentials · 403 signed, but for another
+    bundle / app / environment · 404 an app with no credentials for this source · 413 too large ·
+    422 a well-formed body that states an impossible fact. A database outage is a 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from psycopg_pool import ConnectionPool
+
+from subledger.app.bootstrap import Services
+from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
+from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected
+from subledger.core.sources import Notification
+from subledger.outbox.ingest import Incoming, Outcome, ingest
+
+WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
+BodyReader = Callable[[Request], Awaitable[bytes]]
+
+
+def status_for(exc: PayloadRejected) -> int:
+    if isinstance(exc, UnknownApp):
+        return 404
+    if isinstance(exc, BadSignature):
+        return 403 if exc.field in WRONG_TARGET_FIELDS else 401
+    if isinstance(exc, MalformedPayload):
+        return 400
+    if isinstance(exc, InvalidEvent):
+        return 422
+    return 400
+
+
+def refusal(exc: PayloadRejected) -> JSONResponse:
+    body: dict[str, Any] = {"error": exc.reason}
+    if exc.field:
+        body["field"] = exc.field
+    return JSONResponse(body, status_code=status_for(exc))
+
+
+def accepted(outcome: Outcome, notification: Notification) -> JSONResponse:
+    return JSONResponse(
+        {
+            "result": outcome.result,
+            "source": outcome.source,
+            "id": outcome.external_id,
+            "kind": notification.kind,
+            "position": outcome.position,
+            "transitions": list(outcome.transitions),
+        }
+    )
+
+
+def webhook_router(
+    services: Services, pool: ConnectionPool, read_body: BodyReader, sources: Sources | None = None
+) -> APIRouter:
+    """The webhook endpoints over the service's pool; builds (and so validates) the adapters once."""
+    adapters = sources if sources is not None else build_sources(services.settings)
+    router = APIRouter(tags=["webhooks"])
+
+    def store(notification: Notification, raw: bytes) -> JSONResponse:
+        with pool.connection() as conn:
+            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
+        return accepted(outcome, notification)
+
+    def apple(raw: bytes) -> JSONResponse:
+        try:
+            notification = adapters.parse_apple(raw)
+        except PayloadRejected as exc:
+            return refusal(exc)
+        return store(notification, raw)
+
+    def stripe(app_id: str, raw: bytes, signature: str | None) -> JSONResponse:
+        try:
+            adapters.stripe_for(app_id)
+        except PayloadRejected as exc:
+            return refusal(exc)
+        with pool.connection() as conn:
+            links = StripeLinks(conn, app_id)
+            try:
+                notification = adapters.parse_stripe(app_id, raw, signature, services.clock(), links)
+            except PayloadRejected as exc:
+                return refusal(exc)
+            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
+        return accepted(outcome, notification)
+
+    def revenuecat(app_id: str, raw: bytes, authorization: str | None) -> JSONResponse:
+        try:
+            notification = adapters.parse_revenuecat(app_id, raw, authorization)
+        except PayloadRejected as exc:
+            return refusal(exc)
+        return store(notification, raw)
+
+    @router.post(
+        "/webhooks/apple",
+        summary="App Store Server Notifications V2 (all apps; routed by the signed bundle id)",
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+    )
+    async def post_apple(request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(apple, raw)
+
+    @router.post(
+        "/webhooks/stripe/{app_id}",
+        summary="Stripe webhook endpoint of one app (Stripe-Signature checked on the raw body)",
+        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+    )
+    async def post_stripe(app_id: str, request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(stripe, app_id, raw, request.headers.get("stripe-signature"))
+
+    @router.post(
+        "/webhooks/revenuecat/{app_id}",
+        summary="RevenueCat webhook of one app (the configured Authorization value)",
+        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+    )
+    async def post_revenuecat(app_id: str, request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(revenuecat, app_id, raw, request.headers.get("authorization"))
+
+    return router

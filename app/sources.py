@@ -1,0 +1,208 @@
+"""Store adapters built from the settings, once; shared by the webhooks and `subledger ingest --format`.
+
+The endpoints hand bytes in and get a `Notification` (or a `PayloadRejected`) out; nothing here
+maps a payload: that is `core/sources`. What lives here is the composition: which app's
+credentials verify a body, routing Apple's one shared endpoint by the bundle id the body claims
+(then verified by that app's `SignedDataVerifier`), and the log lookup Stripe refunds need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import psycopg
+
+from subledger.app.settings import Settings, read_certificate
+from subledger.core.errors import BadSignature, ConfigError, PayloadRejected
+from subledger.core.sources import Notification, apple, revenuecat, stripe
+from subledger.store import lookups
+
+Format = Literal["canonical", "apple", "stripe", "revenuecat"]
+FORMATS: tuple[Format, ...] = ("canonical", "apple", "stripe", "revenuecat")
+
+
+class UnknownApp(PayloadRejected):
+    """The request names an app that has no credentials for this source (HTTP 404)."""
+
+
+def _key(app_id: str) -> str:
+    return f'apps."{app_id}"'
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Adapters per app. Apple's are keyed by bundle id, the others by our app id."""
+
+    apple: Mapping[str, apple.AppleAdapter] = field(default_factory=dict)
+    stripe: Mapping[str, stripe.StripeConfig] = field(default_factory=dict)
+    revenuecat: Mapping[str, revenuecat.RevenueCatConfig] = field(default_factory=dict)
+
+    # -- routing --
+
+    def apple_for(self, body: bytes) -> apple.AppleAdapter:
+        """The adapter of the app whose bundle id the body claims (the claim is verified next)."""
+        if not self.apple:
+            raise UnknownApp("no app is configured for App Store notifications (add [apps.\"<app>\".apple])")
+        claimed = apple.unverified_bundle_id(body)
+        if claimed is None:
+            # Unreadable, or names no bundle id: any app's adapter refuses it and words why
+            # (Apple's verifier never accepts a notification whose bundle id is not its own).
+            return self.apple[min(self.apple)]
+        adapter = self.apple.get(claimed)
+        if adapter is None:
+            raise BadSignature(f"no app is configured for bundle id {claimed!r}", "bundleId")
+        return adapter
+
+    def stripe_for(self, app_id: str) -> stripe.StripeConfig:
+        found = self.stripe.get(app_id)
+        if found is None:
+            raise UnknownApp(f"app {app_id!r} has no Stripe endpoint configured (add [{_key(app_id)}.stripe])",
+                             "app_id")
+        return found
+
+    def revenuecat_for(self, app_id: str) -> revenuecat.RevenueCatConfig:
+        found = self.revenuecat.get(app_id)
+        if found is None:
+            raise UnknownApp(
+                f"app {app_id!r} has no RevenueCat webhook configured (add [{_key(app_id)}.revenuecat])", "app_id"
+            )
+        return found
+
+    # -- parsing: webhooks (authenticated by the source's own mechanism) --
+
+    def parse_apple(self, body: bytes) -> Notification:
+        return self.apple_for(body).parse(body)
+
+    def parse_stripe(
+        self,
+        app_id: str,
+        body: bytes,
+        signature: str | None,
+        now: datetime,
+        subscription_for: stripe.SubscriptionLookup | None = None,
+    ) -> Notification:
+        config = self.stripe_for(app_id)
+        return stripe.parse_webhook(body, signature, config, now, subscription_for=subscription_for)
+
+    def parse_revenuecat(self, app_id: str, body: bytes, authorization: str | None) -> Notification:
+        return revenuecat.parse_webhook(body, authorization, self.revenuecat_for(app_id))
+
+    # -- parsing: captured bodies (`subledger ingest --format`) --
+
+    def parse_captured(
+        self,
+        fmt: Format,
+        body: bytes,
+        *,
+        app_id: str | None,
+        settings: Settings,
+        subscription_for: stripe.SubscriptionLookup | None = None,
+    ) -> Notification:
+        """One captured body. Apple is verified as configured (offline, dated at signedDate); Stripe
+        and RevenueCat bodies carry no header once captured, so they are trusted as the operator's."""
+        if fmt == "apple":
+            return self.parse_apple(body)
+        if app_id is None:
+            raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
+        if fmt == "stripe":
+            config = self.stripe.get(app_id) or _trusted_stripe(app_id, settings)
+            return stripe.parse_unverified(body, config, subscription_for=subscription_for)
+        if fmt == "revenuecat":
+            rc = self.revenuecat.get(app_id) or _trusted_revenuecat(app_id, settings)
+            return revenuecat.parse_unverified(body, rc)
+        raise ValueError(f"not a source format: {fmt}")
+
+    def default_app(self, fmt: Format) -> str | None:
+        """The app a `--format` import goes to when only one app has that source configured."""
+        configured = {"stripe": list(self.stripe), "revenuecat": list(self.revenuecat)}.get(fmt, [])
+        return configured[0] if len(configured) == 1 else None
+
+
+def _trusted_stripe(app_id: str, settings: Settings) -> stripe.StripeConfig:
+    if not settings.knows(app_id):
+        raise ConfigError("--app", f"app {app_id!r} is not configured (add [{_key(app_id)}])")
+    return stripe.StripeConfig(app_id=app_id, endpoint_secrets=("unused: captured bodies are trusted",))
+
+
+def _trusted_revenuecat(app_id: str, settings: Settings) -> revenuecat.RevenueCatConfig:
+    if not settings.knows(app_id):
+        raise ConfigError("--app", f"app {app_id!r} is not configured (add [{_key(app_id)}])")
+    return revenuecat.RevenueCatConfig(app_id=app_id, authorization="unused: captured bodies are trusted")
+
+
+def build_sources(settings: Settings) -> Sources:
+    """Every configured adapter, validated; a ConfigError names the key (`apps."x".apple.…`)."""
+    apple_by_bundle: dict[str, apple.AppleAdapter] = {}
+    stripe_by_app: dict[str, stripe.StripeConfig] = {}
+    rc_by_app: dict[str, revenuecat.RevenueCatConfig] = {}
+    for app_id, app in settings.apps.items():
+        try:
+            if app.apple is not None:
+                a = app.apple
+                bundle = a.bundle_id or app_id
+                if bundle in apple_by_bundle:
+                    other = apple_by_bundle[bundle].config.app_id
+                    raise ConfigError("apple.bundle_id", f"{bundle!r} is already the bundle id of app {other!r}")
+                roots = []
+                for index, path in enumerate(a.root_certificates):
+                    try:
+                        roots.append(read_certificate(path))
+                    except (OSError, ValueError) as exc:
+                        raise ConfigError(f"apple.root_certificates[{index}]", f"{path}: {exc}") from None
+                config = apple.AppleConfig(
+                    bundle_id=bundle,
+                    app_apple_id=a.app_apple_id,
+                    root_certificates=tuple(roots),
+                    environments=frozenset(a.environments),
+                    enable_online_checks=a.enable_online_checks,
+                    app_id=app_id,
+                )
+                apple_by_bundle[bundle] = apple.AppleAdapter(config)
+            if app.stripe is not None:
+                s = app.stripe
+                stripe_by_app[app_id] = stripe.StripeConfig(
+                    app_id=app_id,
+                    endpoint_secrets=tuple(s.endpoint_secrets),
+                    metadata_key=s.metadata_key,
+                    tolerance=s.tolerance_seconds,
+                )
+            if app.revenuecat is not None:
+                rc_by_app[app_id] = revenuecat.RevenueCatConfig(
+                    app_id=app_id, authorization=app.revenuecat.authorization
+                )
+        except ConfigError as exc:
+            raise ConfigError(f"{_key(app_id)}.{exc.key}", exc.reason) from None
+    return Sources(apple=apple_by_bundle, stripe=stripe_by_app, revenuecat=rc_by_app)
+
+
+class StripeLinks:
+    """`subscription_for` for Stripe refunds: references seen earlier in this run, then the log.
+
+    A file import may carry an invoice and its refund in one batch, before either is stored, so the
+    references of every parsed notification are remembered; the webhook path only asks the log.
+    """
+
+    def __init__(self, conn: psycopg.Connection | None, app_id: str) -> None:
+        self.conn = conn
+        self.app_id = app_id
+        self.seen: dict[str, str] = {}
+
+    def remember(self, notification: Notification) -> None:
+        for event in notification.events:
+            if event.subscription_id is None:
+                continue
+            attrs = event.attributes
+            refs = [event.transaction_id, attrs.get("stripe_payment_intent"), attrs.get("stripe_charge")]
+            for ref in refs:
+                if isinstance(ref, str) and ref:
+                    self.seen[ref] = event.subscription_id
+
+    def __call__(self, reference: str) -> str | None:
+        found = self.seen.get(reference)
+        if found is None and self.conn is not None:
+            found = lookups.stripe_subscription_for(self.conn, self.app_id, reference)
+        return found
+

@@ -1,0 +1,51 @@
+"""Small reads of the log that adapters need to map a notification (they do no I/O themselves).
+
+Stripe refunds: a `charge.refunded` names an invoice or payment intent, never the subscription.
+Every Stripe charge fact carries the invoice id as `transaction_id` (and, in payloads before API
+version 2025-03-31, the payment intent and charge ids as attributes), so the subscription is found
+in the log. The query uses JSONB containment (`facts @> ...`), which a GIN index on `facts`
+(`jsonb_path_ops`) serves when the log grows large; without one it scans this app's Stripe entries.
+"""
+
+from __future__ import annotations
+
+import orjson
+import psycopg
+
+from subledger.store.db import translate_errors
+
+STRIPE_REFERENCE_SQL = """
+SELECT e->>'subscription_id'
+FROM event_log l, jsonb_array_elements(l.facts->'events') e
+WHERE l.source = 'stripe' AND l.app_id = %(app)s
+  AND (l.facts @> %(by_transaction)s::jsonb
+       OR l.facts @> %(by_intent)s::jsonb
+       OR l.facts @> %(by_charge)s::jsonb)
+  AND (e->>'transaction_id' = %(ref)s
+       OR e->'attributes'->>'stripe_payment_intent' = %(ref)s
+       OR e->'attributes'->>'stripe_charge' = %(ref)s)
+  AND e->>'subscription_id' IS NOT NULL
+ORDER BY l.position DESC
+LIMIT 1
+"""
+
+
+def _contains(**fields: object) -> str:
+    return orjson.dumps({"events": [fields]}).decode()
+
+
+def stripe_subscription_for(conn: psycopg.Connection, app_id: str, reference: str) -> str | None:
+    """The Stripe subscription id an invoice, payment intent or charge id was charged for, if logged.
+
+    Runs in its own short transaction, so it never leaves one open in front of an ingest.
+    """
+    params = {
+        "app": app_id,
+        "ref": reference,
+        "by_transaction": _contains(transaction_id=reference),
+        "by_intent": _contains(attributes={"stripe_payment_intent": reference}),
+        "by_charge": _contains(attributes={"stripe_charge": reference}),
+    }
+    with translate_errors(), conn.transaction():
+        row = conn.execute(STRIPE_REFERENCE_SQL, params).fetchone()
+    return None if row is None else str(row[0])
