@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -92,15 +93,27 @@ def _open(path: str) -> IO[bytes]:
         raise fail(f"{path}: {exc.strerror}") from None
 
 
-def ingest_stream(services: Any, stream: IO[bytes], name: str, *, historical: bool, progress: bool) -> Summary:
-    """Stream, validate and ingest in batches of 1,000, one transaction each."""
+def ingest_stream(
+    services: Any, stream: IO[bytes], name: str, *, historical: bool, progress: bool,
+    fmt: str = "canonical", app_id: str | None = None,
+) -> Summary:
+    """Stream, validate and ingest in batches of 1,000, one transaction each.
+
+    `fmt` other than canonical: one captured store body per line, through the webhooks' adapters."""
     from subledger.app.canonical import Rejection, to_incoming
     from subledger.app.reader import read_items
+    from subledger.app.sources import StripeLinks, build_sources, captured_incoming
     from subledger.outbox.ingest import Incoming, ingest
     from subledger.store.db import connect
 
     summary = Summary()
+    sources = None if fmt == "canonical" else build_sources(services.settings)
+    if sources is not None and fmt != "apple":
+        app_id = app_id or sources.default_app(fmt)  # type: ignore[arg-type]
+        if app_id is None:
+            raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
     conn = connect(services.database_url)
+    links = StripeLinks(conn, app_id) if fmt == "stripe" and app_id else None
 
     def flush(batch: list[Incoming]) -> None:
         if not batch:
@@ -124,7 +137,13 @@ def ingest_stream(services: Any, stream: IO[bytes], name: str, *, historical: bo
             if item.error:
                 reject(item.line, item.error)
                 continue
-            checked = to_incoming(item.value, item.raw, services.settings, historical=historical)
+            if sources is None:
+                checked = to_incoming(item.value, item.raw, services.settings, historical=historical)
+            else:
+                checked = captured_incoming(
+                    sources, fmt, item.raw, services.settings,  # type: ignore[arg-type]
+                    app_id=app_id, links=links, historical=historical,
+                )
             if isinstance(checked, Rejection):
                 where = f"{checked.field}: " if checked.field else ""
                 reject(item.line, where + checked.reason)
@@ -164,17 +183,37 @@ def _with_progress(items: Iterator[Any], stream: IO[bytes], *, enabled: bool) ->
             yield item
 
 
+class InputFormat(StrEnum):
+    canonical = "canonical"
+    apple = "apple"
+    stripe = "stripe"
+    revenuecat = "revenuecat"
+
+
 @app.command()
 def ingest(
     file: Annotated[str, typer.Argument(help="NDJSON or JSON array of canonical events; - for stdin.")],
     historical: Annotated[
         bool, typer.Option("--historical", help="Record state and transitions without publishing.")
     ] = False,
+    fmt: Annotated[
+        InputFormat,
+        typer.Option(
+            "--format",
+            help="canonical events, or captured store bodies, one per line: apple (verified as configured), "
+            "stripe or revenuecat (trusted: captured bodies carry no signature header).",
+        ),
+    ] = InputFormat.canonical,
+    app_id: Annotated[
+        str | None,
+        typer.Option("--app", help="With --format stripe|revenuecat: the app the bodies belong to "
+                     "(default: the only app with that source configured)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Ingest canonical events; exits 1 when any item was rejected."""
+    """Ingest canonical events (or captured store bodies with --format); exits 1 when any item was rejected."""
     from subledger.store import migrate
 
     services = _services(config, database_url)
@@ -184,8 +223,9 @@ def ingest(
         summary = ingest_stream(
             services, stream, "<stdin>" if file == "-" else file,
             historical=historical, progress=sys.stderr.isatty() and not as_json,
+            fmt=fmt.value, app_id=app_id,
         )
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         raise fail(str(exc)) from None
     finally:
         if stream is not sys.stdin.buffer:

@@ -15,9 +15,11 @@ from typing import Literal
 
 import psycopg
 
+from subledger.app.canonical import Rejection
 from subledger.app.settings import Settings, read_certificate
 from subledger.core.errors import BadSignature, ConfigError, PayloadRejected
 from subledger.core.sources import Notification, apple, revenuecat, stripe
+from subledger.outbox.ingest import Incoming
 from subledger.store import lookups
 
 Format = Literal["canonical", "apple", "stripe", "revenuecat"]
@@ -206,3 +208,23 @@ class StripeLinks:
             found = lookups.stripe_subscription_for(self.conn, self.app_id, reference)
         return found
 
+
+
+def captured_incoming(
+    sources: Sources,
+    fmt: Format,
+    raw: bytes,
+    settings: Settings,
+    *,
+    app_id: str | None,
+    links: StripeLinks | None = None,
+    historical: bool = False,
+) -> Incoming | Rejection:
+    """One captured body (a line of `subledger ingest --format …`) → what `ingest` takes, or why not."""
+    try:
+        notification = sources.parse_captured(fmt, raw, app_id=app_id, settings=settings, subscription_for=links)
+    except PayloadRejected as exc:
+        return Rejection(exc.field, exc.reason)
+    if links is not None:
+        links.remember(notification)
+    return Incoming(notification, raw, historical=historical)

@@ -1,0 +1,100 @@
+"""`subledger ingest --format apple|stripe|revenuecat`: captured bodies through the webhooks' adapters."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+import pytest
+from apple_signing import notification, transaction
+from test_source_revenuecat import rc_event
+from webhooks_support import (
+    APPLE_APP,
+    CA,
+    RC_APP,
+    STRIPE_APP,
+    config_dict,
+    log_rows,
+    rc_body,
+    write_root,
+)
+
+from subledger.app import settings as settings_module
+from subledger.app.bootstrap import build
+from subledger.app.cli import ingest_stream
+from subledger.core.errors import ConfigError
+
+STRIPE_SAMPLE = resources.files("subledger.app.samples").joinpath("stripe_lifecycle.ndjson").read_bytes()
+
+
+def services(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return build(settings_module.from_dict(config_dict(write_root(tmp_path))), database_url=db_url)
+
+
+def transitions(db_url: str) -> list[str]:
+    with psycopg.connect(db_url) as conn:
+        return [k for (k,) in conn.execute("SELECT kind FROM transitions ORDER BY occurred_at, id")]
+
+
+def test_stripe_capture_is_trusted_and_stored_verbatim(db_url: str, tmp_path: Path) -> None:
+    summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(STRIPE_SAMPLE), "s.ndjson",
+                            historical=False, progress=False, fmt="stripe")
+    lines = [line for line in STRIPE_SAMPLE.splitlines() if line.strip()]
+    assert (summary.new, summary.rejected, summary.transitions) == (len(lines), 0, 5)
+    assert [raw for _, _, raw in log_rows(db_url)] == lines
+    assert transitions(db_url) == ["trial_started", "trial_converted", "renewal", "cancellation", "expiration"]
+    again = ingest_stream(services(db_url, tmp_path), io.BytesIO(STRIPE_SAMPLE), "s.ndjson",
+                          historical=False, progress=False, fmt="stripe", app_id=STRIPE_APP)
+    assert (again.new, again.duplicate) == (0, len(lines))
+
+
+def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path: Path) -> None:
+    good = notification(CA, "SUBSCRIBED", "INITIAL_BUY", txn=transaction(trial=True), notification_uuid="cap-1")
+    forged = notification(CA, "DID_RENEW", txn=transaction()).replace(b"signedPayload\": \"ey", b"signedPayload\": \"ex")
+    other_bundle = notification(CA, "TEST", bundle_id="com.example.unknown")
+    data = b"\n".join([good, b"{oops", forged, other_bundle]) + b"\n"
+    summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "apple.ndjson",
+                            historical=False, progress=False, fmt="apple")
+    assert (summary.new, summary.rejected) == (1, 3)
+    assert summary.rejections[0].startswith("apple.ndjson:2: malformed JSON")
+    assert summary.rejections[1].startswith("apple.ndjson:3: signedPayload:")
+    assert summary.rejections[2] == "apple.ndjson:4: bundleId: no app is configured for bundle id 'com.example.unknown'"
+    assert [(s, e) for s, e, _ in log_rows(db_url)] == [("apple", "cap-1")]
+    assert transitions(db_url) == ["trial_started"]
+    assert APPLE_APP in services(db_url, tmp_path).settings.apps
+
+
+def test_revenuecat_capture_goes_to_the_named_app(db_url: str, tmp_path: Path) -> None:
+    data = rc_body(rc_event("INITIAL_PURCHASE", period_type="TRIAL", price=0, price_in_purchased_currency=0))
+    summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data + b"\n"), "rc.ndjson",
+                            historical=False, progress=False, fmt="revenuecat")
+    assert (summary.new, summary.rejected) == (1, 0)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT app_id FROM event_log").fetchone() == (RC_APP,)
+
+
+def test_format_without_an_app_is_a_config_error(db_url: str, tmp_path: Path) -> None:
+    settings = settings_module.from_dict({"apps": {"a": {}, "b": {}}})
+    with pytest.raises(ConfigError) as err:
+        ingest_stream(build(settings, database_url=db_url), io.BytesIO(b"{}"), "x", historical=False,
+                      progress=False, fmt="stripe")
+    assert err.value.key == "--app"
+
+
+def test_cli_ingest_format_stripe(db_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "subledger.toml"
+    config.write_text(f'[apps."{STRIPE_APP}".destinations.segment]\nwrite_key = "k"\n')
+    sample = tmp_path / "stripe.ndjson"
+    sample.write_bytes(STRIPE_SAMPLE + b"not json\n")
+    cmd = [sys.executable, "-m", "subledger.app", "ingest", str(sample), "--format", "stripe", "--app", STRIPE_APP,
+           "--json", "--config", str(config), "--database-url", db_url]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["new"], summary["rejected"], summary["transitions"]) == (8, 1, 5)
+    assert summary["rejections"][0].startswith(f"{sample}:9: malformed JSON")
