@@ -196,4 +196,7 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
             body += f"# outbox gauges unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}\n".encode()
         return Response(body, media_type=CONTENT_TYPE)
 
+    from subledger.app.http_audit import router as audit_router
+
+    app.include_router(audit_router)
     return app

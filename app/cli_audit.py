@@ -1,0 +1,281 @@
+"""`subledger audit ...`: answer "what happened to this subscriber, why was this sent, did it arrive".
+
+Every command prints a readable table, or with `--json` the same data as JSON (the HTTP API under
+`/v1/audit` returns the identical documents). `audit events` always writes NDJSON, streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from subledger.core.errors import StoreError
+
+audit_app = typer.Typer(
+    help="Audit the log: subscriber timelines, state at a time, why a message exists, exports, stats.",
+    no_args_is_help=True,
+)
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
+]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database-url", help="PostgreSQL URL (default: $SUBLEDGER_DATABASE_URL, else embedded)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def services_for(config: Path | None, database_url: str | None) -> Any:
+    from subledger.app.cli import _services  # late: cli.py registers this module at import
+
+    return _services(config, database_url)
+
+
+@contextmanager
+def connection(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, psycopg.Connection]]:
+    """Services and a connection; database errors become one clear error line and exit code 2."""
+    from subledger.store.db import connect, translate_errors
+
+    services = services_for(config, database_url)
+    try:
+        with translate_errors():
+            conn = connect(services.database_url)
+            try:
+                yield services, conn
+            finally:
+                conn.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+
+
+def parse_when(text: str, name: str) -> datetime:
+    """RFC 3339, or a bare date / date-time read as UTC: what an operator types at a prompt."""
+    value = text.strip().replace("z", "Z")
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{name}: not a time: {text!r} (try 2026-11-28T12:00:00Z)") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def print_json(data: Any) -> None:
+    from subledger.store.audit import jsonable
+
+    print(json.dumps(jsonable(data), indent=2, ensure_ascii=False))
+
+
+def _t(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@audit_app.command("timeline")
+def timeline(
+    subscriber: Annotated[str, typer.Argument(help="App user id, subscription key (app/store/id) or anon:<key>.")],
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Every log entry, transition (superseded ones marked) and delivery of a subscriber."""
+    from subledger.store import audit
+
+    with connection(config, database_url) as (_, conn):
+        found = audit.timeline(conn, subscriber)
+    if not found.subscriptions:
+        raise fail(f"no subscription found for {subscriber!r}", 1)
+    if as_json:
+        print_json(found)
+        return
+    out.print(f"[bold]{subscriber}[/bold]: {', '.join(found.subscriptions)}", highlight=False)
+    entries = Table(title="log entries", title_justify="left")
+    for col in ("pos", "source", "id", "type", "occurred", "received", "dup", "hist"):
+        entries.add_column(col)
+    for e in found.entries:
+        entries.add_row(str(e.position), e.source, e.external_id, e.kind, _t(e.occurred_at), _t(e.received_at),
+                        str(e.duplicates) if e.duplicates else "", "yes" if e.historical else "")
+    out.print(entries)
+    transitions = Table(title="transitions", title_justify="left")
+    for col in ("transition", "kind", "occurred", "from", "subscriber", "note"):
+        transitions.add_column(col)
+    for t in found.transitions:
+        note = "SUPERSEDED" if t.superseded else ("historical" if t.historical else "")
+        transitions.add_row(t.id, t.kind, _t(t.occurred_at), f"#{t.log_position} {t.event_source}:{t.event_id}",
+                            t.subscriber, note)
+    out.print(transitions)
+    deliveries = Table(title="deliveries", title_justify="left")
+    for col in ("messageId", "event", "destination", "status", "attempts", "when", "last response"):
+        deliveries.add_column(col)
+    for d in found.deliveries:
+        last = d.last_response or d.last_error or ""
+        if d.last_attempt_status is not None:
+            last = f"{d.last_attempt_status} {last}".strip()
+        deliveries.add_row(d.message_id, d.event or "", d.destination, d.status, str(d.attempts),
+                           _t(d.delivered_at or d.created_at), last[:60])
+    out.print(deliveries)
+
+
+@audit_app.command("state")
+def state(
+    subscription: Annotated[str, typer.Argument(help="Subscription key: app_id/store/subscription_id.")],
+    at: Annotated[str | None, typer.Option("--at", help="Fold the facts that happened up to this time.")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """The subscription's state folded from the log up to TIME (default: now)."""
+    from subledger.store import audit
+
+    when = parse_when(at, "--at") if at else datetime.now(UTC)
+    with connection(config, database_url) as (_, conn):
+        found = audit.state_at(conn, subscription, when)
+    if found is None:
+        raise fail(f"the log holds no facts for subscription {subscription!r}", 1)
+    if as_json:
+        print_json(found)
+        return
+    out.print(f"[bold]{subscription}[/bold] at {_t(when)} UTC: {found.events_applied} facts folded", highlight=False)
+    if found.state is None:
+        out.print("nothing had happened yet")
+        return
+    table = Table(show_header=False)
+    for key, value in found.state.to_json().items():
+        if value not in (None, [], ""):
+            table.add_row(key, str(value))
+    out.print(table)
+    out.print("transitions so far: " + (", ".join(t.kind.value for t in found.transitions) or "none"),
+              highlight=False)
+
+
+@audit_app.command("explain")
+def explain(
+    transition: Annotated[str, typer.Argument(help="Transition id (tr_...) or a messageId (sl-....t / .i).")],
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Causing log entry → transition → rendered message(s) → delivery attempts."""
+    from subledger.store import audit
+
+    with connection(config, database_url) as (_, conn):
+        found = audit.explain(conn, transition)
+    if found is None:
+        raise fail(f"no transition or message {transition!r}", 1)
+    if as_json:
+        print_json(found)
+        return
+    t, e = found.transition, found.entry
+    if e is not None:
+        out.print(f"[bold]log entry #{e['position']}[/bold] {e['source']}:{e['external_id']} ({e['kind']}), "
+                  f"occurred {_t(e['occurred_at'])}, received {_t(e['received_at'])}, "
+                  f"{e['duplicates']} duplicate deliveries, hash {bytes(e['hash']).hex()[:16]}…", highlight=False)
+    if found.fact is not None:
+        out.print("  fact: " + json.dumps(found.fact, ensure_ascii=False), highlight=False, markup=False)
+    state = "SUPERSEDED at " + _t(t["superseded_at"]) if found.superseded else "live"
+    out.print(f"[bold]transition[/bold] {t['id']} {t['kind']} for {t['subscriber']} ({state}"
+              f"{', historical' if t['historical'] else ''})", highlight=False)
+    for m in found.messages:
+        track = m["body"][0]
+        out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
+                  f"[{m['status']}, {m['attempts']} attempts]", highlight=False)
+        out.print("  " + json.dumps(m["body"], ensure_ascii=False), highlight=False, markup=False)
+    if not found.messages:
+        out.print("no message: no destination accepts it (historical, sandbox, event name off) or it was withdrawn")
+    for a in found.attempts:
+        out.print(f"[bold]attempt[/bold] {_t(a['attempted_at'])} {a['message_id']} {a['outcome']} "
+                  f"{a['status_code'] or ''} {(a['response'] or '')[:80]}", highlight=False)
+
+
+@audit_app.command("events")
+def events(
+    app_id: Annotated[str | None, typer.Option("--app", help="Only this app_id.")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="apple, stripe, google, revenuecat, custom.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Event type (purchase, renewal, ...).")] = None,
+    environment: Annotated[str | None, typer.Option("--environment", help="production or sandbox.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="occurred_at ≥ this time.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="occurred_at < this time.")] = None,
+    subscriber: Annotated[str | None, typer.Option("--subscriber", help="App user id or subscription key.")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Export matching log entries as NDJSON on stdout, in log order, in constant memory."""
+    from subledger.store import audit
+
+    flt = audit.EventFilter(
+        app_id=app_id, source=source, type=type_, environment=environment,
+        since=parse_when(since, "--since") if since else None,
+        until=parse_when(until, "--until") if until else None,
+        subscriber=subscriber,
+    )
+    stdout = sys.stdout.buffer
+    count = 0
+    with connection(config, database_url) as (_, conn):
+        for row in audit.events(conn, flt):
+            stdout.write(orjson.dumps(audit.jsonable(row)) + b"\n")
+            count += 1
+    stdout.flush()
+    if sys.stderr.isatty():
+        err.print(f"{count} entries", highlight=False)
+
+
+@audit_app.command("stats")
+def stats(
+    since: Annotated[str | None, typer.Option("--since", help="Range start (default: 24 h before --until).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Range end (default: now).")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Counts over a range (log by source/app/environment, transitions by kind), outbox health, latency."""
+    from subledger.store import audit
+
+    now = datetime.now(UTC)
+    end = parse_when(until, "--until") if until else now
+    start = parse_when(since, "--since") if since else end - timedelta(days=1)
+    with connection(config, database_url) as (_, conn):
+        found = audit.stats(conn, start, end, now)
+    if as_json:
+        print_json(found)
+        return
+    out.print(f"[bold]{_t(start)} → {_t(end)} UTC[/bold]", highlight=False)
+    log = Table(title="log entries received", title_justify="left")
+    for col in ("source", "app", "environment", "entries"):
+        log.add_column(col)
+    for r in found.log:
+        log.add_row(r["source"], r["app_id"], r["environment"], str(r["entries"]))
+    out.print(log)
+    transitions = Table(title="transitions derived", title_justify="left")
+    for col in ("kind", "app", "source", "environment", "live", "superseded"):
+        transitions.add_column(col)
+    for r in found.transitions:
+        transitions.add_row(r["kind"], r["app_id"], r["source"] or "", r["environment"] or "", str(r["live"]),
+                            str(r["superseded"]))
+    out.print(transitions)
+    oldest = "-" if found.oldest_pending_seconds is None else f"{found.oldest_pending_seconds:,.0f} s"
+    lat = found.latency_seconds
+    pct = ", ".join(f"{k} {v:.3f} s" for k, v in lat.items() if v is not None) or "-"
+    out.print(f"outbox: {found.pending} pending (oldest {oldest}), {found.dead} dead; "
+              f"{found.delivered} delivered in range, latency {pct}", highlight=False)
+    for p in found.paused:
+        out.print(f"[yellow]paused[/yellow] {p['app_id']}/{p['destination']} since {_t(p['paused_at'])}: "
+                  f"{p['paused_reason'] or 'manual'}", highlight=False)

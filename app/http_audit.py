@@ -1,0 +1,110 @@
+"""`/v1/audit/...`: the audit queries over HTTP, answering with the same documents as `subledger audit --json`.
+
+Every route needs the bearer token (declared once, on the router). Subscriber names and
+subscription keys contain slashes (`app/store/id`), so they are `path` parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from subledger.app.auth import require_token
+from subledger.app.http import ApiError
+from subledger.store import audit
+from subledger.store.db import translate_errors
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(require_token)])
+
+TimeQuery = Annotated[datetime | None, Query(description="RFC 3339; a time without offset is UTC.")]
+
+
+def utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def document(value: Any) -> JSONResponse:
+    return JSONResponse(audit.jsonable(value))
+
+
+def _pool(request: Request) -> Any:
+    return request.app.state.pool
+
+
+def _now(request: Request) -> datetime:
+    return request.app.state.services.clock()  # type: ignore[no-any-return]
+
+
+@router.get("/timeline/{subscriber:path}", summary="Log entries, transitions and deliveries of a subscriber")
+def get_timeline(subscriber: str, request: Request) -> JSONResponse:
+    with translate_errors(), _pool(request).connection() as conn:
+        found = audit.timeline(conn, subscriber)
+    if not found.subscriptions:
+        raise ApiError(404, f"no subscription found for {subscriber!r}")
+    return document(found)
+
+
+@router.get("/state/{subscription:path}", summary="A subscription's state folded from the log up to a time")
+def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSONResponse:
+    when = utc(at) or _now(request)
+    with translate_errors(), _pool(request).connection() as conn:
+        found = audit.state_at(conn, subscription, when)
+    if found is None:
+        raise ApiError(404, f"the log holds no facts for subscription {subscription!r}")
+    return document(found)
+
+
+@router.get("/explain/{ref}", summary="Causing log entry → transition → messages → attempts")
+def get_explain(ref: str, request: Request) -> JSONResponse:
+    with translate_errors(), _pool(request).connection() as conn:
+        found = audit.explain(conn, ref)
+    if found is None:
+        raise ApiError(404, f"no transition or message {ref!r}")
+    return document(found)
+
+
+@router.get("/events", summary="Log entries as NDJSON, streamed in constant memory")
+def get_events(
+    request: Request,
+    app_id: str | None = None,
+    source: str | None = None,
+    type: str | None = None,
+    environment: str | None = None,
+    since: TimeQuery = None,
+    until: TimeQuery = None,
+    subscriber: str | None = None,
+) -> StreamingResponse:
+    flt = audit.EventFilter(app_id=app_id, source=source, type=type, environment=environment,
+                            since=utc(since), until=utc(until), subscriber=subscriber)
+    pool = _pool(request)
+
+    def lines() -> Iterator[bytes]:
+        # The connection is held while the client reads; the server-side cursor keeps memory flat.
+        with translate_errors(), pool.connection() as conn:
+            chunk: list[bytes] = []
+            for row in audit.events(conn, flt):
+                chunk.append(orjson.dumps(audit.jsonable(row)) + b"\n")
+                if len(chunk) >= 500:
+                    yield b"".join(chunk)
+                    chunk.clear()
+            if chunk:
+                yield b"".join(chunk)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/stats", summary="Counts over a range, outbox health, delivery latency, paused destinations")
+def get_stats(request: Request, since: TimeQuery = None, until: TimeQuery = None) -> JSONResponse:
+    now = _now(request)
+    end = utc(until) or now
+    start = utc(since) or end - timedelta(days=1)
+    with translate_errors(), _pool(request).connection() as conn:
+        found = audit.stats(conn, start, end, now)
+    return document(found)
