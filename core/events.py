@@ -81,6 +81,7 @@ DEFAULT_STORE: dict[Source, Store] = {
 }
 
 NEEDS_PRODUCT = frozenset({EventType.PURCHASE, EventType.RENEWAL, EventType.ONE_TIME_PURCHASE})
+SIGNED_PRICE = frozenset({EventType.REFUND, EventType.REFUND_REVERSED})  # a refund's sign is ignored
 MAX_ID_LENGTH = 200
 E = TypeVar("E", bound=StrEnum)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -255,6 +256,9 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
     if event_type is EventType.PRODUCT_CHANGE and new_product_id is None:
         raise InvalidEvent("is required for type product_change", "new_product_id")
     price = _price(obj)
+    if price is not None and price < 0 and event_type not in SIGNED_PRICE:
+        # only refunds carry negative revenue; a negative charge would read as one in Segment
+        raise InvalidEvent(f"must not be negative for type {event_type.value}", "price")
     currency = _text(obj, "currency", limit=3)
     if currency is not None:
         currency = currency.upper()

@@ -398,7 +398,8 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
         refund_key = event.transaction_id or f"{event.source.value}:{event.id}"
         if refund_key not in state.refunds:
             kind = TransitionKind.CANCELLATION
-            amount = abs(event.price) if event.price is not None else state.last_price
+            charged = event.price if event.price is not None else state.last_price
+            amount = None if charged is None else abs(charged)
             extra["cancel_reason"] = Reason.CUSTOMER_SUPPORT
             extra["price"] = None if amount is None else Decimal(0) - amount  # never a "-0"
             extra["currency"] = event.currency or state.last_currency

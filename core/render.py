@@ -112,12 +112,13 @@ def _convert(amount: Decimal, currency: str, dest: Destination) -> tuple[Decimal
     return amount * rate, dest.currency
 
 
-def takehome_share(transition: Transition, dest: Destination) -> Decimal:
-    """The share of the gross price the revenue mode reports."""
-    if dest.revenue_mode is RevenueMode.GROSS:
+def takehome_share(transition: Transition, dest: Destination, mode: RevenueMode | None = None) -> Decimal:
+    """The share of the gross price that `mode` (by default the destination's revenue mode) reports."""
+    mode = mode or dest.revenue_mode
+    if mode is RevenueMode.GROSS:
         return Decimal(1)
     share = 1 - dest.commission.rate(transition)
-    if dest.revenue_mode is RevenueMode.AFTER_COMMISSION_AND_TAX:
+    if mode is RevenueMode.AFTER_COMMISSION_AND_TAX:
         tax = dest.tax_rates.get(transition.country_code or "", dest.default_tax_rate)
         share = share / (1 + tax)  # store prices include VAT/GST; strip it before the store's cut
     return share
@@ -132,7 +133,11 @@ def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
         if has_revenue:
             props["revenue"] = _money(gross * share)
             props["currency"] = currency
-            props["takehome_percentage"] = _money(share)
+            # what the developer keeps after the store's cut and tax, as RevenueCat reports it, whatever
+            # the revenue mode (a gross destination must not claim that nothing is taken)
+            props["takehome_percentage"] = _money(
+                takehome_share(transition, dest, RevenueMode.AFTER_COMMISSION_AND_TAX)
+            )
         props["price"] = _money(gross)
         props["price_in_purchased_currency"] = _money(transition.price)
         props["purchased_currency"] = transition.currency
