@@ -29,7 +29,7 @@ from subledger.core.lifecycle import (
 from subledger.core.render import Destination
 from subledger.core.sources import Notification
 from subledger.outbox import writer
-from subledger.store import log, projections
+from subledger.store import identity, log, projections
 from subledger.store.db import translate_errors
 
 DEFAULT_HORIZON = timedelta(hours=72)
@@ -107,8 +107,12 @@ def ingest(
         keys = sorted({k for item in items if (k := item.notification.key()) is not None})
         head_cursor = log.request_head(conn, entries)
         states_cursor = projections.request_states(conn, keys)
+        links_cursor = identity.request_links(
+            conn, sorted({(i.notification.app_id, k) for i in items if (k := i.notification.key()) is not None})
+        )
         head = log.read_head(head_cursor)
         stored = projections.read_states(states_cursor)
+        links = identity.read_links(links_cursor)
         results = log.append(conn, entries, head, copy=not small)
         if fail_at:
             fail_at("after_log_insert")
@@ -117,7 +121,7 @@ def ingest(
         for event, entry in log.events_of(appended):
             by_key[event.subscription_key].append((event, entry))
         for key, pairs in by_key.items():
-            _derive(conn, key, pairs, stored.get(key), policy, now, batch)
+            _derive(conn, key, pairs, stored.get(key), policy, now, batch, links.get(key))
         if fail_at:
             fail_at("after_derive")
         projections.save_states(conn, batch.states.values(), now)
@@ -152,6 +156,7 @@ def _derive(
     policy: IngestPolicy,
     now: datetime,
     batch: _Batch,
+    linked_user: str | None = None,
 ) -> None:
     events = [event for event, _ in pairs]
     origin = {(e.source.value, e.id): (entry.position, entry.entry.historical) for e, entry in pairs}
@@ -171,20 +176,23 @@ def _derive(
         new_state = refolded.state
         batch.superseded.extend(diff.superseded)
         for transition, historical in projections.revive(conn, diff.revived):
-            batch.outbox.extend(_rows(transition, historical, policy, now))
+            batch.outbox.extend(_rows(transition, historical, policy, now, linked_user))
     batch.states[key] = (new_state, last_position)
     for transition in emitted:
         position, historical = origin[(transition.event_source, transition.event_id)]
         batch.transitions.append((transition, position, historical))
         batch.by_position[position].append(transition.id)
-        batch.outbox.extend(_rows(transition, historical, policy, now))
+        batch.outbox.extend(_rows(transition, historical, policy, now, linked_user))
 
 
-def _rows(transition: Transition, historical: bool, policy: IngestPolicy, now: datetime) -> list[writer.OutboxRow]:
+def _rows(
+    transition: Transition, historical: bool, policy: IngestPolicy, now: datetime, linked_user: str | None = None
+) -> list[writer.OutboxRow]:
     delay = policy.settle_delay.get(transition.app_id, timedelta(0))
     return writer.rows_for(
         transition,
         policy.destinations_for(transition.app_id),
         historical=historical,
         available_at=now + delay,
+        linked_user=linked_user,
     )

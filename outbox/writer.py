@@ -7,7 +7,7 @@ relay only ever sends what is written here, so a messageId's payload never chang
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,8 +40,16 @@ def rows_for(
     historical: bool,
     available_at: datetime,
     aliases: tuple[str, ...] = (),
+    linked_user: str | None = None,
 ) -> list[OutboxRow]:
-    """One row per destination that accepts the transition."""
+    """One row per destination that accepts the transition.
+
+    `linked_user`: the app user an identity link attributes the subscription to; the messages go to
+    that user and the identify lists every id the subscription was known by (`aliases`).
+    """
+    if linked_user and linked_user != transition.app_user_id:
+        aliases = aliases or _aliases(transition, linked_user)
+        transition = replace(transition, app_user_id=linked_user)
     rows: list[OutboxRow] = []
     for dest in destinations:
         if not dest.accepts(transition, historical=historical):
@@ -68,9 +76,13 @@ def rows_for(
     return rows
 
 
-def _without_conversion(dest: Destination) -> Destination:
-    from dataclasses import replace
+def _aliases(transition: Transition, linked_user: str) -> tuple[str, ...]:
+    """The ids messages of this subscription carried before the link, then the linked user."""
+    ids = [transition.subscriber, transition.app_user_id, linked_user]
+    return tuple(dict.fromkeys(i for i in ids if i))
 
+
+def _without_conversion(dest: Destination) -> Destination:
     return replace(dest, currency=None)
 
 
