@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -77,6 +77,11 @@ SortKey = tuple[str, str, str]
 def sort_key(event: CanonicalEvent) -> SortKey:
     """Occurrence order as comparable strings, so a stored state can say where it stands."""
     return (format_time(event.occurred_at), event.source.value, event.id)
+
+
+def _shallow(obj: Any) -> dict[str, Any]:
+    """Field values without `asdict`'s deep copy: these dataclasses hold only immutable values."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 def transition_id(subscription: str, source: str, event_id: str, kind: str) -> str:
@@ -150,7 +155,7 @@ class SubscriptionState:
         return self.started and not self.expired
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = _shallow(self)
         for name in ("expires_at", "purchased_at", "paid_since"):
             out[name] = None if out[name] is None else format_time(out[name])
         out["last_price"] = None if self.last_price is None else str(self.last_price)
@@ -234,7 +239,7 @@ class Transition:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, value in asdict(self).items():
+        for name, value in _shallow(self).items():
             if value is None:
                 continue
             if isinstance(value, datetime):
