@@ -16,7 +16,7 @@ from typing import Literal
 
 import psycopg
 
-from subledger.core.events import CanonicalEvent
+from subledger.core.events import CanonicalEvent, Source
 from subledger.core.lifecycle import (
     SubscriptionState,
     Transition,
@@ -99,8 +99,7 @@ def ingest(
                 notification=item.notification,
                 raw=item.raw,
                 received_at=now,
-                historical=item.historical
-                or any(is_historical(e.occurred_at, now, policy.horizon) for e in item.notification.events),
+                historical=item.historical or _is_history(item.notification, now, policy.horizon),
             )
             for item in items
         ]
@@ -140,6 +139,13 @@ def ingest(
         else Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "duplicate")
         for r in results
     ]
+
+
+def _is_history(notification: Notification, now: datetime, horizon: timedelta) -> bool:
+    """Rule 5, except for the scheduler's own facts: an inferred expiration is news however late."""
+    if notification.source is Source.SCHEDULER:
+        return False
+    return any(is_historical(e.occurred_at, now, horizon) for e in notification.events)
 
 
 def wake_relay(conn: psycopg.Connection) -> None:

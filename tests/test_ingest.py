@@ -190,3 +190,22 @@ def test_messages_are_rendered_into_the_outbox(conn: psycopg.Connection) -> None
     assert track["event"] == "rc_trial_converted_event" and track["userId"] == "u1" == subscriber
     assert track["properties"]["revenue"] == 9.99 and track["properties"]["currency"] == "USD"
     assert identify["traits"] == {"subscription_status": "active", "last_seen_app_user_id": "u1"}
+
+
+def test_scheduler_inferred_expiration_is_published_however_late(conn: psycopg.Connection) -> None:
+    from subledger.core.lifecycle import inferred_expiration
+    from subledger.store.projections import load_state
+
+    ingest(conn, [item("x1", "purchase", 24 * 40, sub="late", expires_at=(NOW - timedelta(days=10)).isoformat())],
+           POLICY, NOW)
+    state = load_state(conn, f"{APP}/other/late")
+    assert state is not None
+    expiry = inferred_expiration(state, NOW, timedelta(hours=24))
+    assert expiry is not None
+    outcomes = ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)
+    assert outcomes[0].result == "new" and len(outcomes[0].transitions) == 1
+    assert kinds(conn) == ["initial_purchase", "expiration"]
+    published = [r[0] for r in conn.execute("SELECT body->0->>'event' FROM outbox ORDER BY id")]
+    assert published == ["rc_expiration_event", "rc_expiration_event"]  # two destinations, the purchase was history
+    again = ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)
+    assert again[0].result == "duplicate"
