@@ -55,7 +55,8 @@ def test_stripe_capture_is_trusted_and_stored_verbatim(db_url: str, tmp_path: Pa
 
 def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path: Path) -> None:
     good = notification(CA, "SUBSCRIBED", "INITIAL_BUY", txn=transaction(trial=True), notification_uuid="cap-1")
-    forged = notification(CA, "DID_RENEW", txn=transaction()).replace(b"signedPayload\": \"ey", b"signedPayload\": \"ex")
+    forged = notification(CA, "DID_RENEW", txn=transaction())
+    forged = forged.replace(b'signedPayload": "ey', b'signedPayload": "ex')
     other_bundle = notification(CA, "TEST", bundle_id="com.example.unknown")
     data = b"\n".join([good, b"{oops", forged, other_bundle]) + b"\n"
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "apple.ndjson",
