@@ -13,6 +13,7 @@ from typing import IO, Annotated, Any
 import typer
 from rich.console import Console
 
+from subledger.app import cli_maintenance
 from subledger.app.cli_audit import audit_app
 from subledger.core.errors import ConfigError, StoreError
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
+app.command("replay")(cli_maintenance.replay)
 
 err = Console(stderr=True)
 out = Console()

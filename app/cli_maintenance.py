@@ -1,0 +1,60 @@
+"""`subledger replay` and `subledger verify`: rebuild from the log, and prove log and projections intact."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+
+
+def replay(
+    subscription: Annotated[
+        str | None, typer.Option("--subscription", help="Only this subscription key (app_id/store/id).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the differences; change nothing.")] = False,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Rebuild projections, transitions and missing outbox rows from the log (never a second messageId)."""
+    from subledger.outbox.ingest import wake_relay
+    from subledger.outbox.replay import replay as run_replay
+    from subledger.outbox.replay import total_subscriptions
+
+    with connection(config, database_url) as (services, conn):
+        show = sys.stderr.isatty() and not as_json and subscription is None
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            total = total_subscriptions(conn)
+            conn.commit()
+            with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err, transient=True) as bar:
+                task = bar.add_task("replay", total=total or None)
+                report = run_replay(conn, services.policy, services.clock(), dry_run=dry_run,
+                                    progress=lambda n: bar.advance(task, n))
+        else:
+            report = run_replay(conn, services.policy, services.clock(), subscription=subscription,
+                                dry_run=dry_run)
+        if report.messages and not dry_run:
+            wake_relay(conn)
+    if subscription is not None and report.subscriptions == 0:
+        err.print(f"error: the log holds no facts for subscription {subscription!r}", highlight=False)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(report.as_json()))
+        return
+    verb = "would change" if dry_run else "changed"
+    out.print(
+        f"replayed {report.subscriptions} subscriptions; {verb}: {report.states} projections, "
+        f"{report.transitions} new transitions, {report.superseded} superseded, {report.revived} revived, "
+        f"{report.messages} new messages",
+        highlight=False,
+    )
+    for change in report.changes:
+        for line in change.lines():
+            out.print(("would " if dry_run else "") + line, highlight=False, markup=False)
