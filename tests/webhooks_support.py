@@ -102,3 +102,80 @@ def log_count(db_url: str) -> int:
         row = conn.execute("SELECT count(*) FROM event_log").fetchone()
     assert row is not None
     return int(row[0])
+
+
+# --- end to end: webhook → log → fold → outbox → relay → fake Segment ----------------------------
+
+TRACK_KEYS = ("revenue", "currency", "product_id", "new_product_id", "period_type", "store", "environment",
+              "transaction_id", "cancel_reason", "expiration_reason")
+
+
+class Pipeline:
+    """The HTTP service and a relay pointed at a fake Segment on 127.0.0.1, over one test database."""
+
+    def __init__(self, client: TestClient, fake: Any, settings: Any, db_url: str) -> None:
+        self.client = client
+        self.fake = fake
+        self.settings = settings
+        self.db_url = db_url
+
+    def post(self, path: str, raw: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        response = self.client.post(path, content=raw, headers=headers)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def relay(self) -> list[dict[str, Any]]:
+        """Drain the outbox into the fake Segment; everything it has received so far, in arrival order."""
+        from datetime import timedelta
+
+        from subledger.core.delivery import Backoff
+        from subledger.outbox.relay import Relay, RelayConfig, routes_from
+
+        relay = Relay(self.db_url, routes_from(self.settings.apps),
+                      RelayConfig(backoff=Backoff(0.01, 0.05), lease=timedelta(seconds=30)))
+        try:
+            relay.drain_all(timeout=15)
+        finally:
+            relay.close()
+        assert self.fake.capture.duplicates() == {}
+        messages: list[dict[str, Any]] = self.fake.capture.messages()
+        return messages
+
+
+@contextmanager
+def pipeline(db_url: str, root: Path) -> Iterator[Pipeline]:
+    from fake_segment import FakeSegment
+
+    with FakeSegment(write_keys=(WRITE_KEY, SANDBOX_KEY)) as fake:
+        settings = settings_module.from_dict(config_dict(root, fake.url))
+        with TestClient(create_app(build(settings, database_url=db_url), pool_size=2)) as client:
+            yield Pipeline(client, fake, settings, db_url)
+
+
+def track(event: str, who: str, **properties: Any) -> dict[str, Any]:
+    """What a track is expected to say: the event, the user, and TRACK_KEYS (absent ones as None)."""
+    return {"event": event, "userId": who, **{k: properties.get(k) for k in TRACK_KEYS}}
+
+
+def tracks(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tracks received, in occurrence order, reduced to what `track` states."""
+    received = sorted((m for m in messages if m["type"] == "track"), key=lambda m: m["timestamp"])
+    return [
+        {"event": m["event"], "userId": m.get("userId") or m.get("anonymousId"),
+         **{k: m["properties"].get(k) for k in TRACK_KEYS}}
+        for m in received
+    ]
+
+
+def statuses(messages: list[dict[str, Any]]) -> list[str]:
+    """The `subscription_status` trait of each identify, in occurrence order."""
+    identifies = sorted((m for m in messages if m["type"] == "identify"), key=lambda m: m["timestamp"])
+    return [m["traits"].get("subscription_status") for m in identifies]
+
+
+def superseded(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM transitions WHERE superseded_at IS NOT NULL").fetchone()
+    assert row is not None
+    return int(row[0])
