@@ -1,6 +1,7 @@
 """Crash safety of the real `subledger relay` process: SIGKILL it 20 times mid-run; run two at once.
 
-Kills land at random points: while the fake endpoint holds a request (sent, never acknowledged),
+Kills land at random points: while the fake endpoint holds a request it has accepted (the
+acknowledgement is lost),
 and at random short delays after a request arrived (mid-HTTP, mid-record, mid-claim). Each time a
 new process starts; leases of the dead one run out and its rows are sent again under the same
 messageIds. Nothing may be lost, and no messageId may ever carry two different payloads.
@@ -74,6 +75,7 @@ def test_sigkill_twenty_times_loses_nothing(db_url: str, tmp_path: Path) -> None
         def kill_while_holding(request: Request) -> Reset | None:
             with lock:
                 if victim["at"] is not None and request.number >= victim["at"]:
+                    fake.capture.add(request)  # "Segment" took it; the acknowledgement is what gets lost
                     os.kill(victim["pid"], signal.SIGKILL)
                     victim["at"] = None
                     return Reset()
