@@ -1,9 +1,8 @@
 """Crash safety of the real `subledger relay` process: SIGKILL it 20 times mid-run; run two at once.
 
 Kills land at random points: while the fake endpoint holds a request it has accepted (the
-acknowledgement is lost),
-and at random short delays after a request arrived (mid-HTTP, mid-record, mid-claim). Each time a
-new process starts; leases of the dead one run out and its rows are sent again under the same
+acknowledgement is lost), and at random short delays after a request arrived (mid-HTTP, mid-record,
+mid-claim). Each time a new process starts; leases of the dead one run out and its rows are sent again under the same
 messageIds. Nothing may be lost, and no messageId may ever carry two different payloads.
 """
 
