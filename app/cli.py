@@ -27,6 +27,7 @@ db_app = typer.Typer(help="Database management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.command("replay")(cli_maintenance.replay)
+app.command("verify")(cli_maintenance.verify)
 
 err = Console(stderr=True)
 out = Console()

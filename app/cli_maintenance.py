@@ -58,3 +58,30 @@ def replay(
     for change in report.changes:
         for line in change.lines():
             out.print(("would " if dry_run else "") + line, highlight=False, markup=False)
+
+
+def verify(
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Walk the hash chain and compare every projection with a fresh fold; exit 1 naming the first bad entry."""
+    from subledger.store.verify import verify as run_verify
+
+    with connection(config, database_url) as (_, conn):
+        result = run_verify(conn)
+    if as_json:
+        print(json.dumps(result.as_json()))
+    elif result.ok:
+        out.print(f"ok: {result.entries} log entries chain correctly; {result.subscriptions} subscriptions "
+                  "equal a fresh fold of the log", highlight=False)
+    else:
+        first = result.first_bad_position
+        if first is not None:
+            err.print(f"error: the log is broken at position {first}", highlight=False)
+        for problem in result.problems:
+            err.print(f"  {problem.describe()}", highlight=False, markup=False)
+        if result.problem_count > len(result.problems):
+            err.print(f"  ... and {result.problem_count - len(result.problems)} more", highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)

@@ -66,6 +66,10 @@ def test_unchanged_log_of_10000_events_creates_no_message(conn: psycopg.Connecti
     assert report.subscriptions == len(before["states"]) == sum(seen)
     assert (report.states, report.transitions, report.superseded, report.revived, report.messages) == (0, 0, 0, 0, 0)
     assert snapshot(conn) == before
+    from subledger.store.verify import verify
+
+    checked = verify(conn)
+    assert checked.ok and checked.entries == 10_000, checked.problems[:3]
 
 
 def test_replay_rebuilds_lost_projections_transitions_and_messages(conn: psycopg.Connection) -> None:

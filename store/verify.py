@@ -1,0 +1,197 @@
+"""Verify: the log's hash chain is intact and every projection equals a fresh fold of the log.
+
+The chain is recomputed exactly as `store.log.append` computed it (`core.chain.entry_for_hash`
+over the stored columns, then `chain_hash` with the previous entry's stored hash), so an edited
+entry, an edited hash or a missing position is named by its position. Each entry is checked
+against its predecessor's *stored* hash, which pins a problem to the entry that has it rather
+than to everything after it.
+
+Everything streams through server-side cursors inside one read-only REPEATABLE READ transaction:
+memory stays flat whatever the log's size, and the chain, the head and the projections are all
+read from one snapshot, so a concurrent ingest can never look like damage.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from subledger.core.chain import GENESIS, chain_hash, entry_for_hash
+from subledger.core.errors import InvalidEvent
+from subledger.core.events import event_from_facts, format_time
+from subledger.core.lifecycle import fold
+
+FETCH = 2000
+MAX_PROBLEMS = 50
+
+CHAIN_SQL = """
+SELECT position, source, external_id, app_id, subscription_key, received_at, historical, raw, facts, hash
+FROM event_log ORDER BY position
+"""
+HISTORY_SQL = """
+SELECT subscription_key, facts FROM event_log WHERE subscription_key IS NOT NULL ORDER BY subscription_key
+"""
+PROJECTIONS_SQL = "SELECT key, app_user_id, status, state FROM subscriptions ORDER BY key"
+TRANSITIONS_SQL = "SELECT subscription_key, id, superseded_at IS NOT NULL FROM transitions ORDER BY subscription_key"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """`kind`: chain, head, or projection; `position` for the log, `subscription` for projections."""
+
+    kind: str
+    detail: str
+    position: int | None = None
+    subscription: str | None = None
+
+    def describe(self) -> str:
+        where = f"position {self.position}" if self.position is not None else f"subscription {self.subscription}"
+        return f"{self.kind} at {where}: {self.detail}" if self.kind != "head" else f"head: {self.detail}"
+
+
+@dataclass
+class Verification:
+    entries: int = 0
+    subscriptions: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    @property
+    def first_bad_position(self) -> int | None:
+        return next((p.position for p in self.problems if p.position is not None), None)
+
+    def add(self, problem: Problem) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "subscriptions": self.subscriptions,
+            "first_bad_position": self.first_bad_position,
+            "problem_count": self.problem_count,
+            "problems": [
+                {"kind": p.kind, "position": p.position, "subscription": p.subscription, "detail": p.detail}
+                for p in self.problems
+            ],
+        }
+
+
+Progress = Callable[[str, int], None]
+
+
+def _stream(conn: psycopg.Connection, name: str, sql: str) -> Iterator[tuple[Any, ...]]:
+    with conn.cursor(name=name) as cur:
+        cur.itersize = FETCH
+        cur.execute(sql)
+        yield from cur
+
+
+def verify(conn: psycopg.Connection, *, progress: Progress | None = None) -> Verification:
+    """Check chain, head and projections in one snapshot; never writes."""
+    result = Verification()
+    conn.rollback()
+    previous_isolation = conn.isolation_level
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        conn.read_only = True
+        try:
+            _verify_chain(conn, result, progress)
+            _verify_projections(conn, result, progress)
+        finally:
+            conn.rollback()
+            conn.read_only = False
+    finally:
+        conn.isolation_level = previous_isolation
+    return result
+
+
+def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
+    previous, expected_position = GENESIS, 1
+    for position, source, external_id, app_id, key, received_at, historical, raw, facts, stored in _stream(
+        conn, "subledger_verify_chain", CHAIN_SQL
+    ):
+        stored = bytes(stored)
+        if position != expected_position:
+            result.add(Problem("chain", f"expected position {expected_position}, found {position} (a gap)",
+                               position=expected_position))
+        entry = entry_for_hash(
+            source=source, external_id=external_id, app_id=app_id, subscription_key=key or "",
+            received_at=format_time(received_at), historical=bool(historical), raw=bytes(raw), facts=facts,
+        )
+        if chain_hash(previous, entry) != stored:
+            result.add(Problem("chain", f"{source}:{external_id}: the stored hash does not match the entry "
+                                        "(the entry or its hash was changed)", position=position))
+        previous, expected_position = stored, position + 1
+        result.entries += 1
+        if progress is not None and result.entries % FETCH == 0:
+            progress("chain", FETCH)
+    row = conn.execute("SELECT position, hash FROM log_head").fetchone()
+    if row is None:
+        result.add(Problem("head", "log_head row is missing"))
+    elif int(row[0]) != expected_position - 1 or bytes(row[1]) != previous:
+        result.add(Problem("head", f"log_head says position {row[0]}, the log ends at {expected_position - 1} "
+                                   "or with another hash"))
+
+
+def _verify_projections(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
+    """Merge three key-ordered streams: the log's facts, the projections, the transitions."""
+    logged = itertools.groupby(_stream(conn, "subledger_verify_log", HISTORY_SQL), key=lambda r: r[0])
+    projected = _stream(conn, "subledger_verify_projections", PROJECTIONS_SQL)
+    emitted = itertools.groupby(_stream(conn, "subledger_verify_transitions", TRANSITIONS_SQL), key=lambda r: r[0])
+    projection = next(projected, None)
+    transitions = next(emitted, None)
+    for key, rows in logged:
+        try:
+            facts = [event_from_facts(f) for _, entry in rows for f in entry["events"]]
+        except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
+            facts = []
+            result.add(Problem("projection", f"the log's facts no longer parse: {exc}", subscription=key))
+        while projection is not None and projection[0] < key:
+            result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
+            projection = next(projected, None)
+        ids: dict[str, bool] = {}
+        while transitions is not None and transitions[0] < key:
+            transitions = next(emitted, None)
+        if transitions is not None and transitions[0] == key:
+            ids = {tid: gone for _, tid, gone in transitions[1]}
+            transitions = next(emitted, None)
+        result.subscriptions += 1
+        if progress is not None and result.subscriptions % 500 == 0:
+            progress("projections", 500)
+        if not facts:
+            continue
+        folded = fold(facts)
+        if projection is None or projection[0] != key:
+            result.add(Problem("projection", "missing: the log has facts but no projection", subscription=key))
+        else:
+            _, app_user_id, status, state = projection
+            fresh = folded.state.to_json()
+            if state != fresh:
+                fields = sorted(k for k in set(state) | set(fresh) if state.get(k) != fresh.get(k))
+                result.add(Problem("projection", f"differs from a fresh fold in {', '.join(fields)}",
+                                   subscription=key))
+            elif (status, app_user_id) != (fresh["status"], fresh["app_user_id"]):
+                result.add(Problem("projection", "status/app_user_id columns disagree with the state",
+                                   subscription=key))
+            projection = next(projected, None)
+        live = {t.id for t in folded.transitions}
+        missing = sorted(live - ids.keys())
+        stale = sorted(i for i, gone in ids.items() if not gone and i not in live)
+        revived = sorted(i for i, gone in ids.items() if gone and i in live)
+        for label, found in (("missing", missing), ("not superseded", stale), ("superseded but live", revived)):
+            if found:
+                result.add(Problem("projection", f"transitions {label}: {', '.join(found[:3])}", subscription=key))
+    while projection is not None:
+        result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
+        projection = next(projected, None)
