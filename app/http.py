@@ -191,7 +191,8 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
         body = process_exposition()
         try:
             with pool.connection(timeout=5) as conn:
-                body += outbox_exposition(conn)
+                known = [(a, d) for a, app_ in services.settings.apps.items() for d in app_.destinations]
+                body += outbox_exposition(conn, known)
         except Exception as exc:  # the counters are still worth serving without the database
             body += f"# outbox gauges unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}\n".encode()
         return Response(body, media_type=CONTENT_TYPE)

@@ -67,8 +67,11 @@ FROM outbox o GROUP BY 1, 2
 """
 
 
-def outbox_exposition(conn: Any) -> bytes:
-    """Gauges read from the database now: depth, dead letters, oldest pending age, paused flags."""
+def outbox_exposition(conn: Any, known: Iterable[tuple[str, str]] = ()) -> bytes:
+    """Gauges read from the database now: depth, dead letters, oldest pending age, paused flags.
+
+    `known` (app_id, destination) pairs are reported even when they have no rows, as zeros.
+    """
     registry = CollectorRegistry()
     pending = GaugeMetricFamily("subledger_outbox_pending", "Outbox rows waiting to be delivered.",
                                 labels=["app_id", "destination"])
@@ -80,7 +83,10 @@ def outbox_exposition(conn: Any) -> bytes:
     paused = GaugeMetricFamily("subledger_destination_paused",
                                "1 when a destination is paused (401/403/404 or by hand).",
                                labels=["app_id", "destination"])
-    for app_id, destination, n_pending, n_dead, age in conn.execute(OUTBOX_SNAPSHOT).fetchall():
+    rows = {(a, d): (p, n, age) for a, d, p, n, age in conn.execute(OUTBOX_SNAPSHOT).fetchall()}
+    for key in known:
+        rows.setdefault(key, (0, 0, 0))
+    for (app_id, destination), (n_pending, n_dead, age) in sorted(rows.items()):
         pending.add_metric([app_id, destination], float(n_pending))
         dead.add_metric([app_id, destination], float(n_dead))
         oldest.add_metric([app_id, destination], float(age or 0))
