@@ -293,7 +293,8 @@ class Relay:
         ).fetchone()
         if row is None or row[0] is None:
             return None
-        return max((row[0] - now).total_seconds(), 0.0)
+        due: datetime = row[0]
+        return max((due - now).total_seconds(), 0.0)
 
     def _route_arrays(self) -> tuple[list[str], list[str]]:
         keys = sorted(self.routes)
