@@ -1,0 +1,183 @@
+"""RevenueCat end to end: POST /webhooks/revenuecat/{app} → log → fold → relay → fake Segment.
+
+What a RevenueCat customer without a Segment integration gets by forwarding webhooks to subledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_source_revenuecat import T0, ms, rc_event
+from webhooks_support import (
+    RC_APP,
+    Pipeline,
+    log_count,
+    pipeline,
+    rc_body,
+    rc_headers,
+    statuses,
+    superseded,
+    track,
+    tracks,
+    write_root,
+)
+
+USER = "user_rc_1"
+MONTHLY = "fitness_monthly"
+YEARLY = "fitness_yearly"
+OTID = "1000000900000001"
+COMMON = {"store": "APP_STORE", "environment": "PRODUCTION"}
+PATH = f"/webhooks/revenuecat/{RC_APP}"
+
+
+@pytest.fixture
+def p(db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    with pipeline(db_url, write_root(tmp_path)) as running:
+        yield running
+
+
+def rc(kind: str, eid: str, day: float, *, purchased: float | None = None, expires: float | None = None,
+       **fields: Any) -> dict[str, Any]:
+    """An event observed `day` days after T0 (a charge `purchased` then), expiring at `expires`."""
+    base: dict[str, Any] = {
+        "id": eid,
+        "event_timestamp_ms": ms(T0 + timedelta(days=day, seconds=20)),
+        "purchased_at_ms": ms(T0 + timedelta(days=day if purchased is None else purchased)),
+    }
+    if expires is not None:
+        base["expiration_at_ms"] = ms(T0 + timedelta(days=expires))
+    return rc_event(kind, **{**base, **fields})
+
+
+def send(p: Pipeline, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p.post(PATH, rc_body(e), rc_headers()) for e in events]
+
+
+def trial(eid: str = "rc-trial") -> dict[str, Any]:
+    return rc("INITIAL_PURCHASE", eid, 0, expires=7, period_type="TRIAL", price=0, price_in_purchased_currency=0,
+              transaction_id="t0", original_transaction_id=OTID)
+
+
+def conversion(eid: str = "rc-convert") -> dict[str, Any]:
+    return rc("RENEWAL", eid, 7, expires=37, is_trial_conversion=True, transaction_id="t1",
+              original_transaction_id=OTID)
+
+
+def test_trial_converted_renewal_cancellation_expiration(p: Pipeline) -> None:
+    send(
+        p,
+        trial(),
+        conversion(),
+        rc("RENEWAL", "rc-renew", 37, expires=67, transaction_id="t2", original_transaction_id=OTID),
+        rc("CANCELLATION", "rc-cancel", 50, expires=67, cancel_reason="UNSUBSCRIBE", transaction_id="t2",
+           original_transaction_id=OTID),
+        rc("EXPIRATION", "rc-expire", 67, expires=67, expiration_reason="UNSUBSCRIBE", transaction_id="t2",
+           original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    paid = {"currency": "EUR", "product_id": MONTHLY, "period_type": "NORMAL", **COMMON}
+    assert tracks(messages) == [
+        track("rc_trial_started_event", USER, product_id=MONTHLY, period_type="TRIAL", transaction_id="t0",
+              **COMMON),
+        track("rc_trial_converted_event", USER, revenue=9.99, transaction_id="t1", **paid),
+        track("rc_renewal_event", USER, revenue=9.99, transaction_id="t2", **paid),
+        track("rc_cancellation_event", USER, product_id=MONTHLY, period_type="NORMAL", transaction_id="t2",
+              cancel_reason="UNSUBSCRIBE", **COMMON),
+        track("rc_expiration_event", USER, product_id=MONTHLY, period_type="NORMAL", transaction_id="t2",
+              expiration_reason="UNSUBSCRIBE", **COMMON),
+    ]
+    assert statuses(messages) == ["trial", "active", "active", "cancelled", "expired"]
+    converted = next(m for m in messages if m.get("event") == "rc_trial_converted_event")
+    assert converted["properties"]["original_transaction_id"] == OTID
+    assert converted["properties"]["country_code"] == "DE"
+    assert converted["properties"]["is_trial_conversion"] is True
+
+
+def test_trial_cancelled(p: Pipeline) -> None:
+    send(
+        p,
+        trial(),
+        rc("CANCELLATION", "rc-cancel", 2, expires=7, period_type="TRIAL", cancel_reason="UNSUBSCRIBE",
+           transaction_id="t0", original_transaction_id=OTID, price=0, price_in_purchased_currency=0),
+        rc("EXPIRATION", "rc-expire", 7, expires=7, period_type="TRIAL", expiration_reason="UNSUBSCRIBE",
+           transaction_id="t0", original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    trial_props = {"product_id": MONTHLY, "period_type": "TRIAL", "transaction_id": "t0", **COMMON}
+    assert tracks(messages) == [
+        track("rc_trial_started_event", USER, **trial_props),
+        track("rc_trial_cancelled_event", USER, cancel_reason="UNSUBSCRIBE", **trial_props),
+        track("rc_expiration_event", USER, expiration_reason="UNSUBSCRIBE", **trial_props),
+    ]
+    assert statuses(messages) == ["trial", "cancelled_trial", "expired"]
+
+
+def test_billing_issue_then_recovery(p: Pipeline) -> None:
+    send(
+        p,
+        rc("INITIAL_PURCHASE", "rc-buy", 0, expires=30, transaction_id="t1", original_transaction_id=OTID),
+        rc("BILLING_ISSUE", "rc-issue", 30, expires=30, transaction_id="t1", original_transaction_id=OTID),
+        rc("RENEWAL", "rc-recovered", 33, expires=63, transaction_id="t2", original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    paid = {"currency": "EUR", "product_id": MONTHLY, "period_type": "NORMAL", **COMMON}
+    assert tracks(messages) == [
+        track("rc_initial_purchase_event", USER, revenue=9.99, transaction_id="t1", **paid),
+        track("rc_billing_issue_event", USER, product_id=MONTHLY, period_type="NORMAL", transaction_id="t1",
+              **COMMON),
+        track("rc_renewal_event", USER, revenue=9.99, transaction_id="t2", **paid),
+    ]
+    assert statuses(messages) == ["active", "grace_period", "active"]
+
+
+def test_refund_is_a_cancellation_with_negative_revenue(p: Pipeline) -> None:
+    send(
+        p,
+        rc("INITIAL_PURCHASE", "rc-buy", 0, expires=30, transaction_id="t1", original_transaction_id=OTID),
+        rc("CANCELLATION", "rc-refund", 3, purchased=0, expires=30, cancel_reason="CUSTOMER_SUPPORT",
+           price=-10.75, price_in_purchased_currency=-9.99, transaction_id="t1", original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    assert tracks(messages) == [
+        track("rc_initial_purchase_event", USER, revenue=9.99, currency="EUR", product_id=MONTHLY,
+              period_type="NORMAL", transaction_id="t1", **COMMON),
+        track("rc_cancellation_event", USER, revenue=-9.99, currency="EUR", product_id=MONTHLY,
+              period_type="NORMAL", transaction_id="t1", cancel_reason="CUSTOMER_SUPPORT", **COMMON),
+    ]
+
+
+def test_upgrade_is_a_product_change(p: Pipeline) -> None:
+    send(
+        p,
+        rc("INITIAL_PURCHASE", "rc-buy", 0, expires=30, transaction_id="t1", original_transaction_id=OTID),
+        rc("PRODUCT_CHANGE", "rc-upgrade", 10, expires=30, new_product_id=YEARLY, transaction_id="t1",
+           original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    assert tracks(messages) == [
+        track("rc_initial_purchase_event", USER, revenue=9.99, currency="EUR", product_id=MONTHLY,
+              period_type="NORMAL", transaction_id="t1", **COMMON),
+        track("rc_product_change_event", USER, product_id=MONTHLY, new_product_id=YEARLY, period_type="NORMAL",
+              transaction_id="t1", **COMMON),
+    ]
+
+
+def test_the_same_event_twice_is_one_row_and_one_message(p: Pipeline) -> None:
+    first, again = send(p, trial(), trial())
+    assert (first["result"], again["result"]) == ("new", "duplicate")
+    assert log_count(p.db_url) == 1
+    assert [m["event"] for m in p.relay() if m["type"] == "track"] == ["rc_trial_started_event"]
+
+
+def test_a_pair_delivered_out_of_order_settles_as_if_in_order(p: Pipeline) -> None:
+    send(p, conversion(), trial())
+    messages = p.relay()
+    assert [(t["event"], t["revenue"]) for t in tracks(messages)] == [
+        ("rc_trial_started_event", None),
+        ("rc_trial_converted_event", 9.99),
+    ]
+    assert superseded(p.db_url) == 1
