@@ -203,17 +203,22 @@ class Scheduler:
                 self.wake()  # the ≤ 5 s poll fallback, whatever the interval says
 
 
-def _due_states(conn: psycopg.Connection, cutoff: datetime, limit: int) -> list[SubscriptionState]:
+def _due_states(
+    conn: psycopg.Connection, cutoff: datetime, after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[datetime, str, SubscriptionState]]:
+    """One page of live subscriptions whose period ended before `cutoff`, in (expires_at, key) order."""
     rows = conn.execute(
         """
-        SELECT state FROM subscriptions
+        SELECT expires_at, key, state FROM subscriptions
         WHERE status IS NOT NULL AND status NOT IN ('expired', 'expired_promotional', 'paused')
-          AND expires_at <= %s
-        ORDER BY expires_at LIMIT %s
+          AND expires_at <= %(cutoff)s
+          AND (%(after_at)s::timestamptz IS NULL OR (expires_at, key) > (%(after_at)s, %(after_key)s))
+        ORDER BY expires_at, key LIMIT %(limit)s
         """,
-        (cutoff, limit),
+        {"cutoff": cutoff, "after_at": after[0] if after else None, "after_key": after[1] if after else None,
+         "limit": limit},
     ).fetchall()
-    return [SubscriptionState.from_json(r[0]) for r in rows]
+    return [(r[0], r[1], SubscriptionState.from_json(r[2])) for r in rows]
 
 
 def infer_expirations(
@@ -228,31 +233,30 @@ def infer_expirations(
     shortest = min([*grace.values(), DEFAULT_GRACE])
     made = 0
     with connect(database_url) as conn:
-        seen: set[str] = set()
-        states = _due_states(conn, now - shortest, EXPIRATION_BATCH * 5)
-        conn.commit()
-        items: list[Incoming] = []
-        for state in states:
-            if stop is not None and stop.is_set():
-                break
-            event = inferred_expiration(state, now, grace.get(state.app_id, DEFAULT_GRACE))
-            if event is None or event.id in seen:
-                continue
-            seen.add(event.id)
-            known = conn.execute(
-                "SELECT 1 FROM event_log WHERE source = %s AND external_id = %s",
-                (event.source.value, event.id),
-            ).fetchone()
+        after: tuple[datetime, str] | None = None
+        # Paged, so subscriptions whose inference was a no-op never starve the ones behind them.
+        while not (stop is not None and stop.is_set()):
+            page = _due_states(conn, now - shortest, after, EXPIRATION_BATCH)
             conn.commit()
-            if known:
-                continue  # inferred before and a no-op: do not log a duplicate receipt every minute
-            raw = json.dumps(event.to_facts(), sort_keys=True, separators=(",", ":")).encode()
-            items.append(Incoming(Notification.of(event), raw))
-            if len(items) >= EXPIRATION_BATCH:
+            if not page:
+                break
+            after = (page[-1][0], page[-1][1])
+            items: list[Incoming] = []
+            for _, _, state in page:
+                event = inferred_expiration(state, now, grace.get(state.app_id, DEFAULT_GRACE))
+                if event is None:
+                    continue
+                known = conn.execute(
+                    "SELECT 1 FROM event_log WHERE source = %s AND external_id = %s",
+                    (event.source.value, event.id),
+                ).fetchone()
+                conn.commit()
+                if known:
+                    continue  # inferred before and a no-op: do not log a duplicate receipt every minute
+                raw = json.dumps(event.to_facts(), sort_keys=True, separators=(",", ":")).encode()
+                items.append(Incoming(Notification.of(event), raw))
+            if items:
                 made += _ingest(conn, items, policy, now)
-                items = []
-        if items:
-            made += _ingest(conn, items, policy, now)
     if made:
         log.info("inferred %d expirations", made)
     return made
