@@ -7,15 +7,16 @@ first entry that no longer matches.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
+
+import orjson
 
 GENESIS = b"\x00" * 32
 
 
 def canonical_bytes(entry: dict[str, Any]) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the same entry always hashes the same way."""
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
 
 
 def chain_hash(previous: bytes, entry: dict[str, Any]) -> bytes:

@@ -120,19 +120,19 @@ class CanonicalEvent:
     @property
     def sort_key(self) -> tuple[datetime, str, str]:
         """Occurrence order; ties broken by (source, id) so arrival order never matters."""
-        return (self.occurred_at, self.source.value, self.id)
+        return (self.occurred_at, self.source, self.id)
 
     def to_facts(self) -> dict[str, Any]:
         """The canonical facts as JSON-ready data: what the log stores and hashes."""
         out: dict[str, Any] = {
             "id": self.id,
-            "source": self.source.value,
+            "source": self.source,
             "app_id": self.app_id,
-            "type": self.type.value,
+            "type": self.type,
             "occurred_at": format_time(self.occurred_at),
-            "store": self.store.value,
-            "environment": self.environment.value,
-            "period_type": self.period_type.value,
+            "store": self.store,
+            "environment": self.environment,
+            "period_type": self.period_type,
         }
         optional: dict[str, Any] = {
             "subscription_id": self.subscription_id,
@@ -144,7 +144,7 @@ class CanonicalEvent:
             "expires_at": None if self.expires_at is None else format_time(self.expires_at),
             "transaction_id": self.transaction_id,
             "country_code": self.country_code,
-            "reason": None if self.reason is None else self.reason.value,
+            "reason": None if self.reason is None else self.reason,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.attributes:
@@ -155,9 +155,9 @@ class CanonicalEvent:
 def subscription_key(event: CanonicalEvent) -> str:
     """`app/store/subscription` names one stream across every source that reports on it."""
     if event.subscription_id is not None:
-        return f"{event.app_id}/{event.store.value}/{event.subscription_id}"
-    own = event.transaction_id or f"{event.source.value}:{event.id}"
-    return f"{event.app_id}/{event.store.value}/otp:{own}"
+        return f"{event.app_id}/{event.store}/{event.subscription_id}"
+    own = event.transaction_id or f"{event.source}:{event.id}"
+    return f"{event.app_id}/{event.store}/otp:{own}"
 
 
 def format_time(value: datetime) -> str:
@@ -166,7 +166,9 @@ def format_time(value: datetime) -> str:
     `isoformat` always writes four year digits (`strftime("%Y")` does not below year 1000), so the
     text sorts like the instant it names and parses back.
     """
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 def parse_time(value: Any, name: str) -> datetime:

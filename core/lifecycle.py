@@ -76,12 +76,18 @@ SortKey = tuple[str, str, str]
 
 def sort_key(event: CanonicalEvent) -> SortKey:
     """Occurrence order as comparable strings, so a stored state can say where it stands."""
-    return (format_time(event.occurred_at), event.source.value, event.id)
+    return (format_time(event.occurred_at), event.source, event.id)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _shallow(obj: Any) -> dict[str, Any]:
     """Field values without `asdict`'s deep copy: these dataclasses hold only immutable values."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    return {name: getattr(obj, name) for name in names}
 
 
 def transition_id(subscription: str, source: str, event_id: str, kind: str) -> str:
@@ -162,7 +168,7 @@ class SubscriptionState:
         out["transactions"] = list(self.transactions)
         out["refunds"] = list(self.refunds)
         out["last_event"] = None if self.last_event is None else list(self.last_event)
-        out["status"] = None if self.status is None else self.status.value
+        out["status"] = None if self.status is None else self.status
         return out
 
     @classmethod
@@ -238,16 +244,16 @@ class Transition:
         return self.app_user_id if self.app_user_id else f"anon:{self.subscription_key}"
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-ready; enum members stay as they are (they are `str`), None values are left out."""
         out: dict[str, Any] = {}
         for name, value in _shallow(self).items():
             if value is None:
                 continue
-            if isinstance(value, datetime):
+            kind = value.__class__
+            if kind is datetime:
                 value = format_time(value)
-            elif isinstance(value, Decimal):
+            elif kind is Decimal:
                 value = str(value)
-            elif isinstance(value, StrEnum):
-                value = value.value
             out[name] = value
         return out
 
@@ -303,27 +309,26 @@ def _remember(seen: tuple[str, ...], txn: str | None) -> tuple[str, ...]:
     return (*seen, txn)[-RECENT_TRANSACTIONS:]
 
 
-def _charge(state: SubscriptionState, event: CanonicalEvent) -> SubscriptionState:
-    """The parts of the state every charged period updates the same way."""
+def _charge(state: SubscriptionState, event: CanonicalEvent) -> dict[str, Any]:
+    """The changes every charged period makes the same way."""
     price = event.price if event.price is not None else state.last_price
     currency = event.currency if event.currency is not None else state.last_currency
     paid = event.price is not None and event.price > 0
-    return replace(
-        state,
-        started=True,
-        expired=False,
-        auto_renew=True,
-        billing_issue=False,
-        paused=False,
-        pause_pending=False,
-        product_id=event.product_id or state.product_id,
-        expires_at=event.expires_at or state.expires_at,
-        purchased_at=event.occurred_at,
-        paid_since=state.paid_since or (event.occurred_at if paid else None),
-        last_price=price,
-        last_currency=currency,
-        transactions=_remember(state.transactions, event.transaction_id),
-    )
+    return {
+        "started": True,
+        "expired": False,
+        "auto_renew": True,
+        "billing_issue": False,
+        "paused": False,
+        "pause_pending": False,
+        "product_id": event.product_id or state.product_id,
+        "expires_at": event.expires_at or state.expires_at,
+        "purchased_at": event.occurred_at,
+        "paid_since": state.paid_since or (event.occurred_at if paid else None),
+        "last_price": price,
+        "last_currency": currency,
+        "transactions": _remember(state.transactions, event.transaction_id),
+    }
 
 
 def _stale_inference(state: SubscriptionState, event: CanonicalEvent) -> bool:
@@ -341,24 +346,25 @@ def _stale_inference(state: SubscriptionState, event: CanonicalEvent) -> bool:
 
 
 def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionState, Transition | None]:
-    """Apply one fact. Returns the new state and the one transition it derives, if any."""
-    base = replace(
-        state,
-        app_user_id=event.app_user_id or state.app_user_id,
-        environment=event.environment,
-        country_code=event.country_code or state.country_code,
-        last_event=sort_key(event),
-        events_applied=state.events_applied + 1,
-    )
+    """Apply one fact. Returns the new state and the one transition it derives, if any.
+
+    Each branch only collects the fields it changes; the state is rebuilt once at the end.
+    """
+    changes: dict[str, Any] = {
+        "app_user_id": event.app_user_id or state.app_user_id,
+        "environment": event.environment,
+        "country_code": event.country_code or state.country_code,
+        "last_event": sort_key(event),
+        "events_applied": state.events_applied + 1,
+    }
     kind: TransitionKind | None = None
     extra: dict[str, Any] = {}
-    new = base
     t = EventType
     already_charged = event.transaction_id is not None and event.transaction_id in state.transactions
 
     if event.type is t.PURCHASE:
         if already_charged or state.live:
-            new = replace(base, expires_at=event.expires_at or base.expires_at)
+            changes["expires_at"] = event.expires_at or state.expires_at
         else:
             trial = event.period_type is PeriodType.TRIAL
             if trial:
@@ -368,7 +374,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             else:
                 kind = TransitionKind.INITIAL_PURCHASE
             renewals = state.renewal_number + (1 if kind is TransitionKind.RENEWAL else 0)
-            new = replace(_charge(base, event), period_type=event.period_type, renewal_number=renewals)
+            changes.update(_charge(state, event), period_type=event.period_type, renewal_number=renewals)
             if kind is TransitionKind.RENEWAL:
                 extra["renewal_number"] = renewals
     elif event.type in (t.RENEWAL, t.BILLING_RECOVERED):
@@ -377,7 +383,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             kind = TransitionKind.TRIAL_CONVERTED if converting else TransitionKind.RENEWAL
             period = PeriodType.NORMAL if event.period_type is PeriodType.TRIAL else event.period_type
             renewals = state.renewal_number + 1
-            new = replace(_charge(base, event), period_type=period, renewal_number=renewals)
+            changes.update(_charge(state, event), period_type=period, renewal_number=renewals)
             extra["renewal_number"] = renewals
             extra["is_trial_conversion"] = converting
     elif event.type is t.AUTO_RENEW_DISABLED:
@@ -385,22 +391,22 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             trial = state.period_type is PeriodType.TRIAL
             kind = TransitionKind.TRIAL_CANCELLED if trial else TransitionKind.CANCELLATION
             extra["cancel_reason"] = event.reason or Reason.UNSUBSCRIBE
-        new = replace(base, auto_renew=False)
+        changes["auto_renew"] = False
     elif event.type is t.AUTO_RENEW_ENABLED:
         if state.live and not state.auto_renew:
             kind = TransitionKind.UNCANCELLATION
-        new = replace(base, auto_renew=True)
+        changes["auto_renew"] = True
     elif event.type is t.BILLING_ISSUE:
         if state.live and not state.billing_issue:
             kind = TransitionKind.BILLING_ISSUE
-            new = replace(base, billing_issue=True)
+            changes["billing_issue"] = True
     elif event.type is t.EXPIRATION:
         if state.live and not _stale_inference(state, event):
             kind = TransitionKind.EXPIRATION
             extra["expiration_reason"] = event.reason or Reason.UNKNOWN
-            new = replace(base, expired=True, billing_issue=False, paused=False, pause_pending=False)
+            changes.update(expired=True, billing_issue=False, paused=False, pause_pending=False)
     elif event.type is t.REFUND:
-        refund_key = event.transaction_id or f"{event.source.value}:{event.id}"
+        refund_key = event.transaction_id or f"{event.source}:{event.id}"
         if refund_key not in state.refunds:
             kind = TransitionKind.CANCELLATION
             charged = event.price if event.price is not None else state.last_price
@@ -408,7 +414,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             extra["cancel_reason"] = Reason.CUSTOMER_SUPPORT
             extra["price"] = None if amount is None else Decimal(0) - amount  # never a "-0"
             extra["currency"] = event.currency or state.last_currency
-            new = replace(base, auto_renew=False, refunds=_remember(state.refunds, refund_key))
+            changes.update(auto_renew=False, refunds=_remember(state.refunds, refund_key))
     elif event.type is t.REFUND_REVERSED:
         pass  # recorded in the log; RevenueCat publishes nothing for it either
     elif event.type is t.PRODUCT_CHANGE:
@@ -416,21 +422,20 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             if state.live:
                 kind = TransitionKind.PRODUCT_CHANGE
                 extra["new_product_id"] = event.new_product_id
-            new = replace(base, product_id=event.new_product_id)
+            changes["product_id"] = event.new_product_id
     elif event.type in (t.PAUSE_SCHEDULED, t.PAUSED):
         now_paused = event.type is t.PAUSED
         if state.live and not (state.paused or state.pause_pending):
             kind = TransitionKind.SUBSCRIPTION_PAUSED
         if state.live:
-            new = replace(base, paused=state.paused or now_paused, pause_pending=not now_paused)
+            changes.update(paused=state.paused or now_paused, pause_pending=not now_paused)
     elif event.type is t.RESUMED:
-        new = replace(base, paused=False, pause_pending=False)
+        changes.update(paused=False, pause_pending=False)
     elif event.type is t.EXTENDED:
-        new = replace(base, expires_at=event.expires_at or base.expires_at)
+        changes["expires_at"] = event.expires_at or state.expires_at
     elif event.type is t.ONE_TIME_PURCHASE and not already_charged:
         kind = TransitionKind.NON_SUBSCRIPTION_PURCHASE
-        new = replace(
-            base,
+        changes.update(
             started=True,
             product_id=event.product_id,
             purchased_at=event.occurred_at,
@@ -438,6 +443,7 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             last_currency=event.currency,
             transactions=_remember(state.transactions, event.transaction_id),
         )
+    new = replace(state, **changes)
 
     if kind is None:
         return new, None
@@ -455,13 +461,13 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
         fields["currency"] = event.currency
     fields.update(extra)
     transition = Transition(
-        id=transition_id(state.key, event.source.value, event.id, kind.value),
+        id=transition_id(state.key, event.source, event.id, kind),
         kind=kind,
         subscription_key=state.key,
         app_id=state.app_id,
         store=state.store,
         environment=event.environment,
-        event_source=event.source.value,
+        event_source=event.source,
         event_id=event.id,
         occurred_at=event.occurred_at,
         status=new.status,
@@ -479,7 +485,7 @@ def ordered(events: Iterable[CanonicalEvent]) -> list[CanonicalEvent]:
     """
     unique: dict[tuple[str, str], CanonicalEvent] = {}
     for event in events:
-        unique.setdefault((event.source.value, event.id), event)
+        unique.setdefault((event.source, event.id), event)
     return sorted(unique.values(), key=sort_key)
 
 

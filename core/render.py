@@ -144,9 +144,9 @@ def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
     optional: dict[str, Any] = {
         "product_id": transition.product_id,
         "new_product_id": transition.new_product_id,
-        "period_type": None if transition.period_type is None else transition.period_type.value.upper(),
-        "store": transition.store.value.upper(),
-        "environment": transition.environment.value.upper(),
+        "period_type": None if transition.period_type is None else transition.period_type.upper(),
+        "store": transition.store.upper(),
+        "environment": transition.environment.upper(),
         "transaction_id": transition.transaction_id,
         "original_transaction_id": transition.subscription_id,
         "app_id": transition.app_id,
@@ -154,9 +154,9 @@ def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
         "purchased_at": None if transition.purchased_at is None else int(transition.purchased_at.timestamp()),
         "expires_at": None if transition.expires_at is None else int(transition.expires_at.timestamp()),
         "country_code": transition.country_code,
-        "cancel_reason": None if transition.cancel_reason is None else transition.cancel_reason.value.upper(),
+        "cancel_reason": None if transition.cancel_reason is None else transition.cancel_reason.upper(),
         "expiration_reason": (
-            None if transition.expiration_reason is None else transition.expiration_reason.value.upper()
+            None if transition.expiration_reason is None else transition.expiration_reason.upper()
         ),
         "is_trial_conversion": transition.is_trial_conversion,
         "renewal_number": transition.renewal_number,
@@ -177,7 +177,7 @@ def render(
         else {"anonymousId": transition.subscriber}
     )
     context = {
-        "environment": transition.environment.value,
+        "environment": transition.environment,
         "library": {"name": LIBRARY_NAME, "version": dest.library_version},
     }
     timestamp = iso_millis(transition.occurred_at)
@@ -192,7 +192,7 @@ def render(
     }
     traits: dict[str, Any] = {}
     if transition.status is not None:
-        traits["subscription_status"] = transition.status.value
+        traits["subscription_status"] = transition.status
     if transition.app_user_id:
         traits["last_seen_app_user_id"] = transition.app_user_id
     if aliases:
