@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-from importlib.resources import files
 from typing import Any
 
 import psycopg
@@ -12,32 +10,25 @@ from rich.table import Table
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
+from subledger.app.samples_loader import ingest_samples, sample_apps
 from subledger.store import migrate
 from subledger.store.db import recreate_database, resolve_url
 
 DEMO_DATABASE = "subledger_demo"
-DEMO_APP = "com.example.fitness"
 DEMO_WRITE_KEY = "demo-write-key"
-SAMPLES = ("canonical_lifecycle.ndjson",)
 
 
 def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Settings:
-    return settings_module.from_dict(
-        {
-            "apps": {
-                DEMO_APP: {
-                    "destinations": {
-                        "segment": {
-                            "write_key": DEMO_WRITE_KEY,
-                            "endpoint": endpoint,
-                            # The bundled samples are months old; the demo opts in to publishing history.
-                            "publish_historical": True,
-                        }
-                    }
-                }
-            }
+    destinations = {
+        "segment": {
+            "write_key": DEMO_WRITE_KEY,
+            "endpoint": endpoint,
+            # The bundled samples are months old; the demo opts in to publishing history.
+            "publish_historical": True,
         }
-    )
+    }
+    # The samples' apps (canonical + Apple: com.example.fitness; Stripe: com.example.fitness.web).
+    return settings_module.from_dict({"apps": sample_apps(destinations)})
 
 
 def run_demo(console: Console) -> None:
@@ -52,7 +43,7 @@ def run_demo(console: Console) -> None:
         console.print(f"[bold]database[/bold] fresh database {DEMO_DATABASE!r} on {_where(server)}")
         migrate.upgrade(url)
         services = build(demo_settings(sink.url), database_url=url)
-        _ingest_samples(console, services)
+        ingest_samples(services, console)
         relay = build_relay(services, backoff_base=0.2, backoff_cap=2.0)
         try:
             stats = relay.drain_all(timeout=20.0)
@@ -70,18 +61,6 @@ def run_demo(console: Console) -> None:
             f"[bold]segment[/bold] the sink received {sink.capture.distinct()} distinct messageIds "
             f"({len(sink.capture.duplicates())} duplicates); outbox left: "
             + (", ".join(f"{n} {status}" for status, n in left) or "empty")
-        )
-
-
-def _ingest_samples(console: Console, services: Any) -> None:
-    from subledger.app.cli import ingest_stream
-
-    for name in SAMPLES:
-        data = files("subledger.app.samples").joinpath(name).read_bytes()
-        summary = ingest_stream(services, io.BytesIO(data), name, historical=False, progress=False)
-        console.print(
-            f"[bold]ingest[/bold] {name}: new {summary.new}, duplicate {summary.duplicate}, "
-            f"rejected {summary.rejected}, transitions {summary.transitions}"
         )
 
 
@@ -121,11 +100,18 @@ def print_timelines(console: Console, conn: psycopg.Connection) -> None:
             """
             SELECT l.occurred_at, l.kind, l.source, l.external_id FROM event_log l
             JOIN subscriptions s ON s.key = l.subscription_key
-            WHERE coalesce(s.app_user_id, 'anon:' || s.key) = %s ORDER BY l.occurred_at, l.position
+            WHERE coalesce(s.app_user_id, 'anon:' || s.key) = %s ORDER BY l.position
             """,
             (subscriber,),
         ):
-            rows.append((occurred, f"log  {kind}", f"{source}:{external_id}"))
+            # A stored-only entry (no facts, e.g. Stripe's $0 trial invoice) has no occurrence time:
+            # show it where it arrived, next to the entry logged before it.
+            stored_only = occurred is None
+            occurred = occurred or (rows[-1][0] if rows else None)
+            if occurred is None:
+                continue
+            what = f"log  {kind}" + (" (stored only)" if stored_only else "")
+            rows.append((occurred, what, f"{source}:{external_id}"))
         for occurred, kind, superseded, messages in conn.execute(
             """
             SELECT t.occurred_at, t.kind, t.superseded_at IS NOT NULL,
