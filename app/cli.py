@@ -15,6 +15,7 @@ from rich.console import Console
 
 from subledger.app import cli_maintenance
 from subledger.app.cli_audit import audit_app
+from subledger.app.cli_outbox import outbox_app
 from subledger.core.errors import ConfigError, StoreError
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
+app.add_typer(outbox_app, name="outbox")
 app.command("replay")(cli_maintenance.replay)
 app.command("verify")(cli_maintenance.verify)
 

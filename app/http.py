@@ -198,6 +198,9 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE)
 
     from subledger.app.http_audit import router as audit_router
+    from subledger.app.http_ops import outbox_router, subscribers_router
 
     app.include_router(audit_router)
+    app.include_router(outbox_router)
+    app.include_router(subscribers_router)
     return app

@@ -1,0 +1,135 @@
+"""`/v1/outbox/...` and `/v1/subscribers/.../links`: outbox operations and identity linking over HTTP.
+
+The same operations as `subledger outbox ...`; every route needs the bearer token (declared once
+per router). Request bodies are small JSON objects, refused over the configured size limit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from subledger.app.auth import require_token
+from subledger.app.http import ApiError
+from subledger.core.events import Store
+from subledger.outbox import ops
+from subledger.outbox.ingest import wake_relay
+from subledger.store import audit, identity
+from subledger.store.db import translate_errors
+
+outbox_router = APIRouter(prefix="/v1/outbox", tags=["outbox"], dependencies=[Depends(require_token)])
+subscribers_router = APIRouter(prefix="/v1/subscribers", tags=["identity"], dependencies=[Depends(require_token)])
+
+
+def _ctx(request: Request) -> tuple[Any, Any, datetime]:
+    services = request.app.state.services
+    return request.app.state.pool, services, services.clock()
+
+
+def _size_limit(request: Request) -> None:
+    limit = request.app.state.services.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body larger than {limit} bytes")
+
+
+@outbox_router.get("", summary="Rows waiting in the outbox")
+def list_outbox(
+    request: Request, status: Literal["pending", "dead"] | None = None, app_id: str | None = None, limit: int = 100
+) -> JSONResponse:
+    if not 1 <= limit <= 10_000:
+        raise ApiError(422, "limit must be between 1 and 10000", field="limit")
+    pool, _, _ = _ctx(request)
+    with translate_errors(), pool.connection() as conn:
+        rows = ops.list_rows(conn, status=status, app_id=app_id, limit=limit)
+    return JSONResponse({"rows": audit.jsonable(rows)})
+
+
+def _retry(request: Request, ref: str | None, dead: bool) -> JSONResponse:
+    pool, services, now = _ctx(request)
+    with translate_errors(), pool.connection() as conn:
+        try:
+            with conn.transaction():
+                result = ops.retry(conn, services.policy, now, ref=ref, dead=dead)
+        except ops.NotFound as exc:
+            raise ApiError(409 if exc.delivered else 404, str(exc)) from None
+        if result.requeued:
+            wake_relay(conn)
+    return JSONResponse(result.as_json())
+
+
+@outbox_router.post("/dead/retry", summary="Retry every dead row")
+def retry_dead(request: Request) -> JSONResponse:
+    return _retry(request, None, True)
+
+
+@outbox_router.post("/{ref}/retry", summary="Retry one row (outbox id or messageId), keeping its messageId")
+def retry_one(ref: str, request: Request) -> JSONResponse:
+    return _retry(request, ref, False)
+
+
+@outbox_router.post("/pause/{app_id}", summary="Pause an app's destination(s) until resumed")
+def pause(app_id: str, request: Request, destination: str | None = None,
+          reason: str = ops.PAUSED_BY_OPERATOR) -> JSONResponse:
+    pool, services, now = _ctx(request)
+    with translate_errors(), pool.connection() as conn, conn.transaction():
+        names = [destination] if destination else ops.known_destinations(conn, services.policy, app_id)
+        if not names:
+            raise ApiError(404, f"app {app_id!r} has no destinations; name one with ?destination=")
+        ops.pause(conn, app_id, names, now, reason[:500])
+    return JSONResponse({"paused": [{"app_id": app_id, "destination": n} for n in names]})
+
+
+@outbox_router.post("/resume/{app_id}", summary="Resume an app's destination(s)")
+def resume(app_id: str, request: Request, destination: str | None = None) -> JSONResponse:
+    pool, _, _ = _ctx(request)
+    with translate_errors(), pool.connection() as conn:
+        with conn.transaction():
+            resumed = ops.resume(conn, app_id, destination)
+        if resumed:
+            wake_relay(conn)
+    return JSONResponse({"resumed": [{"app_id": a, "destination": d} for a, d in resumed]})
+
+
+class LinkBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field(min_length=1, max_length=500)
+    subscription_id: str = Field(min_length=1, max_length=500)
+    store: Store
+
+
+@subscribers_router.post(
+    "/{app_user_id}/links",
+    summary="Link a store subscription to an app user: later messages are attributed to the user",
+    dependencies=[Depends(_size_limit)],
+)
+async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONResponse:
+    if not app_user_id.strip() or len(app_user_id) > 500:
+        raise ApiError(422, "app_user_id must be 1 to 500 characters", field="app_user_id")
+    pool, services, now = _ctx(request)
+    if not services.settings.knows(body.app_id):
+        raise ApiError(422, f"app {body.app_id!r} is not configured", field="app_id")
+    key = f"{body.app_id}/{body.store.value}/{body.subscription_id}"
+
+    def run() -> str | None:
+        with translate_errors(), pool.connection() as conn, conn.transaction():
+            return identity.link(conn, body.app_id, key, app_user_id, now)
+
+    previous = await run_in_threadpool(run)
+    return JSONResponse({"app_user_id": app_user_id, "app_id": body.app_id, "subscription_key": key,
+                         "previous_app_user_id": previous})
+
+
+@subscribers_router.get("/{app_user_id}/links", summary="The store subscriptions linked to an app user")
+def links(app_user_id: str, request: Request) -> JSONResponse:
+    pool, _, _ = _ctx(request)
+    with translate_errors(), pool.connection() as conn:
+        found = identity.links_of(conn, app_user_id)
+    return JSONResponse({"app_user_id": app_user_id, "links": [
+        {"app_id": a, "subscription_key": k, "linked_at": audit.jsonable(t)} for a, k, t in found]})
