@@ -191,8 +191,14 @@ class StripeLinks:
         self.conn = conn
         self.app_id = app_id
         self.seen: dict[str, str] = {}
+        self.paid_invoice: dict[str, str] = {}  # payment intent / charge → invoice (basil)
 
-    def remember(self, notification: Notification) -> None:
+    def remember(self, notification: Notification, raw: bytes) -> None:
+        if notification.kind == "invoice_payment.paid":
+            refs, invoice = lookups.invoice_payment(raw)
+            for ref in refs:
+                if invoice is not None:
+                    self.paid_invoice[ref] = invoice
         for event in notification.events:
             if event.subscription_id is None:
                 continue
@@ -204,9 +210,13 @@ class StripeLinks:
 
     def __call__(self, reference: str) -> str | None:
         found = self.seen.get(reference)
-        if found is None and self.conn is not None:
-            found = lookups.stripe_subscription_for(self.conn, self.app_id, reference)
-        return found
+        invoice = self.paid_invoice.get(reference)
+        if found is None and invoice is not None:
+            found = self.seen.get(invoice) or self._logged(invoice)
+        return found or self._logged(reference)
+
+    def _logged(self, reference: str) -> str | None:
+        return None if self.conn is None else lookups.stripe_subscription_for(self.conn, self.app_id, reference)
 
 
 
@@ -226,5 +236,5 @@ def captured_incoming(
     except PayloadRejected as exc:
         return Rejection(exc.field, exc.reason)
     if links is not None:
-        links.remember(notification)
+        links.remember(notification, raw)
     return Incoming(notification, raw, historical=historical)

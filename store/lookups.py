@@ -3,11 +3,17 @@
 Stripe refunds: a `charge.refunded` names an invoice or payment intent, never the subscription.
 Every Stripe charge fact carries the invoice id as `transaction_id` (and, in payloads before API
 version 2025-03-31, the payment intent and charge ids as attributes), so the subscription is found
-in the log. The query uses JSONB containment (`facts @> ...`), which a GIN index on `facts`
+in the log. From 2025-03-31 ("basil") a charge names only its payment intent and invoices no longer
+carry one; the link is the `invoice_payment.paid` event (payment intent → invoice), which is stored
+(with no facts) and searched here when the facts do not know the reference.
+
+The facts query uses JSONB containment (`facts @> ...`), which a GIN index on `facts`
 (`jsonb_path_ops`) serves when the log grows large; without one it scans this app's Stripe entries.
 """
 
 from __future__ import annotations
+
+import json
 
 import orjson
 import psycopg
@@ -30,6 +36,15 @@ LIMIT 1
 """
 
 
+INVOICE_PAYMENT_SQL = """
+SELECT raw FROM event_log
+WHERE source = 'stripe' AND app_id = %(app)s AND kind = 'invoice_payment.paid'
+  AND position(%(needle)s::bytea IN raw) > 0
+ORDER BY position DESC
+LIMIT 20
+"""
+
+
 def _contains(**fields: object) -> str:
     return orjson.dumps({"events": [fields]}).decode()
 
@@ -37,8 +52,21 @@ def _contains(**fields: object) -> str:
 def stripe_subscription_for(conn: psycopg.Connection, app_id: str, reference: str) -> str | None:
     """The Stripe subscription id an invoice, payment intent or charge id was charged for, if logged.
 
-    Runs in its own short transaction, so it never leaves one open in front of an ingest.
+    Runs in its own short transactions, so it never leaves one open in front of an ingest.
     """
+    found = _by_facts(conn, app_id, reference)
+    if found is not None:
+        return found
+    with translate_errors(), conn.transaction():
+        candidates = conn.execute(INVOICE_PAYMENT_SQL, {"app": app_id, "needle": reference.encode()}).fetchall()
+    for (raw,) in candidates:
+        paid_by, invoice = invoice_payment(bytes(raw))
+        if reference in paid_by and invoice is not None:
+            return _by_facts(conn, app_id, invoice)
+    return None
+
+
+def _by_facts(conn: psycopg.Connection, app_id: str, reference: str) -> str | None:
     params = {
         "app": app_id,
         "ref": reference,
@@ -49,3 +77,21 @@ def stripe_subscription_for(conn: psycopg.Connection, app_id: str, reference: st
     with translate_errors(), conn.transaction():
         row = conn.execute(STRIPE_REFERENCE_SQL, params).fetchone()
     return None if row is None else str(row[0])
+
+
+def invoice_payment(raw: bytes) -> tuple[set[str], str | None]:
+    """An `invoice_payment.paid` body → (payment intent / charge ids it names, the invoice it pays)."""
+    try:
+        obj = json.loads(raw)["data"]["object"]
+        payment = obj.get("payment") or {}
+        refs = {_ref(payment.get("payment_intent")), _ref(payment.get("charge"))}
+        invoice = _ref(obj.get("invoice"))
+    except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+        return set(), None
+    return {r for r in refs if r is not None}, invoice
+
+
+def _ref(value: object) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None

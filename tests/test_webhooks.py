@@ -271,6 +271,28 @@ def test_stripe_refund_links_to_the_invoice_in_the_log(client: TestClient, db_ur
     assert (fact["type"], fact["subscription_id"], fact["price"]) == ("refund", "sub_1RKxTrialFitness01", "-9.99")
 
 
+def invoice_payment_paid(invoice_id: str, payment_intent: str, event_id: str) -> dict[str, Any]:
+    """Basil's link between a payment intent and the invoice it paid (`invoice_payment.paid`)."""
+    obj = {"id": "inpay_1RKxFitness0001", "object": "invoice_payment", "amount_paid": 999, "amount_requested": 999,
+           "currency": "usd", "invoice": invoice_id, "is_default": True, "livemode": True,
+           "payment": {"type": "payment_intent", "payment_intent": payment_intent}, "status": "paid"}
+    return event("invoice_payment.paid", obj, event_id=event_id)
+
+
+def test_basil_refund_links_through_the_logged_invoice_payment(client: TestClient, db_url: str) -> None:
+    paid = json.dumps(event("invoice.paid", invoice(invoice_id="in_basil"), event_id="evt_paid")).encode()
+    link = json.dumps(invoice_payment_paid("in_basil", "pi_3RKxFitness0001", "evt_link")).encode()
+    refund = json.dumps(event("charge.refunded", charge(invoice_ref=None), event_id="evt_refund")).encode()
+    assert stripe_post(client, paid).status_code == 200
+    assert stripe_post(client, link).json()["transitions"] == []  # stored only
+    response = stripe_post(client, refund)
+    assert response.status_code == 200 and len(response.json()["transitions"]) == 1
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT facts FROM event_log WHERE external_id = 'evt_refund'").fetchone()
+    assert row is not None
+    assert row[0]["events"][0]["subscription_id"] == "sub_1RKxTrialFitness01"
+
+
 # --- RevenueCat --------------------------------------------------------------------------------
 
 

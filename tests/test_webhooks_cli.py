@@ -53,6 +53,22 @@ def test_stripe_capture_is_trusted_and_stored_verbatim(db_url: str, tmp_path: Pa
     assert (again.new, again.duplicate) == (0, len(lines))
 
 
+def test_stripe_capture_links_a_basil_refund_within_one_file(db_url: str, tmp_path: Path) -> None:
+    from test_source_stripe import charge, event, invoice
+    from test_webhooks import invoice_payment_paid
+
+    lines = [
+        json.dumps(event("invoice.paid", invoice(invoice_id="in_basil"), event_id="evt_paid")),
+        json.dumps(invoice_payment_paid("in_basil", "pi_3RKxFitness0001", "evt_link")),
+        json.dumps(event("charge.refunded", charge(invoice_ref=None), event_id="evt_refund")),
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "s.ndjson", historical=False,
+                            progress=False, fmt="stripe")
+    assert (summary.new, summary.transitions) == (3, 2)  # the renewal, then the refund's cancellation
+    assert sorted(transitions(db_url)) == ["cancellation", "renewal"]
+
+
 def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path: Path) -> None:
     good = notification(CA, "SUBSCRIBED", "INITIAL_BUY", txn=transaction(trial=True), notification_uuid="cap-1")
     forged = notification(CA, "DID_RENEW", txn=transaction())
