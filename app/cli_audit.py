@@ -116,7 +116,8 @@ def timeline(
                         str(e.duplicates) if e.duplicates else "", "yes" if e.historical else "")
     out.print(entries)
     transitions = Table(title="transitions", title_justify="left")
-    for col in ("transition", "kind", "occurred", "from", "subscriber", "note"):
+    transitions.add_column("transition", no_wrap=True)
+    for col in ("kind", "occurred", "from", "subscriber", "note"):
         transitions.add_column(col)
     for t in found.transitions:
         note = "SUPERSEDED" if t.superseded else ("historical" if t.historical else "")
@@ -124,7 +125,8 @@ def timeline(
                             t.subscriber, note)
     out.print(transitions)
     deliveries = Table(title="deliveries", title_justify="left")
-    for col in ("messageId", "event", "destination", "status", "attempts", "when", "last response"):
+    deliveries.add_column("messageId", no_wrap=True)
+    for col in ("event", "destination", "status", "attempts", "when", "last response"):
         deliveries.add_column(col)
     for d in found.deliveries:
         last = d.last_response or d.last_error or ""
@@ -190,15 +192,16 @@ def explain(
                   f"occurred {_t(e['occurred_at'])}, received {_t(e['received_at'])}, "
                   f"{e['duplicates']} duplicate deliveries, hash {bytes(e['hash']).hex()[:16]}…", highlight=False)
     if found.fact is not None:
-        out.print("  fact: " + json.dumps(found.fact, ensure_ascii=False), highlight=False, markup=False)
+        out.print("  fact: " + json.dumps(found.fact, ensure_ascii=False, sort_keys=True), highlight=False,
+                  markup=False)
     state = "SUPERSEDED at " + _t(t["superseded_at"]) if found.superseded else "live"
     out.print(f"[bold]transition[/bold] {t['id']} {t['kind']} for {t['subscriber']} ({state}"
               f"{', historical' if t['historical'] else ''})", highlight=False)
     for m in found.messages:
         track = m["body"][0]
         out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
-                  f"[{m['status']}, {m['attempts']} attempts]", highlight=False)
-        out.print("  " + json.dumps(m["body"], ensure_ascii=False), highlight=False, markup=False)
+                  f"({m['status']}, {m['attempts']} attempts)", highlight=False)
+        out.print(json.dumps(m["body"], ensure_ascii=False, indent=2, sort_keys=True), highlight=False, markup=False)
     if not found.messages:
         out.print("no message: no destination accepts it (historical, sandbox, event name off) or it was withdrawn")
     for a in found.attempts:

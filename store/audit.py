@@ -168,6 +168,8 @@ def timeline(conn: psycopg.Connection, who: str) -> Timeline:
     transitions = [TransitionItem(**r) for r in _rows(conn, TRANSITIONS_SQL, {"keys": keys})]
     ids = [t.id for t in transitions]
     deliveries = [Delivery(**r) for r in _rows(conn, DELIVERIES_SQL, {"ids": ids})] if ids else []
+    order = {tid: n for n, tid in enumerate(ids)}
+    deliveries.sort(key=lambda d: (order.get(d.transition_id, len(order)), d.destination))
     return Timeline(who, keys, entries, transitions, deliveries)
 
 
