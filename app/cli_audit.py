@@ -163,7 +163,7 @@ def state(
     table = Table(show_header=False)
     for key, value in found.state.to_json().items():
         if value not in (None, [], ""):
-            table.add_row(key, str(value))
+            table.add_row(key, json.dumps(value) if isinstance(value, list) else str(value))
     out.print(table)
     out.print("transitions so far: " + (", ".join(t.kind.value for t in found.transitions) or "none"),
               highlight=False)
