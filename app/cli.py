@@ -306,10 +306,13 @@ def relay(
     services = _services(config, database_url)
     migrate.upgrade(services.database_url)
     configure_logging()
-    worker = build_relay(
-        services, batch_rows=batch_rows, lease_seconds=lease_seconds,
-        backoff_base=backoff_base, backoff_cap=backoff_cap,
-    )
+    try:
+        worker = build_relay(
+            services, batch_rows=batch_rows, lease_seconds=lease_seconds,
+            backoff_base=backoff_base, backoff_cap=backoff_cap,
+        )
+    except ValueError as exc:
+        raise fail(f"--lease-seconds: {exc}") from None
     if not worker.routes:
         err.print("warning: no destinations are configured; nothing will be sent", highlight=False)
     if once:

@@ -211,6 +211,12 @@ class Relay:
     ) -> None:
         self.database_url = database_url
         self.routes = dict(routes)
+        slowest = max((r.timeout_seconds for r in self.routes.values()), default=0.0)
+        if config is not None and config.lease.total_seconds() < slowest + 1:
+            raise ValueError(
+                f"the relay lease ({config.lease.total_seconds():g} s) must exceed the slowest destination's "
+                f"timeout_seconds ({slowest:g} s) by at least 1 s"
+            )
         self.config = config or RelayConfig()
         self.clock = clock
         self.client = client or SegmentClient(backoff=self.config.backoff)
@@ -218,6 +224,7 @@ class Relay:
         self._conn: psycopg.Connection | None = None
         self._resumed = False
         self._lock = threading.Lock()
+        self._lease_deadline = datetime.max.replace(tzinfo=UTC)
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -321,6 +328,7 @@ class Relay:
 
     def _claim(self) -> list[Row]:
         now = self.clock()
+        self._lease_deadline = now + self.config.lease
         apps, dests = self._route_arrays()
         conn = self._db()
         with conn.transaction():
@@ -380,13 +388,18 @@ class Relay:
                 outcome.release.extend(batch)
             else:
                 self._attempt(route, key, list(batch), outcome, stats)
-                stopped = outcome.pause is not None or outcome.wait_until is not None
+                # After a failure, the rest of this pass's rows for the destination go back unsent:
+                # one timeout per pass, not one per batch, and never past the lease.
+                stopped = outcome.pause is not None or outcome.wait_until is not None or bool(outcome.retry)
             self._record(route, outcome, stats)
 
     def _attempt(self, route: Route, key: str, rows: list[Row], outcome: _Outcome, stats: PassStats) -> None:
         """Send `rows` in one request; on a content refusal, bisect to find the culprits."""
         if outcome.pause is not None or outcome.wait_until is not None:
             outcome.release.extend(rows)
+            return
+        if self.clock() + timedelta(seconds=route.timeout_seconds) >= self._lease_deadline:
+            outcome.release.extend(rows)  # the lease could run out mid-request: let a fresh claim send them
             return
         messages = [m for row in rows for m in row.messages]
         response = self.client.post(

@@ -153,7 +153,7 @@ def ingest_events(db_url: str, settings: Any, events: Sequence[dict[str, Any]], 
 def write_config(path: Any, endpoint: str, **extra: Any) -> Any:
     """The TOML a `subledger relay` subprocess reads."""
     lines = [f'[apps."{APP}".destinations.segment]', f'write_key = "{WRITE_KEY}"', f'endpoint = "{endpoint}"',
-             "publish_historical = true", "timeout_seconds = 2.0"]
+             "publish_historical = true", "timeout_seconds = 1.0"]
     lines += [f"{k} = {v!r}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path

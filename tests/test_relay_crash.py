@@ -83,7 +83,7 @@ def test_sigkill_twenty_times_loses_nothing(db_url: str, tmp_path: Path) -> None
         fake.hook = kill_while_holding
         kills = {"holding a request": 0, "after a delay": 0}
         for i in range(20):
-            proc = _start(db_url, config, log, "--batch-rows", "40", "--lease-seconds", "1.5")
+            proc = _start(db_url, config, log, "--batch-rows", "40", "--lease-seconds", "2.5")
             target = requests_so_far(fake) + rng.randint(1, 4)
             if i % 2 == 0:
                 with lock:
@@ -103,7 +103,7 @@ def test_sigkill_twenty_times_loses_nothing(db_url: str, tmp_path: Path) -> None
             assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
             assert _pending(db_url) > 0, f"the run ended before kill {i + 1}; make it longer"
 
-        final = _start(db_url, config, log, "--batch-rows", "200", "--lease-seconds", "1.5")
+        final = _start(db_url, config, log, "--batch-rows", "200", "--lease-seconds", "2.5")
         drained = _wait(lambda: _pending(db_url) == 0, 120, step=0.2)
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=20) == 0, log.read_text()[-2000:]  # a clean stop on SIGTERM
