@@ -250,7 +250,7 @@ class Relay:
         with self._lock:
             try:
                 return self._run_pass()
-            except psycopg.OperationalError:
+            except psycopg.Error:
                 self._drop_connection()  # reconnect next pass; leased rows come back after the lease
                 raise
 

@@ -146,8 +146,8 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     self.relay.drain(self._stop)
-                except psycopg.OperationalError as exc:
-                    log.warning("relay pass failed, database unavailable: %s", exc)
+                except psycopg.Error as exc:
+                    log.warning("relay pass failed (%s); the next run reconnects", exc)
                     return
                 with self._running_lock:
                     if not self._wake.is_set():

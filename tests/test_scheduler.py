@@ -157,3 +157,20 @@ def test_expiration_job_runs_in_the_scheduler(db_url: str) -> None:
         finally:
             scheduler.stop()
         assert arrived is not None
+
+
+def test_the_relay_reconnects_after_losing_its_database_connection(db_url: str) -> None:
+    with FakeSegment() as fake:
+        settings = settings_for(fake.url)
+        scheduler = _scheduler(db_url, settings, relay_interval=0.2, listener_check=60).start()
+        try:
+            _ingest_one(db_url, settings, lifecycle(1)[0])
+            assert _wait(lambda: fake.capture.distinct() == 2, 5) is not None
+            conn = scheduler.relay._conn
+            assert conn is not None
+            with psycopg.connect(db_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            _ingest_one(db_url, settings, lifecycle(2)[0])
+            assert _wait(lambda: fake.capture.distinct() == 4, 5) is not None
+        finally:
+            scheduler.stop()
