@@ -11,9 +11,12 @@ store then stops retrying); every refusal is a 4xx with a JSON reason and stores
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -21,11 +24,14 @@ from psycopg_pool import ConnectionPool
 
 from subledger.app.bootstrap import Services
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
-from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected
+from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, Outcome, ingest
+from subledger.store.db import translate_errors
 
+log = logging.getLogger("subledger.webhooks")
 WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
+POOL_WAIT_SECONDS = 10.0  # no free connection (or no database) in time: 503, and the store retries
 BodyReader = Callable[[Request], Awaitable[bytes]]
 
 
@@ -48,6 +54,20 @@ def refusal(exc: PayloadRejected) -> JSONResponse:
     return JSONResponse(body, status_code=status_for(exc))
 
 
+def parse(call: Callable[[], Notification]) -> Notification | JSONResponse:
+    """Run an adapter: its refusals become 4xx; a bug in it must not become a 500 for a sender's body
+    either (nothing is stored; the store retries, and the traceback is in the server log)."""
+    try:
+        return call()
+    except PayloadRejected as exc:
+        return refusal(exc)
+    except StoreError:
+        raise  # a log lookup failed: 503
+    except Exception:
+        log.exception("store adapter failed on a delivery; refused with 400")
+        return JSONResponse({"error": "the body could not be mapped (see the server log)"}, status_code=400)
+
+
 def accepted(outcome: Outcome, notification: Notification) -> JSONResponse:
     return JSONResponse(
         {
@@ -68,38 +88,36 @@ def webhook_router(
     adapters = sources if sources is not None else build_sources(services.settings)
     router = APIRouter(tags=["webhooks"])
 
+    @contextmanager
+    def connection() -> Iterator[psycopg.Connection]:
+        with translate_errors(), pool.connection(timeout=POOL_WAIT_SECONDS) as conn:
+            yield conn
+
     def store(notification: Notification, raw: bytes) -> JSONResponse:
-        with pool.connection() as conn:
+        with connection() as conn:
             (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
         return accepted(outcome, notification)
 
     def apple(raw: bytes) -> JSONResponse:
-        try:
-            notification = adapters.parse_apple(raw)
-        except PayloadRejected as exc:
-            return refusal(exc)
-        return store(notification, raw)
+        notification = parse(lambda: adapters.parse_apple(raw))
+        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
 
     def stripe(app_id: str, raw: bytes, signature: str | None) -> JSONResponse:
         try:
             adapters.stripe_for(app_id)
         except PayloadRejected as exc:
             return refusal(exc)
-        with pool.connection() as conn:
+        with connection() as conn:
             links = StripeLinks(conn, app_id)
-            try:
-                notification = adapters.parse_stripe(app_id, raw, signature, services.clock(), links)
-            except PayloadRejected as exc:
-                return refusal(exc)
+            notification = parse(lambda: adapters.parse_stripe(app_id, raw, signature, services.clock(), links))
+            if isinstance(notification, JSONResponse):
+                return notification
             (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
         return accepted(outcome, notification)
 
     def revenuecat(app_id: str, raw: bytes, authorization: str | None) -> JSONResponse:
-        try:
-            notification = adapters.parse_revenuecat(app_id, raw, authorization)
-        except PayloadRejected as exc:
-            return refusal(exc)
-        return store(notification, raw)
+        notification = parse(lambda: adapters.parse_revenuecat(app_id, raw, authorization))
+        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
 
     @router.post(
         "/webhooks/apple",

@@ -240,6 +240,19 @@ def _expand(value: Any, path: str) -> Any:
     return value
 
 
+def _check_sources(apps: dict[str, AppSettings]) -> None:
+    """Cross-app rules a single model cannot see: one app per Apple bundle id (the routing key)."""
+    owners: dict[str, str] = {}
+    for app_id, app in apps.items():
+        if app.apple is None:
+            continue
+        bundle = app.apple.bundle_id or app_id
+        if bundle in owners:
+            raise ConfigError(f"apps.{_key(app_id)}.apple.bundle_id",
+                              f"{bundle!r} is already the bundle id of app {owners[bundle]!r}")
+        owners[bundle] = app_id
+
+
 def _key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else f'"{k}"'
 
@@ -269,6 +282,7 @@ def load(path: str | Path | None = None) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(_loc(first["loc"]), first["msg"]) from None
+    _check_sources(parsed.apps)
     return Settings(
         api_token=env.api_token or parsed.api_token,
         database_url=env.database_url or parsed.database_url,
@@ -287,6 +301,7 @@ def from_dict(data: dict[str, Any]) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(_loc(first["loc"]), first["msg"]) from None
+    _check_sources(parsed.apps)
     return Settings(
         api_token=parsed.api_token,
         database_url=parsed.database_url,

@@ -55,7 +55,7 @@ class Sources:
             return self.apple[min(self.apple)]
         adapter = self.apple.get(claimed)
         if adapter is None:
-            raise BadSignature(f"no app is configured for bundle id {claimed!r}", "bundleId")
+            raise BadSignature(f"no app is configured for bundle id {claimed[:200]!r}", "bundleId")
         return adapter
 
     def stripe_for(self, app_id: str) -> stripe.StripeConfig:

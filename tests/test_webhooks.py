@@ -325,6 +325,27 @@ def test_revenuecat_refusals(client: TestClient, db_url: str) -> None:
     assert log_count(db_url) == 0
 
 
+def test_odd_reason_types_are_mapped_not_a_500(client: TestClient, db_url: str) -> None:
+    # found by the hostile-body property: a list where RevenueCat sends a string
+    raw = rc_body(rc_event("EXPIRATION", expiration_reason=[None]))
+    assert client.post(f"/webhooks/revenuecat/{RC_APP}", content=raw, headers=rc_headers()).status_code == 200
+
+
+def test_an_adapter_bug_is_a_400_that_stores_nothing(client: TestClient, db_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from subledger.core.sources import revenuecat
+
+    def broken(*_: Any) -> Any:
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(revenuecat, "parse_webhook", broken)
+    response = client.post(f"/webhooks/revenuecat/{RC_APP}", content=rc_body(rc_event("RENEWAL")),
+                           headers=rc_headers())
+    refused(response, 400)
+    assert "unhashable" not in response.text
+    assert log_count(db_url) == 0
+
+
 # --- size limit --------------------------------------------------------------------------------
 
 

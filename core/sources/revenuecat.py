@@ -217,7 +217,7 @@ class _Mapping:
         self._add(EventType.RENEWAL, priced=True, at_purchase=True)
 
     def on_cancellation(self) -> None:
-        reason = REASONS.get(self.event.get("cancel_reason") or "")
+        reason = REASONS.get(_str(self.event.get("cancel_reason")) or "")
         paid = _number(self.event.get("price_in_purchased_currency"), "price_in_purchased_currency")
         usd = _number(self.event.get("price"), "price")
         if reason is Reason.CUSTOMER_SUPPORT and ((paid is not None and paid < 0) or (usd is not None and usd < 0)):
@@ -235,7 +235,7 @@ class _Mapping:
         self._add(EventType.PAUSE_SCHEDULED)
 
     def on_expiration(self) -> None:
-        reason = REASONS.get(self.event.get("expiration_reason") or "") or Reason.UNKNOWN
+        reason = REASONS.get(_str(self.event.get("expiration_reason")) or "") or Reason.UNKNOWN
         self._add(EventType.EXPIRATION, reason=reason)
 
     def on_billing_issue(self) -> None:

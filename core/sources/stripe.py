@@ -418,14 +418,14 @@ class _Mapping:
             was = _cancelling({**sub, **{k: prev[k] for k in ("cancel_at_period_end", "cancel_at") if k in prev}})
             now = _cancelling(sub)
             if now and not was:
-                reason = CANCELLATION_REASON.get(_path(sub, "cancellation_details", "reason") or "")
+                reason = CANCELLATION_REASON.get(_str(_path(sub, "cancellation_details", "reason")) or "")
                 self._add(EventType.AUTO_RENEW_DISABLED, reason=reason, expires_at=self._period_end(sub))
             elif was and not now:
                 self._add(EventType.AUTO_RENEW_ENABLED, expires_at=self._period_end(sub))
 
     def on_subscription_deleted(self) -> None:
         sub = self._subscription()
-        reason = CANCELLATION_REASON.get(_path(sub, "cancellation_details", "reason") or "")
+        reason = CANCELLATION_REASON.get(_str(_path(sub, "cancellation_details", "reason")) or "")
         if reason is Reason.UNSUBSCRIBE and not _cancelling(sub):
             # Cancelled immediately: the customer's cancellation and the end are both facts.
             self._add(EventType.AUTO_RENEW_DISABLED, reason=reason)
