@@ -26,7 +26,9 @@ from subledger.app.bootstrap import Services
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
 from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
 from subledger.core.sources import Notification
+from subledger.core.sources import revenuecat as revenuecat_source
 from subledger.outbox.ingest import Incoming, Outcome, ingest
+from subledger.store import identity, lookups
 from subledger.store.db import translate_errors
 
 log = logging.getLogger("subledger.webhooks")
@@ -117,7 +119,24 @@ def webhook_router(
 
     def revenuecat(app_id: str, raw: bytes, authorization: str | None) -> JSONResponse:
         notification = parse(lambda: adapters.parse_revenuecat(app_id, raw, authorization))
-        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
+        if isinstance(notification, JSONResponse):
+            return notification
+        response = store(notification, raw)
+        if notification.kind == "TRANSFER":
+            transfer(notification.app_id, raw)
+        return response
+
+    def transfer(app_id: str, raw: bytes) -> None:
+        """TRANSFER: the sender's subscriptions now belong to the receiver. Applied as identity links
+        (so later messages go to the receiver); also on a duplicate delivery, so a crash between the
+        log commit and the links heals when RevenueCat retries. Links are idempotent."""
+        moved = revenuecat_source.transfer_links(raw)
+        target = _receiver(moved.transferred_to) if moved is not None else None
+        if moved is None or target is None:
+            return
+        with connection() as conn, conn.transaction():
+            for key in lookups.subscriptions_of(conn, app_id, list(moved.transferred_from)):
+                identity.link(conn, app_id, key, target, services.clock())
 
     @router.post(
         "/webhooks/apple",
@@ -147,3 +166,9 @@ def webhook_router(
         return await run_in_threadpool(revenuecat, app_id, raw, request.headers.get("authorization"))
 
     return router
+
+
+def _receiver(ids: tuple[str, ...]) -> str | None:
+    """The user a TRANSFER moves to: the first id that is not RevenueCat-anonymous, else the first."""
+    named = [i for i in ids if not i.startswith("$RCAnonymousID:")]
+    return (named or list(ids) or [None])[0]

@@ -95,3 +95,20 @@ def _ref(value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("id")
     return value if isinstance(value, str) and value else None
+
+
+SUBSCRIPTIONS_OF_SQL = """
+SELECT key FROM subscriptions WHERE app_id = %(app)s AND app_user_id = ANY(%(users)s)
+UNION
+SELECT store_subscription FROM identity_links WHERE app_id = %(app)s AND app_user_id = ANY(%(users)s)
+ORDER BY 1
+"""
+
+
+def subscriptions_of(conn: psycopg.Connection, app_id: str, users: list[str]) -> list[str]:
+    """Subscription keys of the app that belong to any of `users` (by the fold's state or a link)."""
+    if not users:
+        return []
+    with translate_errors():
+        rows = conn.execute(SUBSCRIPTIONS_OF_SQL, {"app": app_id, "users": users}).fetchall()
+    return [str(key) for (key,) in rows]

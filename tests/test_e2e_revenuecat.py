@@ -181,3 +181,23 @@ def test_a_pair_delivered_out_of_order_settles_as_if_in_order(p: Pipeline) -> No
         ("rc_trial_converted_event", 9.99),
     ]
     assert superseded(p.db_url) == 1
+
+
+def test_transfer_sends_the_subscriptions_later_messages_to_the_receiver(p: Pipeline) -> None:
+    anon = "$RCAnonymousID:8b7f3a"
+    moved = rc_event("TRANSFER", id="rc-transfer", event_timestamp_ms=ms(T0 + timedelta(days=1)),
+                     transferred_from=[anon], transferred_to=["$RCAnonymousID:ffff", "user_real"])
+    for name in ("app_user_id", "original_app_user_id", "original_transaction_id", "transaction_id"):
+        moved.pop(name)
+    first = send(p, trial() | {"app_user_id": anon}, moved)
+    assert first[1]["transitions"] == []
+    again = send(p, moved)  # a retried TRANSFER re-applies the same links: harmless
+    assert again[0]["result"] == "duplicate"
+    send(p, conversion() | {"app_user_id": anon})
+    messages = p.relay()
+    assert [(t["event"], t["userId"]) for t in tracks(messages)] == [
+        ("rc_trial_started_event", anon),
+        ("rc_trial_converted_event", "user_real"),
+    ]
+    converted = [m for m in messages if m["type"] == "identify" and m.get("userId") == "user_real"]
+    assert anon in converted[0]["traits"]["aliases"]
