@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -42,6 +42,7 @@ DatabaseOption = Annotated[
     typer.Option("--database-url", help="PostgreSQL URL (default: $SUBLEDGER_DATABASE_URL, else embedded)."),
 ]
 BATCH = 1000
+T = TypeVar("T")
 MAX_REJECTIONS_SHOWN = 20
 
 
@@ -138,30 +139,68 @@ def ingest_stream(
         if len(summary.rejections) < MAX_REJECTIONS_SHOWN:
             summary.rejections.append(f"{name}:{line}: {reason}")
 
-    batch: list[Incoming] = []
-    try:
+    def checked_items() -> Iterator[tuple[int, Incoming | Rejection | str]]:
         for item in _with_progress(read_items(stream), stream, enabled=progress):
             if item.error:
-                reject(item.line, item.error)
-                continue
-            if sources is None:
-                checked = to_incoming(item.value, item.raw, services.settings, historical=historical)
+                yield item.line, item.error
+            elif sources is None:
+                yield item.line, to_incoming(item.value, item.raw, services.settings, historical=historical)
             else:
-                checked = captured_incoming(
+                yield item.line, captured_incoming(
                     sources, fmt, item.raw, services.settings,  # type: ignore[arg-type]
                     app_id=app_id, links=links, historical=historical,
                 )
-            if isinstance(checked, Rejection):
+
+    # Canonical input is parsed on a second thread: it runs while this one waits for the
+    # database. Captured Stripe bodies look things up on `conn`, so they stay on this thread.
+    items = in_background(checked_items()) if sources is None else checked_items()
+    batch: list[Incoming] = []
+    try:
+        for line, checked in items:
+            if isinstance(checked, str):
+                reject(line, checked)
+            elif isinstance(checked, Rejection):
                 where = f"{checked.field}: " if checked.field else ""
-                reject(item.line, where + checked.reason)
-                continue
-            batch.append(checked)
-            if len(batch) >= BATCH:
-                flush(batch)
+                reject(line, where + checked.reason)
+            else:
+                batch.append(checked)
+                if len(batch) >= BATCH:
+                    flush(batch)
         flush(batch)
     finally:
         conn.close()
     return summary
+
+
+def in_background(items: Iterator[T], *, depth: int = 2 * BATCH) -> Iterator[T]:
+    """Produce `items` on a daemon thread into a bounded queue (memory stays constant)."""
+    import queue
+    import threading
+
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put(item)
+        except BaseException as exc:  # handed to the consumer below
+            failure.append(exc)
+        finally:
+            box.put(done)
+
+    threading.Thread(target=produce, name="ingest-parse", daemon=True).start()
+    try:
+        while (item := box.get()) is not done:
+            yield item
+    finally:
+        stop.set()
+    if failure:
+        raise failure[0]
 
 
 def _with_progress(items: Iterator[Any], stream: IO[bytes], *, enabled: bool) -> Iterator[Any]:
