@@ -171,4 +171,4 @@ def webhook_router(
 def _receiver(ids: tuple[str, ...]) -> str | None:
     """The user a TRANSFER moves to: the first id that is not RevenueCat-anonymous, else the first."""
     named = [i for i in ids if not i.startswith("$RCAnonymousID:")]
-    return (named or list(ids) or [None])[0]
+    return next(iter(named or ids), None)

@@ -18,7 +18,10 @@ import psycopg
 from subledger.app.canonical import Rejection
 from subledger.app.settings import Settings, read_certificate
 from subledger.core.errors import BadSignature, ConfigError, PayloadRejected
-from subledger.core.sources import Notification, apple, revenuecat, stripe
+from subledger.core.sources import Notification
+from subledger.core.sources import apple as apple_source
+from subledger.core.sources import revenuecat as rc_source
+from subledger.core.sources import stripe as stripe_source
 from subledger.outbox.ingest import Incoming
 from subledger.store import lookups
 
@@ -38,17 +41,17 @@ def _key(app_id: str) -> str:
 class Sources:
     """Adapters per app. Apple's are keyed by bundle id, the others by our app id."""
 
-    apple: Mapping[str, apple.AppleAdapter] = field(default_factory=dict)
-    stripe: Mapping[str, stripe.StripeConfig] = field(default_factory=dict)
-    revenuecat: Mapping[str, revenuecat.RevenueCatConfig] = field(default_factory=dict)
+    apple: Mapping[str, apple_source.AppleAdapter] = field(default_factory=dict)
+    stripe: Mapping[str, stripe_source.StripeConfig] = field(default_factory=dict)
+    revenuecat: Mapping[str, rc_source.RevenueCatConfig] = field(default_factory=dict)
 
     # -- routing --
 
-    def apple_for(self, body: bytes) -> apple.AppleAdapter:
+    def apple_for(self, body: bytes) -> apple_source.AppleAdapter:
         """The adapter of the app whose bundle id the body claims (the claim is verified next)."""
         if not self.apple:
             raise UnknownApp("no app is configured for App Store notifications (add [apps.\"<app>\".apple])")
-        claimed = apple.unverified_bundle_id(body)
+        claimed = apple_source.unverified_bundle_id(body)
         if claimed is None:
             # Unreadable, or names no bundle id: any app's adapter refuses it and words why
             # (Apple's verifier never accepts a notification whose bundle id is not its own).
@@ -58,14 +61,14 @@ class Sources:
             raise BadSignature(f"no app is configured for bundle id {claimed[:200]!r}", "bundleId")
         return adapter
 
-    def stripe_for(self, app_id: str) -> stripe.StripeConfig:
+    def stripe_for(self, app_id: str) -> stripe_source.StripeConfig:
         found = self.stripe.get(app_id)
         if found is None:
             raise UnknownApp(f"app {app_id!r} has no Stripe endpoint configured (add [{_key(app_id)}.stripe])",
                              "app_id")
         return found
 
-    def revenuecat_for(self, app_id: str) -> revenuecat.RevenueCatConfig:
+    def revenuecat_for(self, app_id: str) -> rc_source.RevenueCatConfig:
         found = self.revenuecat.get(app_id)
         if found is None:
             raise UnknownApp(
@@ -76,7 +79,8 @@ class Sources:
     # -- parsing: webhooks (authenticated by the source's own mechanism) --
 
     def parse_apple(self, body: bytes) -> Notification:
-        return self.apple_for(body).parse(body)
+        notification: Notification = self.apple_for(body).parse(body)
+        return notification
 
     def parse_stripe(
         self,
@@ -84,13 +88,13 @@ class Sources:
         body: bytes,
         signature: str | None,
         now: datetime,
-        subscription_for: stripe.SubscriptionLookup | None = None,
+        subscription_for: stripe_source.SubscriptionLookup | None = None,
     ) -> Notification:
         config = self.stripe_for(app_id)
-        return stripe.parse_webhook(body, signature, config, now, subscription_for=subscription_for)
+        return stripe_source.parse_webhook(body, signature, config, now, subscription_for=subscription_for)
 
     def parse_revenuecat(self, app_id: str, body: bytes, authorization: str | None) -> Notification:
-        return revenuecat.parse_webhook(body, authorization, self.revenuecat_for(app_id))
+        return rc_source.parse_webhook(body, authorization, self.revenuecat_for(app_id))
 
     # -- parsing: captured bodies (`subledger ingest --format`) --
 
@@ -101,7 +105,7 @@ class Sources:
         *,
         app_id: str | None,
         settings: Settings,
-        subscription_for: stripe.SubscriptionLookup | None = None,
+        subscription_for: stripe_source.SubscriptionLookup | None = None,
     ) -> Notification:
         """One captured body. Apple is verified as configured (offline, dated at signedDate); Stripe
         and RevenueCat bodies carry no header once captured, so they are trusted as the operator's."""
@@ -111,10 +115,10 @@ class Sources:
             raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
         if fmt == "stripe":
             config = self.stripe.get(app_id) or _trusted_stripe(app_id, settings)
-            return stripe.parse_unverified(body, config, subscription_for=subscription_for)
+            return stripe_source.parse_unverified(body, config, subscription_for=subscription_for)
         if fmt == "revenuecat":
             rc = self.revenuecat.get(app_id) or _trusted_revenuecat(app_id, settings)
-            return revenuecat.parse_unverified(body, rc)
+            return rc_source.parse_unverified(body, rc)
         raise ValueError(f"not a source format: {fmt}")
 
     def default_app(self, fmt: Format) -> str | None:
@@ -123,23 +127,23 @@ class Sources:
         return configured[0] if len(configured) == 1 else None
 
 
-def _trusted_stripe(app_id: str, settings: Settings) -> stripe.StripeConfig:
+def _trusted_stripe(app_id: str, settings: Settings) -> stripe_source.StripeConfig:
     if not settings.knows(app_id):
         raise ConfigError("--app", f"app {app_id!r} is not configured (add [{_key(app_id)}])")
-    return stripe.StripeConfig(app_id=app_id, endpoint_secrets=("unused: captured bodies are trusted",))
+    return stripe_source.StripeConfig(app_id=app_id, endpoint_secrets=("unused: captured bodies are trusted",))
 
 
-def _trusted_revenuecat(app_id: str, settings: Settings) -> revenuecat.RevenueCatConfig:
+def _trusted_revenuecat(app_id: str, settings: Settings) -> rc_source.RevenueCatConfig:
     if not settings.knows(app_id):
         raise ConfigError("--app", f"app {app_id!r} is not configured (add [{_key(app_id)}])")
-    return revenuecat.RevenueCatConfig(app_id=app_id, authorization="unused: captured bodies are trusted")
+    return rc_source.RevenueCatConfig(app_id=app_id, authorization="unused: captured bodies are trusted")
 
 
 def build_sources(settings: Settings) -> Sources:
     """Every configured adapter, validated; a ConfigError names the key (`apps."x".apple.…`)."""
-    apple_by_bundle: dict[str, apple.AppleAdapter] = {}
-    stripe_by_app: dict[str, stripe.StripeConfig] = {}
-    rc_by_app: dict[str, revenuecat.RevenueCatConfig] = {}
+    apple_by_bundle: dict[str, apple_source.AppleAdapter] = {}
+    stripe_by_app: dict[str, stripe_source.StripeConfig] = {}
+    rc_by_app: dict[str, rc_source.RevenueCatConfig] = {}
     for app_id, app in settings.apps.items():
         try:
             if app.apple is not None:
@@ -154,7 +158,7 @@ def build_sources(settings: Settings) -> Sources:
                         roots.append(read_certificate(path))
                     except (OSError, ValueError) as exc:
                         raise ConfigError(f"apple.root_certificates[{index}]", f"{path}: {exc}") from None
-                config = apple.AppleConfig(
+                config = apple_source.AppleConfig(
                     bundle_id=bundle,
                     app_apple_id=a.app_apple_id,
                     root_certificates=tuple(roots),
@@ -162,17 +166,17 @@ def build_sources(settings: Settings) -> Sources:
                     enable_online_checks=a.enable_online_checks,
                     app_id=app_id,
                 )
-                apple_by_bundle[bundle] = apple.AppleAdapter(config)
+                apple_by_bundle[bundle] = apple_source.AppleAdapter(config)
             if app.stripe is not None:
                 s = app.stripe
-                stripe_by_app[app_id] = stripe.StripeConfig(
+                stripe_by_app[app_id] = stripe_source.StripeConfig(
                     app_id=app_id,
                     endpoint_secrets=tuple(s.endpoint_secrets),
                     metadata_key=s.metadata_key,
                     tolerance=s.tolerance_seconds,
                 )
             if app.revenuecat is not None:
-                rc_by_app[app_id] = revenuecat.RevenueCatConfig(
+                rc_by_app[app_id] = rc_source.RevenueCatConfig(
                     app_id=app_id, authorization=app.revenuecat.authorization
                 )
         except ConfigError as exc:
@@ -195,8 +199,8 @@ class StripeLinks:
 
     def remember(self, notification: Notification, raw: bytes) -> None:
         if notification.kind == "invoice_payment.paid":
-            refs, invoice = lookups.invoice_payment(raw)
-            for ref in refs:
+            paid_by, invoice = lookups.invoice_payment(raw)
+            for ref in paid_by:
                 if invoice is not None:
                     self.paid_invoice[ref] = invoice
         for event in notification.events:
@@ -204,9 +208,9 @@ class StripeLinks:
                 continue
             attrs = event.attributes
             refs = [event.transaction_id, attrs.get("stripe_payment_intent"), attrs.get("stripe_charge")]
-            for ref in refs:
-                if isinstance(ref, str) and ref:
-                    self.seen[ref] = event.subscription_id
+            for known in refs:
+                if isinstance(known, str) and known:
+                    self.seen[known] = event.subscription_id
 
     def __call__(self, reference: str) -> str | None:
         found = self.seen.get(reference)
