@@ -6,7 +6,8 @@ store then stops retrying); every refusal is a 4xx with a JSON reason and stores
 
     400 malformed body · 401 bad signature or credentials · 403 signed, but for another
     bundle / app / environment · 404 an app with no credentials for this source · 413 too large ·
-    422 a well-formed body that states an impossible fact. A database outage is a 503.
+    422 a well-formed body that states an impossible fact. A database outage (or Apple's OCSP
+    responder out of reach, with online checks on) is a 503.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def status_for(exc: PayloadRejected) -> int:
     if isinstance(exc, UnknownApp):
         return 404
     if isinstance(exc, BadSignature):
+        if exc.reason.endswith("; transient"):
+            return 503  # online (OCSP) checks could not reach Apple: not the sender's fault, retry
         return 403 if exc.field in WRONG_TARGET_FIELDS else 401
     if isinstance(exc, MalformedPayload):
         return 400

@@ -169,6 +169,19 @@ def test_apple_refusals(client: TestClient, db_url: str) -> None:
     assert log_count(db_url) == 0
 
 
+def test_status_codes_per_refusal() -> None:
+    from subledger.app.http_webhooks import status_for
+    from subledger.app.sources import UnknownApp
+    from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload
+
+    assert status_for(BadSignature("online certificate (OCSP) check could not complete; transient", "x")) == 503
+    assert status_for(BadSignature("does not verify", "signedPayload")) == 401
+    assert status_for(BadSignature("other bundle", "bundleId")) == 403
+    assert status_for(MalformedPayload("not JSON")) == 400
+    assert status_for(InvalidEvent("is required", "id")) == 422
+    assert status_for(UnknownApp("no such app", "app_id")) == 404
+
+
 def test_apple_environment_not_accepted_is_403(db_url: str, root: Path) -> None:
     data = config_dict(root)
     data["apps"][APPLE_APP]["apple"]["environments"] = ["Sandbox"]
