@@ -341,16 +341,25 @@ STATS_DUPLICATES_SQL = """
 SELECT source, count(*) AS duplicates FROM duplicate_receipts
 WHERE received_at >= %(since)s AND received_at < %(until)s GROUP BY 1 ORDER BY 1
 """
+# Index-only on transitions_created (0003 covers kind, app, source, environment, superseded_at).
 STATS_TRANSITIONS_SQL = """
-SELECT kind, app_id, body->>'event_source' AS source, body->>'environment' AS environment,
+SELECT kind, app_id, event_source AS source, environment,
   count(*) FILTER (WHERE superseded_at IS NULL) AS live, count(*) FILTER (WHERE superseded_at IS NOT NULL) AS superseded
 FROM transitions WHERE created_at >= %(since)s AND created_at < %(until)s
 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
 """
+# Counted through the partial indexes of pending (0001) and dead (0003) rows: the outbox holds every
+# rendered body and is never read whole. Ids grow with creation time, so the oldest pending row is
+# the one with the lowest id.
 STATS_OUTBOX_SQL = """
-SELECT app_id, destination, status, count(*) AS rows,
-  extract(epoch FROM %(now)s - min(created_at))::float8 AS oldest_seconds
-FROM outbox GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+SELECT app_id, destination, 'pending' AS status, count(*) AS rows FROM outbox WHERE status = 'pending' GROUP BY 1, 2
+UNION ALL
+SELECT app_id, destination, 'dead', count(*) FROM outbox WHERE status = 'dead' GROUP BY 1, 2
+ORDER BY 1, 2, 3
+"""
+STATS_OLDEST_SQL = """
+SELECT extract(epoch FROM %(now)s - created_at)::float8 AS oldest_seconds
+FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1
 """
 STATS_LATENCY_SQL = """
 SELECT count(*) AS delivered,
@@ -362,8 +371,8 @@ FROM outbox_delivered WHERE delivered_at >= %(since)s AND delivered_at < %(until
 STATS_PAUSED_SQL = """
 SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused ORDER BY 1, 2
 """
-STATS_SQL = (STATS_LOG_SQL, STATS_DUPLICATES_SQL, STATS_TRANSITIONS_SQL, STATS_OUTBOX_SQL, STATS_LATENCY_SQL,
-             STATS_PAUSED_SQL)
+STATS_SQL = (STATS_LOG_SQL, STATS_DUPLICATES_SQL, STATS_TRANSITIONS_SQL, STATS_OUTBOX_SQL, STATS_OLDEST_SQL,
+             STATS_LATENCY_SQL, STATS_PAUSED_SQL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +398,7 @@ def stats(conn: psycopg.Connection, since: datetime, until: datetime, now: datet
     outbox = _rows(conn, STATS_OUTBOX_SQL, params)
     latency = _rows(conn, STATS_LATENCY_SQL, params)[0]
     pcts = latency["percentiles"] or [None, None, None]
-    pending = [r for r in outbox if r["status"] == "pending"]
+    oldest = _rows(conn, STATS_OLDEST_SQL, params)
     return Stats(
         since=since,
         until=until,
@@ -397,9 +406,9 @@ def stats(conn: psycopg.Connection, since: datetime, until: datetime, now: datet
         duplicates=_rows(conn, STATS_DUPLICATES_SQL, params),
         transitions=_rows(conn, STATS_TRANSITIONS_SQL, params),
         outbox=outbox,
-        pending=sum(int(r["rows"]) for r in pending),
+        pending=sum(int(r["rows"]) for r in outbox if r["status"] == "pending"),
         dead=sum(int(r["rows"]) for r in outbox if r["status"] == "dead"),
-        oldest_pending_seconds=max((r["oldest_seconds"] for r in pending), default=None),
+        oldest_pending_seconds=oldest[0]["oldest_seconds"] if oldest else None,
         delivered=int(latency["delivered"]),
         latency_seconds={"p50": pcts[0], "p90": pcts[1], "p99": pcts[2], "max": latency["max"]},
         paused=_rows(conn, STATS_PAUSED_SQL, params),
