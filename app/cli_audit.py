@@ -232,11 +232,17 @@ def events(
     )
     stdout = sys.stdout.buffer
     count = 0
-    with connection(config, database_url) as (_, conn):
-        for row in audit.events(conn, flt):
-            stdout.write(orjson.dumps(audit.jsonable(row)) + b"\n")
-            count += 1
-    stdout.flush()
+    try:
+        with connection(config, database_url) as (_, conn):
+            for row in audit.events(conn, flt):
+                stdout.write(orjson.dumps(audit.jsonable(row)) + b"\n")
+                count += 1
+        stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     if sys.stderr.isatty():
         err.print(f"{count} entries", highlight=False)
 
