@@ -74,14 +74,17 @@ def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path
     forged = notification(CA, "DID_RENEW", txn=transaction())
     forged = forged.replace(b'signedPayload": "ey', b'signedPayload": "ex')
     other_bundle = notification(CA, "TEST", bundle_id="com.example.unknown")
-    data = b"\n".join([good, b"{oops", forged, other_bundle]) + b"\n"
+    # an item of Apple's Get Notification History answer, as is
+    history_item = json.loads(notification(CA, "TEST", notification_uuid="cap-2"))
+    history_item["sendAttemptResults"] = [{"attemptDate": 1698148900000, "sendAttemptResult": "SUCCESS"}]
+    data = b"\n".join([good, b"{oops", forged, other_bundle, json.dumps(history_item).encode()]) + b"\n"
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "apple.ndjson",
                             historical=False, progress=False, fmt="apple")
-    assert (summary.new, summary.rejected) == (1, 3)
+    assert (summary.new, summary.rejected) == (2, 3)
     assert summary.rejections[0].startswith("apple.ndjson:2: malformed JSON")
     assert summary.rejections[1].startswith("apple.ndjson:3: signedPayload:")
     assert summary.rejections[2] == "apple.ndjson:4: bundleId: no app is configured for bundle id 'com.example.unknown'"
-    assert [(s, e) for s, e, _ in log_rows(db_url)] == [("apple", "cap-1")]
+    assert [(s, e) for s, e, _ in log_rows(db_url)] == [("apple", "cap-1"), ("apple", "cap-2")]
     assert transitions(db_url) == ["trial_started"]
     assert APPLE_APP in services(db_url, tmp_path).settings.apps
 
