@@ -29,6 +29,8 @@ lint: $(STAMP)
 	rm -rf .typecheck && mkdir -p .typecheck/subledger
 	for d in core store outbox scheduler app migrations; do ln -s ../../$$d .typecheck/subledger/$$d; done
 	MYPYPATH=.typecheck $(BIN)/mypy --strict --namespace-packages --explicit-package-bases -p subledger.core
+	MYPYPATH=.typecheck $(BIN)/mypy --namespace-packages --explicit-package-bases \
+		-p subledger.store -p subledger.outbox -p subledger.scheduler -p subledger.app
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -79,6 +79,11 @@ class DestinationSettings(_Strict):
 
 
 APPLE_ENVIRONMENTS = ("Production", "Sandbox")
+AppleEnvironment = Literal["Production", "Sandbox"]
+
+
+def _both_apple_environments() -> list[AppleEnvironment]:
+    return ["Production", "Sandbox"]
 
 
 def read_certificate(path: str) -> bytes:
@@ -98,8 +103,8 @@ class AppleSourceSettings(_Strict):
 
     bundle_id: str | None = Field(default=None, min_length=1)  # default: the app's key
     app_apple_id: int | None = Field(default=None, gt=0)
-    environments: list[Literal["Production", "Sandbox"]] = Field(
-        default_factory=lambda: list(APPLE_ENVIRONMENTS), min_length=1
+    environments: list[AppleEnvironment] = Field(
+        default_factory=_both_apple_environments, min_length=1
     )
     root_certificates: list[str] = Field(min_length=1)  # files: Apple Root CA - G3 (DER or PEM)
     enable_online_checks: bool = False

@@ -83,7 +83,7 @@ def with_database(url: str, name: str) -> str:
 
     params = conninfo_to_dict(normalize_url(url))
     params["dbname"] = name
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
 def recreate_database(url: str, name: str) -> str:
