@@ -152,12 +152,17 @@ class CanonicalEvent:
         return out
 
 
-def subscription_key(event: CanonicalEvent) -> str:
+def stream_key(app_id: str, store: Store, subscription_id: str) -> str:
     """`app/store/subscription` names one stream across every source that reports on it."""
+    return f"{app_id}/{store}/{subscription_id}"
+
+
+def subscription_key(event: CanonicalEvent) -> str:
+    """The event's stream; one-time purchases each get a stream of their own."""
     if event.subscription_id is not None:
-        return f"{event.app_id}/{event.store}/{event.subscription_id}"
+        return stream_key(event.app_id, event.store, event.subscription_id)
     own = event.transaction_id or f"{event.source}:{event.id}"
-    return f"{event.app_id}/{event.store}/otp:{own}"
+    return stream_key(event.app_id, event.store, f"otp:{own}")
 
 
 def format_time(value: datetime) -> str:

@@ -41,9 +41,9 @@ from appstoreserverlibrary.signed_data_verifier import (
 )
 from cryptography import x509
 
+from subledger.core import events
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
-    CanonicalEvent,
     EventType,
     PeriodType,
     Reason,
@@ -333,16 +333,7 @@ ALPHA3_TO_ALPHA2 = {pair[:3]: pair[3:] for pair in _ALPHA3.split()}
 
 def stream_key(app_id: str, subscription_id: str) -> str:
     """The subscription key an App Store subscription's events get (for stored-only notifications)."""
-    probe = CanonicalEvent(
-        id="-",
-        source=Source.APPLE,
-        app_id=app_id,
-        type=EventType.EXTENDED,
-        occurred_at=_EPOCH,
-        subscription_id=subscription_id,
-        store=Store.APP_STORE,
-    )
-    return str(probe.subscription_key)
+    return events.stream_key(app_id, Store.APP_STORE, subscription_id)
 
 
 # --- mapping ---------------------------------------------------------------------------------

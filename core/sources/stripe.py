@@ -34,9 +34,9 @@ from typing import Any
 
 import stripe as stripe_sdk
 
+from subledger.core import events
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
-    CanonicalEvent,
     EventType,
     PeriodType,
     Reason,
@@ -609,13 +609,4 @@ class _Mapping:
 
 def stream_key(app_id: str, subscription_id: str) -> str:
     """The subscription key a Stripe subscription's events get (for stored-only events)."""
-    probe = CanonicalEvent(
-        id="-",
-        source=Source.STRIPE,
-        app_id=app_id,
-        type=EventType.EXTENDED,
-        occurred_at=_EPOCH,
-        subscription_id=subscription_id,
-        store=Store.STRIPE,
-    )
-    return str(probe.subscription_key)
+    return events.stream_key(app_id, Store.STRIPE, subscription_id)
