@@ -162,6 +162,45 @@ class RevenueCatSourceSettings(_Strict):
         return value
 
 
+class GoogleSourceSettings(_Strict):
+    """`[apps."<app>".google]`: Play RTDN through POST /webhooks/google, state fetched from the Play API."""
+
+    package_name: str | None = Field(default=None, min_length=1)  # default: the app's key
+    service_account_file: str | None = None  # JSON key of a service account invited in Play Console
+    access_token: str | None = Field(default=None, min_length=1)  # a static bearer token (tests, fakes)
+    api_base_url: str = "https://androidpublisher.googleapis.com"
+    fetch_orders: bool = True  # the Orders API for money (needs "View financial data")
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)  # extra attempts on 5xx, 429 and timeouts
+    backoff_seconds: float = Field(default=0.5, ge=0)
+    # Pub/Sub push authentication (optional): the OIDC token Pub/Sub signs, checked when audience is set.
+    push_audience: str | None = Field(default=None, min_length=1)
+    push_service_account_email: str | None = Field(default=None, min_length=1)
+    push_certs_url: str | None = None  # default: Google's; only tests point it elsewhere
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) base URL, e.g. https://androidpublisher.googleapis.com")
+        return value.rstrip("/")
+
+    @field_validator("service_account_file")
+    @classmethod
+    def _key_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> GoogleSourceSettings:
+        if self.service_account_file and self.access_token:
+            raise ValueError("set service_account_file or access_token, not both")
+        if self.push_service_account_email and not self.push_audience:
+            raise ValueError("push_service_account_email needs push_audience (the push endpoint's audience)")
+        return self
+
+
 class AppSettings(_Strict):
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     settle_delay_seconds: float = Field(default=0, ge=0, le=3600)
@@ -170,7 +209,7 @@ class AppSettings(_Strict):
     apple: AppleSourceSettings | None = None
     stripe: StripeSourceSettings | None = None
     revenuecat: RevenueCatSourceSettings | None = None
-    google: dict[str, Any] = Field(default_factory=dict)
+    google: GoogleSourceSettings | None = None
 
 
 class FileSettings(_Strict):
@@ -246,7 +285,8 @@ def _expand(value: Any, path: str) -> Any:
 
 
 def _check_sources(apps: dict[str, AppSettings]) -> None:
-    """Cross-app rules a single model cannot see: one app per Apple bundle id (the routing key)."""
+    """Cross-app rules a single model cannot see: one app per Apple bundle id and per Play package
+    name (the routing keys)."""
     owners: dict[str, str] = {}
     for app_id, app in apps.items():
         if app.apple is None:
@@ -256,6 +296,15 @@ def _check_sources(apps: dict[str, AppSettings]) -> None:
             raise ConfigError(f"apps.{_key(app_id)}.apple.bundle_id",
                               f"{bundle!r} is already the bundle id of app {owners[bundle]!r}")
         owners[bundle] = app_id
+    packages: dict[str, str] = {}
+    for app_id, app in apps.items():
+        if app.google is None:
+            continue
+        package = app.google.package_name or app_id
+        if package in packages:
+            raise ConfigError(f"apps.{_key(app_id)}.google.package_name",
+                              f"{package!r} is already the package name of app {packages[package]!r}")
+        packages[package] = app_id
 
 
 def _key(k: str) -> str:
