@@ -116,12 +116,17 @@ def ingest_stream(
 
     summary = Summary()
     sources = None if fmt == "canonical" else build_sources(services.settings)
-    if sources is not None and fmt != "apple":
+    if sources is not None and fmt not in ("apple", "google"):
         app_id = app_id or sources.default_app(fmt)  # type: ignore[arg-type]
         if app_id is None:
             raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
     conn = connect(services.database_url)
     links = StripeLinks(conn, app_id) if fmt == "stripe" and app_id else None
+    google_links = None
+    if sources is not None and fmt == "google":
+        from subledger.app.google_api import GoogleLinks
+
+        google_links = {g.config.app_id: GoogleLinks(conn, g.config.app_id) for g in sources.google.values()}
 
     def flush(batch: list[Incoming]) -> None:
         if not batch:
@@ -148,7 +153,7 @@ def ingest_stream(
             else:
                 yield item.line, captured_incoming(
                     sources, fmt, item.raw, services.settings,  # type: ignore[arg-type]
-                    app_id=app_id, links=links, historical=historical,
+                    app_id=app_id, links=links, historical=historical, google_links=google_links,
                 )
 
     # Canonical input is parsed on a second thread: it runs while this one waits for the
@@ -234,6 +239,7 @@ class InputFormat(StrEnum):
     apple = "apple"
     stripe = "stripe"
     revenuecat = "revenuecat"
+    google = "google"
 
 
 @app.command()
@@ -247,7 +253,8 @@ def ingest(
         typer.Option(
             "--format",
             help="canonical events, or captured store bodies, one per line: apple (verified as configured), "
-            "stripe or revenuecat (trusted: captured bodies carry no signature header).",
+            "stripe or revenuecat (trusted: captured bodies carry no signature header), google (Pub/Sub push "
+            "bodies; the Play state stored in the line under subledger_fetched, else fetched now).",
         ),
     ] = InputFormat.canonical,
     app_id: Annotated[

@@ -1,13 +1,16 @@
 """Store webhooks: bytes in, the adapter's `Notification` to `ingest`, the raw body stored verbatim.
 
 Each endpoint authenticates by the source's own mechanism (Apple's signed JWS, `Stripe-Signature`,
-RevenueCat's static `Authorization` value). 200 answers an accepted or duplicate delivery (the
-store then stops retrying); every refusal is a 4xx with a JSON reason and stores nothing:
+RevenueCat's static `Authorization` value, Pub/Sub's OIDC push token when configured; Google
+Play's state is then fetched from the Play Developer API). 200 answers an accepted or duplicate
+delivery (the store then stops retrying); every refusal is a 4xx with a JSON reason and stores
+nothing:
 
     400 malformed body · 401 bad signature or credentials · 403 signed, but for another
     bundle / app / environment · 404 an app with no credentials for this source · 413 too large ·
-    422 a well-formed body that states an impossible fact. A database outage (or Apple's OCSP
-    responder out of reach, with online checks on) is a 503.
+    422 a well-formed body that states an impossible fact · 424 the Play Developer API refused our
+    service account. A database outage (or Apple's OCSP responder, or the Play Developer API, out of
+    reach) is a 503.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
+from subledger.app import google_api
 from subledger.app.bootstrap import Services
+from subledger.app.google_api import GoogleCredentialsRefused
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
 from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
 from subledger.core.sources import Notification
@@ -39,6 +44,8 @@ BodyReader = Callable[[Request], Awaitable[bytes]]
 
 
 def status_for(exc: PayloadRejected) -> int:
+    if isinstance(exc, GoogleCredentialsRefused):
+        return 424  # our service account, not the sender: Pub/Sub redelivers until it is fixed
     if isinstance(exc, UnknownApp):
         return 404
     if isinstance(exc, BadSignature):
@@ -129,6 +136,37 @@ def webhook_router(
             transfer(notification.app_id, raw)
         return response
 
+    def google(raw: bytes, headers: dict[str, str]) -> JSONResponse:
+        """Parse, route by package name, check the push token, answer a redelivery from the log, else
+        fetch the state from Google (no connection held meanwhile), map and ingest."""
+        try:
+            push = google_api.parse_push(raw, google_api.message_id_header(headers))
+            adapter = adapters.google_for(push.package_name)
+            adapter.verify_push(headers.get("authorization"))
+        except PayloadRejected as exc:
+            return refusal(exc)
+        except google_api.GoogleUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        app_id = adapter.config.app_id
+        with connection() as conn:
+            seen = google_api.already_logged(conn, push.external_id)
+        if seen:
+            return store(google_api.duplicate_of(push, app_id), raw)
+        try:
+            fetched = adapter.fetch(push)
+        except PayloadRejected as exc:
+            return refusal(exc)
+        except google_api.GoogleUnavailable as exc:
+            log.warning("Google Play state not fetched for message %s: %s", push.external_id, exc)
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        with connection() as conn:
+            links = google_api.GoogleLinks(conn, app_id)
+            notification = parse(lambda: adapter.notification(push, chain=links, fetched=fetched))
+            if isinstance(notification, JSONResponse):
+                return notification
+            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
+        return accepted(outcome, notification)
+
     def transfer(app_id: str, raw: bytes) -> None:
         """TRANSFER: the sender's subscriptions now belong to the receiver. Applied as identity links
         (so later messages go to the receiver); also on a duplicate delivery, so a crash between the
@@ -167,6 +205,15 @@ def webhook_router(
     async def post_revenuecat(app_id: str, request: Request) -> JSONResponse:
         raw = await read_body(request)
         return await run_in_threadpool(revenuecat, app_id, raw, request.headers.get("authorization"))
+
+    @router.post(
+        "/webhooks/google",
+        summary="Google Play Real-time developer notifications (Pub/Sub push; routed by package name)",
+        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 424: {}, 503: {}},
+    )
+    async def post_google(request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(google, raw, dict(request.headers))
 
     return router
 

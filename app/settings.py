@@ -170,8 +170,8 @@ class GoogleSourceSettings(_Strict):
     access_token: str | None = Field(default=None, min_length=1)  # a static bearer token (tests, fakes)
     api_base_url: str = "https://androidpublisher.googleapis.com"
     fetch_orders: bool = True  # the Orders API for money (needs "View financial data")
-    timeout_seconds: float = Field(default=10.0, gt=0)
-    retries: int = Field(default=3, ge=0, le=10)  # extra attempts on 5xx, 429 and timeouts
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=10)  # extra attempts on 5xx, 429 and timeouts
     backoff_seconds: float = Field(default=0.5, ge=0)
     # Pub/Sub push authentication (optional): the OIDC token Pub/Sub signs, checked when audience is set.
     push_audience: str | None = Field(default=None, min_length=1)

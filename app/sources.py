@@ -16,17 +16,19 @@ from typing import Literal
 import psycopg
 
 from subledger.app.canonical import Rejection
+from subledger.app.google_api import GoogleLinks, GoogleSource, GoogleUnavailable, split_capture
 from subledger.app.settings import Settings, read_certificate
 from subledger.core.errors import BadSignature, ConfigError, PayloadRejected
 from subledger.core.sources import Notification
 from subledger.core.sources import apple as apple_source
+from subledger.core.sources import google as google_source
 from subledger.core.sources import revenuecat as rc_source
 from subledger.core.sources import stripe as stripe_source
 from subledger.outbox.ingest import Incoming
 from subledger.store import lookups
 
-Format = Literal["canonical", "apple", "stripe", "revenuecat"]
-FORMATS: tuple[Format, ...] = ("canonical", "apple", "stripe", "revenuecat")
+Format = Literal["canonical", "apple", "stripe", "revenuecat", "google"]
+FORMATS: tuple[Format, ...] = ("canonical", "apple", "stripe", "revenuecat", "google")
 
 
 class UnknownApp(PayloadRejected):
@@ -44,8 +46,18 @@ class Sources:
     apple: Mapping[str, apple_source.AppleAdapter] = field(default_factory=dict)
     stripe: Mapping[str, stripe_source.StripeConfig] = field(default_factory=dict)
     revenuecat: Mapping[str, rc_source.RevenueCatConfig] = field(default_factory=dict)
+    google: Mapping[str, GoogleSource] = field(default_factory=dict)  # by package name
 
     # -- routing --
+
+    def google_for(self, package_name: str) -> GoogleSource:
+        """The app whose package name the push names (Play does not sign; the state is fetched)."""
+        if not self.google:
+            raise UnknownApp("no app is configured for Google Play notifications (add [apps.\"<app>\".google])")
+        found = self.google.get(package_name)
+        if found is None:
+            raise UnknownApp(f"no app is configured for package {package_name[:200]!r}", "packageName")
+        return found
 
     def apple_for(self, body: bytes) -> apple_source.AppleAdapter:
         """The adapter of the app whose bundle id the body claims (the claim is verified next)."""
@@ -144,6 +156,7 @@ def build_sources(settings: Settings) -> Sources:
     apple_by_bundle: dict[str, apple_source.AppleAdapter] = {}
     stripe_by_app: dict[str, stripe_source.StripeConfig] = {}
     rc_by_app: dict[str, rc_source.RevenueCatConfig] = {}
+    google_by_package: dict[str, GoogleSource] = {}
     for app_id, app in settings.apps.items():
         try:
             if app.apple is not None:
@@ -179,9 +192,12 @@ def build_sources(settings: Settings) -> Sources:
                 rc_by_app[app_id] = rc_source.RevenueCatConfig(
                     app_id=app_id, authorization=app.revenuecat.authorization
                 )
+            if app.google is not None:
+                google = GoogleSource.build(app_id, app.google)
+                google_by_package[google.config.package_name] = google
         except ConfigError as exc:
             raise ConfigError(f"{_key(app_id)}.{exc.key}", exc.reason) from None
-    return Sources(apple=apple_by_bundle, stripe=stripe_by_app, revenuecat=rc_by_app)
+    return Sources(apple=apple_by_bundle, stripe=stripe_by_app, revenuecat=rc_by_app, google=google_by_package)
 
 
 class StripeLinks:
@@ -233,12 +249,39 @@ def captured_incoming(
     app_id: str | None,
     links: StripeLinks | None = None,
     historical: bool = False,
+    google_links: dict[str, GoogleLinks] | None = None,
 ) -> Incoming | Rejection:
     """One captured body (a line of `subledger ingest --format …`) → what `ingest` takes, or why not."""
+    if fmt == "google":
+        return google_captured(sources, raw, google_links if google_links is not None else {}, conn=None,
+                               historical=historical)
     try:
         notification = sources.parse_captured(fmt, raw, app_id=app_id, settings=settings, subscription_for=links)
     except PayloadRejected as exc:
         return Rejection(exc.field, exc.reason)
     if links is not None:
         links.remember(notification, raw)
+    return Incoming(notification, raw, historical=historical)
+
+
+def google_captured(
+    sources: Sources, raw: bytes, links: dict[str, GoogleLinks], *, conn: psycopg.Connection | None,
+    historical: bool = False,
+) -> Incoming | Rejection:
+    """A captured Play push (a line of `ingest --format google`): the fetch results stored in the line
+    (`subledger_fetched`) when present, else fetched now as the app is configured. The line is stored
+    as it was given. `links` (per app) carry chain roots between the lines of one import."""
+    try:
+        body, stored = split_capture(raw)
+        push = google_source.parse_push(body)
+        adapter = sources.google_for(push.package_name)
+        app_links = links.get(adapter.config.app_id)
+        if app_links is None:
+            app_links = links[adapter.config.app_id] = GoogleLinks(conn, adapter.config.app_id)
+        notification = adapter.notification(push, chain=app_links, fetched=stored)
+    except PayloadRejected as exc:  # GoogleCredentialsRefused included
+        return Rejection(exc.field, exc.reason)
+    except GoogleUnavailable as exc:
+        return Rejection(None, f"{exc}; ingest the file again later (repeats are duplicates)")
+    app_links.remember(notification)
     return Incoming(notification, raw, historical=historical)
