@@ -39,7 +39,10 @@ STORED = ("event_log", "duplicate_receipts", "subscriptions", "transitions", "ou
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     root = write_root(tmp_path)
-    config = settings_module.from_dict({**config_dict(root), "api_token": TOKEN})
+    base = config_dict(root)
+    base["apps"][GOOGLE_APP] = {"google": {"access_token": "t", "api_base_url": "http://127.0.0.1:9",
+                                           "push_audience": "https://subledger.example/webhooks/google"}}
+    config = settings_module.from_dict({**base, "api_token": TOKEN})
     with TestClient(create_app(build(config, database_url=db_url), pool_size=2)) as c:
         yield c
 
@@ -55,6 +58,12 @@ FORGED_APPLE = json.dumps({"signedPayload": ".".join((
           "data": {"bundleId": APPLE_APP, "appAppleId": APP_APPLE_ID, "environment": "Production"}}),
     "c2lnbmF0dXJl",
 ))}).encode()
+GOOGLE_APP = "com.example.fitness.play"
+# A Pub/Sub push for a configured package, without the OIDC token Pub/Sub signs.
+UNSIGNED_PUSH = json.dumps({"message": {"messageId": "1", "attributes": {}, "data": base64.b64encode(json.dumps({
+    "version": "1.0", "packageName": GOOGLE_APP, "eventTimeMillis": "1764300000000",
+    "subscriptionNotification": {"version": "1.0", "notificationType": 4, "purchaseToken": "t", "subscriptionId": "s"},
+}).encode()).decode()}, "subscription": "projects/p/subscriptions/s"}).encode()
 UNSIGNED = json.dumps({"id": "evt_1", "type": "customer.subscription.created", "event": {"id": "e1"}}).encode()
 
 
@@ -87,7 +96,7 @@ def test_every_route_refuses_requests_without_credentials(client: TestClient, db
         assert path.startswith(("/v1/", "/webhooks/")), f"{path}: a route outside /v1 and /webhooks"
         url = concrete(path)
         if path.startswith("/webhooks/"):
-            body = FORGED_APPLE if "/apple" in path else UNSIGNED
+            body = FORGED_APPLE if "/apple" in path else UNSIGNED_PUSH if "/google" in path else UNSIGNED
             response = client.request(method, url, content=body, headers={"Content-Type": "application/json"})
             assert response.status_code == 401, f"{method} {path}: {response.status_code} {response.text}"
             continue
