@@ -58,6 +58,8 @@ def replay(
     for change in report.changes:
         for line in change.lines():
             out.print(("would " if dry_run else "") + line, highlight=False, markup=False)
+    if report.changed > len(report.changes):
+        out.print(f"... and {report.changed - len(report.changes)} more subscriptions", highlight=False)
 
 
 def verify(

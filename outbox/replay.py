@@ -62,6 +62,7 @@ class Report:
     superseded: int = 0
     revived: int = 0
     messages: int = 0
+    changed: int = 0  # subscriptions with any difference; `changes` keeps the first of them
     changes: list[Change] = field(default_factory=list)
     dry_run: bool = False
 
@@ -71,6 +72,7 @@ class Report:
         self.superseded += len(change.superseded)
         self.revived += len(change.revived)
         self.messages += len(change.new_messages)
+        self.changed += 1
         if len(self.changes) < keep:
             self.changes.append(change)
 
@@ -83,6 +85,7 @@ class Report:
             "superseded": self.superseded,
             "revived": self.revived,
             "messages": self.messages,
+            "changed_subscriptions": self.changed,
             "changes": [line for c in self.changes for line in c.lines()],
         }
 
