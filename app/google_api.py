@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import google.auth.transport
 import httpx
 import orjson
 import psycopg
@@ -186,7 +187,7 @@ def _google_error(response: httpx.Response) -> str:
 # --- Pub/Sub push authentication ---------------------------------------------------------------
 
 
-class _CachingRequest:
+class _CachingRequest(google.auth.transport.Request):
     """google-auth's transport, with Google's public certificates cached for a few minutes."""
 
     def __init__(self) -> None:
