@@ -18,6 +18,7 @@ from subledger.app.auth import require_token
 from subledger.app.http import ApiError
 from subledger.core.events import Store
 from subledger.outbox import ops
+from subledger.outbox.identify import send_link_identify
 from subledger.outbox.ingest import wake_relay
 from subledger.store import audit, identity
 from subledger.store.db import translate_errors
@@ -117,13 +118,18 @@ async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONRespon
         raise ApiError(422, f"app {body.app_id!r} is not configured", field="app_id")
     key = f"{body.app_id}/{body.store.value}/{body.subscription_id}"
 
-    def run() -> str | None:
-        with translate_errors(), pool.connection() as conn, conn.transaction():
-            return identity.link(conn, body.app_id, key, app_user_id, now)
+    def run() -> tuple[str | None, list[str]]:
+        with translate_errors(), pool.connection() as conn:
+            with conn.transaction():
+                previous = identity.link(conn, body.app_id, key, app_user_id, now)
+                sent = send_link_identify(conn, key, app_user_id, services.policy.destinations_for(body.app_id), now)
+            if sent:
+                wake_relay(conn)
+            return previous, sent
 
-    previous = await run_in_threadpool(run)
+    previous, sent = await run_in_threadpool(run)
     return JSONResponse({"app_user_id": app_user_id, "app_id": body.app_id, "subscription_key": key,
-                         "previous_app_user_id": previous})
+                         "previous_app_user_id": previous, "identify": sent})
 
 
 @subscribers_router.get("/{app_user_id}/links", summary="The store subscriptions linked to an app user")

@@ -59,7 +59,7 @@ def _timeline_ms(conn: psycopg.Connection, who: str) -> tuple[float, int]:
         ms, plan = _explain(conn, sql, {"keys": keys})
         total += ms
         seq += _seq_scans(plan, "event_log")
-    ids = [r[0] for r in conn.execute(audit.TRANSITIONS_SQL, {"keys": keys}).fetchall()]
+    ids = [r[0] for r in conn.execute(audit.TRANSITIONS_SQL, {"keys": keys}).fetchall()] + [f"link:{k}" for k in keys]
     ms, plan = _explain(conn, audit.DELIVERIES_SQL, {"ids": ids})
     return total + ms, seq + _seq_scans(plan, "event_log")
 

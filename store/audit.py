@@ -166,8 +166,9 @@ def timeline(conn: psycopg.Connection, who: str) -> Timeline:
         return Timeline(who, [], [], [], [])
     entries = [LogItem(**r) for r in _rows(conn, ENTRIES_SQL, {"keys": keys})]
     transitions = [TransitionItem(**r) for r in _rows(conn, TRANSITIONS_SQL, {"keys": keys})]
-    ids = [t.id for t in transitions]
-    deliveries = [Delivery(**r) for r in _rows(conn, DELIVERIES_SQL, {"ids": ids})] if ids else []
+    # the identify an identity link sent is filed under `link:<subscription key>` (outbox.identify)
+    ids = [t.id for t in transitions] + [f"link:{k}" for k in keys]
+    deliveries = [Delivery(**r) for r in _rows(conn, DELIVERIES_SQL, {"ids": ids})]
     order = {tid: n for n, tid in enumerate(ids)}
     deliveries.sort(key=lambda d: (order.get(d.transition_id, len(order)), d.destination))
     return Timeline(who, keys, entries, transitions, deliveries)

@@ -1,0 +1,88 @@
+"""The identify a new identity link sends at once, so Segment merges the profiles before the next event.
+
+Linking (`POST /v1/subscribers/{user}/links`) changes whom later messages are attributed to (see
+`outbox.writer.rows_for(linked_user=)`); this module also tells the destinations now: one
+`identify` per destination with `userId` = the linked user, the ids the subscription was known by
+as `traits.aliases`, and its current status. Its messageId is a digest of (subscription, user,
+destination), so linking the same user again sends nothing new, and it queues behind the user's
+other messages like any outbox row. The row's `transition_id` is `link:<subscription key>`, which
+no transition can be, so the audit timeline can list it with the subscription's deliveries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+
+import psycopg
+
+from subledger.core.events import Environment
+from subledger.core.lifecycle import SubscriptionState
+from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
+from subledger.outbox import writer
+from subledger.store import projections
+
+LINK_PREFIX = "link:"
+
+
+def link_id(subscription_key: str) -> str:
+    return LINK_PREFIX + subscription_key
+
+
+def message_id(subscription_key: str, app_user_id: str, destination: str) -> str:
+    digest = hashlib.sha256(f"link\x1f{subscription_key}\x1f{app_user_id}\x1f{destination}".encode()).hexdigest()
+    return f"sl-{digest[:40]}.i"
+
+
+def identify_rows(
+    state: SubscriptionState, app_user_id: str, destinations: Sequence[Destination], now: datetime
+) -> list[writer.OutboxRow]:
+    """One identify per destination that takes this subscription's environment."""
+    anonymous = f"anon:{state.key}"
+    aliases = list(dict.fromkeys(i for i in (anonymous, state.app_user_id, app_user_id) if i))
+    traits: dict[str, object] = {"aliases": aliases, "last_seen_app_user_id": app_user_id}
+    if state.status is not None:
+        traits["subscription_status"] = state.status.value
+    rows: list[writer.OutboxRow] = []
+    for dest in destinations:
+        if state.environment is Environment.SANDBOX and not dest.send_sandbox:
+            continue
+        mid = message_id(state.key, app_user_id, dest.name)
+        body = {
+            "type": "identify",
+            "messageId": mid,
+            "userId": app_user_id,
+            "traits": traits,
+            "timestamp": iso_millis(now),
+            "context": {
+                "environment": state.environment.value,
+                "library": {"name": LIBRARY_NAME, "version": dest.library_version},
+            },
+        }
+        if not state.app_user_id:
+            body["anonymousId"] = anonymous  # both ids in one call: Segment merges the two profiles
+        rows.append(writer.OutboxRow(mid, link_id(state.key), dest.name, state.app_id, app_user_id, [body], now))
+    return rows
+
+
+def send_link_identify(
+    conn: psycopg.Connection, subscription_key: str, app_user_id: str, destinations: Sequence[Destination],
+    now: datetime,
+) -> list[str]:
+    """Enqueue the link's identify (inside the caller's transaction); the messageIds newly queued.
+
+    Nothing is sent for a subscription the log has not seen yet: its first message will carry the
+    linked user and the aliases anyway.
+    """
+    state = projections.load_state(conn, subscription_key)
+    if state is None:
+        return []
+    rows = identify_rows(state, app_user_id, destinations, now)
+    present = {r[0] for r in conn.execute(
+        "SELECT message_id FROM outbox_delivered WHERE message_id = ANY(%(ids)s)"
+        " UNION ALL SELECT message_id FROM outbox WHERE message_id = ANY(%(ids)s)",
+        {"ids": [r.message_id for r in rows]},
+    ).fetchall()}
+    writer.insert_missing(conn, rows, now)
+    return [r.message_id for r in rows if r.message_id not in present]
