@@ -101,6 +101,13 @@ def test_test_notification_is_acknowledged_with_no_facts_and_no_fetch() -> None:
     assert (n.kind, n.events, n.subscription_key) == ("TEST", (), None)
 
 
+def test_nul_in_stored_text_is_refused() -> None:
+    with pytest.raises(InvalidEvent):
+        parse_push(envelope(G1, message_id="1\x002"))
+    with pytest.raises(InvalidEvent):
+        parse_push(envelope(developer_notification(2, "tok\x00", T0)))
+
+
 @pytest.mark.parametrize(
     ("body", "error", "field"),
     [

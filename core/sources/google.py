@@ -235,8 +235,8 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
     if len(package) > 200:
         raise InvalidEvent("longer than 200 characters", "packageName")
     event_time = _millis(notification.get("eventTimeMillis"), "eventTimeMillis")
-    if message_id is not None and len(message_id) > 200:
-        raise InvalidEvent("longer than 200 characters", "message.messageId")
+    if message_id is not None and (len(message_id) > 200 or "\x00" in message_id):
+        raise InvalidEvent("longer than 200 characters or contains NUL", "message.messageId")
     external_id = message_id or "rtdn:" + hashlib.sha256(
         json.dumps(notification, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()[:48]
@@ -258,8 +258,8 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
         kind_code = _code(one.get("notificationType"), "oneTimeProductNotification.notificationType")
         token = _token(one.get("purchaseToken"), "oneTimeProductNotification.purchaseToken")
         sku = _str(one.get("sku"))
-        if sku is not None and len(sku) > 200:
-            raise InvalidEvent("longer than 200 characters", "oneTimeProductNotification.sku")
+        if sku is not None and (len(sku) > 200 or "\x00" in sku):
+            raise InvalidEvent("longer than 200 characters or contains NUL", "oneTimeProductNotification.sku")
         kind = ONE_TIME_TYPES.get(kind_code, f"ONE_TIME_PRODUCT_{kind_code}")
         return Push(kind=kind, family="one_time", notification_type=kind_code, purchase_token=token, sku=sku,
                     **common)
@@ -267,7 +267,7 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
         voided = notification["voidedPurchaseNotification"]
         token = _token(voided.get("purchaseToken"), "voidedPurchaseNotification.purchaseToken")
         order = _str(voided.get("orderId"))
-        if order is None or len(order) > 200:
+        if order is None or len(order) > 200 or "\x00" in order:
             raise InvalidEvent("is required (≤ 200 characters)", "voidedPurchaseNotification.orderId")
         return Push(kind="VOIDED_PURCHASE", family="voided", purchase_token=token, order_id=order,
                     product_type=_int(voided.get("productType")), refund_type=_int(voided.get("refundType")),
@@ -707,6 +707,8 @@ def _token(value: Any, name: str) -> str:
         raise InvalidEvent("is required", name)
     if len(token) > MAX_TOKEN:
         raise InvalidEvent(f"longer than {MAX_TOKEN} characters", name)
+    if "\x00" in token:
+        raise InvalidEvent("must not contain NUL", name)
     return token
 
 
