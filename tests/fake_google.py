@@ -87,7 +87,13 @@ class FakeGoogle:
                 pass
 
             def do_GET(self) -> None:
-                status, body = fake.answer(self.path, self.headers.get("Authorization"))
+                self.reply(*fake.answer(self.path, self.headers.get("Authorization")))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.reply(*fake.token_grant(self.path, self.rfile.read(length)))
+
+            def reply(self, status: int, body: Any) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -98,7 +104,7 @@ class FakeGoogle:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -116,6 +122,40 @@ class FakeGoogle:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def token_grant(self, path: str, form: bytes) -> tuple[int, Any]:
+        """The OAuth token endpoint a service account key names (`token_uri`): a signed JWT in, a token out."""
+        from urllib.parse import parse_qs
+
+        from google.auth import jwt
+
+        with self.lock:
+            self.requests.append(path)
+        fields = parse_qs(form.decode())
+        try:
+            claims = jwt.decode(fields["assertion"][0], certs={KID: SIGNING_CERT.decode()},
+                                audience="https://oauth2.googleapis.com/token")  # google-auth's fixed audience
+        except (KeyError, ValueError) as exc:
+            return 400, {"error": "invalid_grant", "error_description": str(exc)}
+        if "androidpublisher" not in str(claims.get("scope")):
+            return 400, {"error": "invalid_scope"}
+        return 200, {"access_token": self.token, "expires_in": 3600, "token_type": "Bearer"}
+
+    @property
+    def token_uri(self) -> str:
+        return f"{self.url}/token"
+
+    def service_account_key(self) -> dict[str, Any]:
+        """A service account JSON key whose token endpoint is this fake (signed with the test key)."""
+        return {
+            "type": "service_account",
+            "project_id": "example-project",
+            "private_key_id": KID,
+            "private_key": SIGNING_KEY.decode(),
+            "client_email": "subledger-play@example-project.iam.gserviceaccount.com",
+            "client_id": "1",
+            "token_uri": self.token_uri,
+        }
 
     def api_requests(self) -> list[str]:
         with self.lock:

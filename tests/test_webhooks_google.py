@@ -152,6 +152,18 @@ def test_a_wrong_access_token_is_424(db_url: str, tmp_path: Path, google: FakeGo
     assert log_count(db_url) == 0
 
 
+def test_a_service_account_key_is_exchanged_for_a_token(db_url: str, tmp_path: Path, google: FakeGoogle) -> None:
+    key = tmp_path / "play-sa.json"
+    key.write_text(json.dumps(google.service_account_key()))
+    config = google_config(write_root(tmp_path), "http://127.0.0.1:9", google.url, service_account_file=str(key))
+    del config["apps"][GOOGLE_APP]["google"]["access_token"]
+    with TestClient(create_app(build(settings_module.from_dict(config), database_url=db_url), pool_size=2)) as c:
+        first = c.post(PATH, content=body(2), headers=JSON)
+        assert first.status_code == 200, first.text
+        assert c.post(PATH, content=body(2, "m-2"), headers=JSON).json()["result"] == "new"
+    assert google.requests.count("/token") == 1  # the token is reused until it expires
+
+
 def test_server_errors_are_retried(client: TestClient, db_url: str, google: FakeGoogle) -> None:
     google.faults.extend([503, 500])
     before = metric(client, "subscriptionsv2", "retried")
