@@ -21,7 +21,7 @@ from subledger.core.events import Environment
 from subledger.core.lifecycle import SubscriptionState
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
 from subledger.outbox import writer
-from subledger.store import projections
+from subledger.store import projections, streams
 
 LINK_PREFIX = "link:"
 
@@ -79,10 +79,6 @@ def send_link_identify(
     if state is None:
         return []
     rows = identify_rows(state, app_user_id, destinations, now)
-    present = {r[0] for r in conn.execute(
-        "SELECT message_id FROM outbox_delivered WHERE message_id = ANY(%(ids)s)"
-        " UNION ALL SELECT message_id FROM outbox WHERE message_id = ANY(%(ids)s)",
-        {"ids": [r.message_id for r in rows]},
-    ).fetchall()}
+    present = streams.existing_messages(conn, [r.message_id for r in rows])
     writer.insert_missing(conn, rows, now)
     return [r.message_id for r in rows if r.message_id not in present]
