@@ -306,3 +306,23 @@ def test_log_keeps_the_push_verbatim_and_the_fetched_state_beside_it(p: GooglePi
     fetched = facts["events"][0]["attributes"]["google_fetched"]
     assert fetched["subscriptionsv2"]["lineItems"][0]["latestSuccessfulOrderId"] == ORDER
     assert fetched["order"]["total"] == {"currencyCode": "USD", "units": "9", "nanos": 990000000}
+
+
+def test_a_one_time_product_and_a_test_purchase(p: GooglePipeline) -> None:
+    p.google.products[("coins_100", "tok-OTP")] = {"orderId": "GPA.7777-0000-1111-22222", "purchaseState": 0,
+                                                   "obfuscatedExternalAccountId": USER, "regionCode": "FR"}
+    charged(p, "GPA.7777-0000-1111-22222", "coins_100", "1.99")
+    p.deliver(1, "tok-OTP", T0, family="one_time", sku="coins_100")
+    state(p, "tok-T", MONTHLY, T0 + timedelta(days=30), "GPA.5", test=True)
+    charged(p, "GPA.5", MONTHLY, "9.99")
+    p.deliver(4, "tok-T", T0 + timedelta(hours=1))
+    messages = p.relay()
+    assert tracks(messages) == [
+        track("rc_non_subscription_purchase_event", USER, revenue=1.99, currency="USD", product_id="coins_100",
+              transaction_id="GPA.7777-0000-1111-22222", **COMMON),
+        track("rc_initial_purchase_event", USER, revenue=9.99, currency="USD", product_id=MONTHLY,
+              period_type="NORMAL", transaction_id="GPA.5", store="PLAY_STORE", environment="SANDBOX"),
+    ]
+    by_key = {m["properties"]["transaction_id"]: r.write_key
+              for r in p.fake.capture.requests for m in r.messages if m["type"] == "track"}
+    assert by_key == {"GPA.7777-0000-1111-22222": WRITE_KEY, "GPA.5": SANDBOX_KEY}  # test purchases: sandbox key
