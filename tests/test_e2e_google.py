@@ -326,3 +326,37 @@ def test_a_one_time_product_and_a_test_purchase(p: GooglePipeline) -> None:
     by_key = {m["properties"]["transaction_id"]: r.write_key
               for r in p.fake.capture.requests for m in r.messages if m["type"] == "track"}
     assert by_key == {"GPA.7777-0000-1111-22222": WRITE_KEY, "GPA.5": SANDBOX_KEY}  # test purchases: sandbox key
+
+
+EXPORT_SQL = """
+SELECT CASE WHEN facts->'events'->0->'attributes' ? 'google_fetched'
+            THEN (convert_from(raw, 'UTF8')::jsonb
+                  || jsonb_build_object('subledger_fetched', facts->'events'->0->'attributes'->'google_fetched'))::text
+            ELSE convert_from(raw, 'UTF8') END,
+       facts
+FROM event_log WHERE source = 'google' ORDER BY position
+"""
+
+
+def test_an_export_of_the_log_maps_again_without_google(p: GooglePipeline) -> None:
+    """docs/google.md's export query: each line with facts maps, with no fetch, to exactly the facts
+    logged; a stored-only entry exports as the bare push (it has no facts to keep the state in)."""
+    from subledger.app.google_api import GoogleLinks, split_capture
+    from subledger.core.sources.google import GoogleConfig, map_push, parse_push
+    from subledger.store.log import facts_of
+
+    test_upgrade_through_a_linked_token_is_one_subscription(p)
+    config = GoogleConfig(app_id=GOOGLE_APP, package_name=PACKAGE)
+    links = GoogleLinks(None, GOOGLE_APP)
+    with psycopg.connect(p.db_url) as conn:
+        rows = conn.execute(EXPORT_SQL).fetchall()
+    assert len(rows) == 5
+    assert [facts["events"] == [] for _, facts in rows] == [False, False, True, True, False]
+    for line, facts in rows:
+        body, stored = split_capture(line.encode())
+        if stored is None:
+            assert facts["events"] == [] and facts["kind"].endswith("/REPLACED")
+            continue
+        notification = map_push(parse_push(body), stored, config, chain=links)
+        links.remember(notification)
+        assert json.loads(json.dumps(facts_of(notification), default=str)) == facts
