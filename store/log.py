@@ -60,40 +60,21 @@ class Head:
     seen: frozenset[tuple[str, str]]
 
 
-LOCK_SQL = "SELECT position, hash FROM log_head FOR UPDATE"
-# A separate statement on purpose: under READ COMMITTED it takes its snapshot after the lock
-# above is granted, so it sees a concurrent writer's committed duplicate.
-SEEN_SQL = """
-SELECT l.source, l.external_id FROM event_log l
-JOIN unnest(%s::text[], %s::text[]) AS k(source, external_id)
-  ON l.source = k.source AND l.external_id = k.external_id
-"""
-
-
-def request_head(conn: psycopg.Connection, entries: Sequence[Entry]) -> tuple[psycopg.Cursor[Any], ...]:
-    """Send the head lock and the duplicate check; fetch with `read_head` (pipelining)."""
-    lock = conn.cursor()
-    lock.execute(LOCK_SQL)
-    seen = conn.cursor()
-    seen.execute(SEEN_SQL, ([e.key[0] for e in entries], [e.key[1] for e in entries]))
-    return lock, seen
-
-
-def read_head(cursors: tuple[psycopg.Cursor[Any], ...]) -> Head:
-    lock, seen = cursors
-    row = lock.fetchone()
-    assert row is not None, "log_head is missing: run `subledger db upgrade`"
-    return Head(int(row[0]), bytes(row[1]), frozenset((r[0], r[1]) for r in seen.fetchall()))
-
-
 def facts_of(notification: Notification) -> dict[str, Any]:
     return {"kind": notification.kind, "events": [event.to_facts() for event in notification.events]}
 
 
-def append(
-    conn: psycopg.Connection, entries: Sequence[Entry], head: Head, *, copy: bool
-) -> list[Appended | AlreadySeen]:
-    """Append entries in order inside the caller's transaction; repeats come back as `AlreadySeen`."""
+@dataclass(slots=True)
+class LogWrites:
+    """The rows an append adds: log entries, duplicate receipts and the chain's new head."""
+
+    rows: list[tuple[Any, ...]]
+    duplicates: list[tuple[str, str, datetime]]
+    head: tuple[int, bytes] | None
+
+
+def plan(entries: Sequence[Entry], head: Head) -> tuple[list[Appended | AlreadySeen], LogWrites]:
+    """Chain the entries onto `head`; repeats come back as `AlreadySeen`. Writes nothing."""
     position, chained = head.position, head.hash
     seen = set(head.seen)
     results: list[Appended | AlreadySeen] = []
@@ -132,15 +113,18 @@ def append(
             entry.received_at, entry.historical, entry.raw, orjson.dumps(facts).decode(), chained,
         ))
         results.append(Appended(position, entry))
-    write_rows(conn, "event_log", COLUMNS, TYPES, rows, copy=copy)
-    if rows:
-        conn.execute("UPDATE log_head SET position = %s, hash = %s", (position, chained))
-    if duplicates:
+    return results, LogWrites(rows, duplicates, (position, chained) if rows else None)
+
+
+def write(conn: psycopg.Connection, writes: LogWrites, *, copy: bool) -> None:
+    write_rows(conn, "event_log", COLUMNS, TYPES, writes.rows, copy=copy)
+    if writes.head is not None:
+        conn.execute("UPDATE log_head SET position = %s, hash = %s", writes.head)
+    if writes.duplicates:
         conn.cursor().executemany(
             "INSERT INTO duplicate_receipts (source, external_id, received_at) VALUES (%s, %s, %s)",
-            duplicates,
+            writes.duplicates,
         )
-    return results
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,23 +126,35 @@ def test_same_event_ten_times_eight_concurrently(db_url: str) -> None:
         assert receipts == (9,)
 
 
+BIG_BATCH = LIFECYCLE + [item(f"big{i}", "purchase", 1, sub=f"big{i}") for i in range(40)]
+
+
 @pytest.mark.parametrize("point", ["after_log_insert", "after_derive", "before_commit"])
-def test_failure_inside_the_transaction_leaves_nothing(conn: psycopg.Connection, point: str) -> None:
+@pytest.mark.parametrize("batch", [LIFECYCLE, BIG_BATCH], ids=["pipelined", "copy"])
+def test_failure_inside_the_transaction_leaves_nothing(
+    conn: psycopg.Connection, point: str, batch: list[Incoming]
+) -> None:
+    """Small batches write in one statement at the end, big ones COPY the log first: both roll back whole."""
+
     class Injected(Exception):
         pass
 
     def fail(at: str) -> None:
         if at == point:
+            if len(batch) > 32 and at == "after_log_insert":
+                written = conn.execute("SELECT count(*) FROM event_log").fetchone()
+                assert written == (len(batch),)  # the log rows really were inserted before the failure
             raise Injected(at)
 
     with pytest.raises(Injected):
-        ingest(conn, LIFECYCLE, POLICY, NOW, fail_at=fail)
+        ingest(conn, batch, POLICY, NOW, fail_at=fail)
     assert counts(conn) == (0, 0, 0, 0)
     head = conn.execute("SELECT position FROM log_head").fetchone()
     assert head == (0,)
     # and the same batch then goes through whole
-    ingest(conn, LIFECYCLE, POLICY, NOW)
-    assert counts(conn) == (5, 5, 10, 1)
+    ingest(conn, batch, POLICY, NOW)
+    n = len(batch)
+    assert counts(conn) == (n, n, 2 * n, n - 4)
 
 
 def test_historical_events_record_but_do_not_publish(conn: psycopg.Connection) -> None:
