@@ -33,7 +33,7 @@ SELECT position, source, external_id, app_id, subscription_key, received_at, his
 FROM event_log ORDER BY position
 """
 HISTORY_SQL = """
-SELECT subscription_key, facts FROM event_log WHERE subscription_key IS NOT NULL ORDER BY subscription_key
+SELECT subscription_key, facts FROM event_log WHERE subscription_key IS NOT NULL ORDER BY subscription_key, position
 """
 PROJECTIONS_SQL = "SELECT key, app_user_id, status, state FROM subscriptions ORDER BY key"
 TRANSITIONS_SQL = "SELECT subscription_key, id, superseded_at IS NOT NULL FROM transitions ORDER BY subscription_key"
