@@ -191,6 +191,16 @@ def parse_time(value: Any, name: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def _text(obj: dict[str, Any], name: str, *, required: bool = False, limit: int = 500) -> str | None:
     value = obj.get(name)
     if value is None:
@@ -203,6 +213,8 @@ def _text(obj: dict[str, Any], name: str, *, required: bool = False, limit: int 
         raise InvalidEvent("must not be empty", name)
     if len(value) > limit:
         raise InvalidEvent(f"longer than {limit} characters", name)
+    if "\x00" in value:
+        raise InvalidEvent("contains a NUL character (U+0000), which PostgreSQL text cannot hold", name)
     return value
 
 
@@ -284,6 +296,8 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
         attributes = {}
     if not isinstance(attributes, dict):
         raise InvalidEvent(f"must be an object, got {type(attributes).__name__}", "attributes")
+    if _holds_nul(attributes):
+        raise InvalidEvent("contains a NUL character (U+0000), which PostgreSQL jsonb cannot hold", "attributes")
     assert store is not None and environment is not None and period_type is not None
     return CanonicalEvent(
         id=event_id,

@@ -149,3 +149,17 @@ def test_hostile_bodies_never_500(client: TestClient, body: bytes) -> None:
     response = client.post("/v1/events", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code < 500, response.text
     assert response.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [(event(id="a\u0000b"), "id"), (event(product_id="p\u0000"), "product_id"),
+     (event(attributes={"k": ["x\u0000"]}), "attributes")],
+)
+def test_nul_characters_are_refused_not_a_database_error(
+    client: TestClient, db_url: str, body: dict[str, Any], field: str
+) -> None:
+    response = client.post("/v1/events", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert log_count(db_url) == 0
