@@ -53,6 +53,7 @@ from subledger.core.events import (
     parse_event,
 )
 from subledger.core.sources import Notification
+from subledger.core.sources.payload import fact_value
 
 PRODUCTION = "Production"
 SANDBOX = "Sandbox"
@@ -586,14 +587,7 @@ class _Mapping:
             "country_code": self._country(),
         }
         attributes = {**self._attributes(), **fields.pop("attributes", {})}
-        for name, value in fields.items():
-            if isinstance(value, datetime):
-                value = format_time(value)
-            elif isinstance(value, Decimal):
-                value = str(value)
-            elif isinstance(value, Reason | PeriodType):
-                value = value.value
-            facts[name] = value
+        facts.update((name, fact_value(value)) for name, value in fields.items())
         if attributes:
             facts["attributes"] = attributes
         self.facts.append({k: v for k, v in facts.items() if v is not None})

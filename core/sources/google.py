@@ -52,6 +52,7 @@ from subledger.core.events import (
     parse_time,
 )
 from subledger.core.sources import Notification
+from subledger.core.sources.payload import as_dict, as_int, as_str, dig, fact_value
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_MS = 253402300799999
@@ -187,11 +188,11 @@ class Fetched:
         failure = value.get("failure")
         parsed_failure = None
         if failure is not None:
-            status = _dict(failure).get("status")
+            status = as_dict(failure).get("status")
             if not isinstance(status, int) or isinstance(status, bool):
                 raise MalformedPayload("must be {status, reason}", "subledger_fetched.failure")
-            parsed_failure = Failure(status, _str(_dict(failure).get("reason")) or "")
-        return cls(failure=parsed_failure, order_error=_str(value.get("order_error")), **parts)
+            parsed_failure = Failure(status, as_str(as_dict(failure).get("reason")) or "")
+        return cls(failure=parsed_failure, order_error=as_str(value.get("order_error")), **parts)
 
 
 # --- parsing the push --------------------------------------------------------------------------
@@ -219,10 +220,10 @@ def parse_push(body: bytes, *, message_id: str | None = None) -> Push:
             except (ValueError, binascii.Error):
                 raise MalformedPayload("is not base64", "message.data") from None
         notification = _json_object(decoded, "message.data")
-        message_id = _str(message.get("messageId")) or _str(message.get("message_id"))
+        message_id = as_str(message.get("messageId")) or as_str(message.get("message_id"))
         if message_id is None:
             raise MalformedPayload("is required", "message.messageId")
-        subscription = _str(obj.get("subscription"))
+        subscription = as_str(obj.get("subscription"))
     else:
         notification = obj
     return _push(notification, message_id, subscription)
@@ -257,7 +258,7 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
         one = notification["oneTimeProductNotification"]
         kind_code = _code(one.get("notificationType"), "oneTimeProductNotification.notificationType")
         token = _token(one.get("purchaseToken"), "oneTimeProductNotification.purchaseToken")
-        sku = _str(one.get("sku"))
+        sku = as_str(one.get("sku"))
         if sku is not None and (len(sku) > 200 or "\x00" in sku):
             raise InvalidEvent("longer than 200 characters or contains NUL", "oneTimeProductNotification.sku")
         kind = ONE_TIME_TYPES.get(kind_code, f"ONE_TIME_PRODUCT_{kind_code}")
@@ -266,11 +267,11 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
     if isinstance(notification.get("voidedPurchaseNotification"), dict):
         voided = notification["voidedPurchaseNotification"]
         token = _token(voided.get("purchaseToken"), "voidedPurchaseNotification.purchaseToken")
-        order = _str(voided.get("orderId"))
+        order = as_str(voided.get("orderId"))
         if order is None or len(order) > 200 or "\x00" in order:
             raise InvalidEvent("is required (≤ 200 characters)", "voidedPurchaseNotification.orderId")
         return Push(kind="VOIDED_PURCHASE", family="voided", purchase_token=token, order_id=order,
-                    product_type=_int(voided.get("productType")), refund_type=_int(voided.get("refundType")),
+                    product_type=as_int(voided.get("productType")), refund_type=as_int(voided.get("refundType")),
                     **common)
     if isinstance(notification.get("testNotification"), dict):
         return Push(kind="TEST", family="test", **common)
@@ -291,7 +292,7 @@ def order_to_fetch(push: Push, subscription: Mapping[str, Any] | None, product: 
     if push.family == "voided":
         return push.order_id
     if push.family == "one_time":
-        return _str(_dict(product).get("orderId"))
+        return as_str(as_dict(product).get("orderId"))
     if push.family != "subscription" or subscription is None:
         return None
     latest = _latest_order(subscription)
@@ -306,7 +307,7 @@ def order_to_fetch(push: Push, subscription: Mapping[str, Any] | None, product: 
 
 def _latest_order(subscription: Mapping[str, Any]) -> str | None:
     line = _line_item(subscription)
-    return _str(line.get("latestSuccessfulOrderId")) or _str(subscription.get("latestOrderId"))
+    return as_str(line.get("latestSuccessfulOrderId")) or as_str(subscription.get("latestOrderId"))
 
 
 # --- mapping -----------------------------------------------------------------------------------
@@ -343,10 +344,10 @@ class _Mapping:
         self.fetched = fetched
         self.config = config
         self.chain = chain
-        self.sub: dict[str, Any] = _dict(fetched.subscription)
+        self.sub: dict[str, Any] = as_dict(fetched.subscription)
         self.line = _line_item(self.sub)
-        self.order: dict[str, Any] = _dict(fetched.order)
-        self.product: dict[str, Any] = _dict(fetched.product)
+        self.order: dict[str, Any] = as_dict(fetched.order)
+        self.product: dict[str, Any] = as_dict(fetched.product)
         self.kind = push.kind
         self.subscription_id: str | None = None
         self.facts: list[dict[str, Any]] = []
@@ -385,7 +386,7 @@ class _Mapping:
     # -- subscription notifications --
 
     def on_purchased(self) -> None:
-        linked = _str(self.sub.get("linkedPurchaseToken"))
+        linked = as_str(self.sub.get("linkedPurchaseToken"))
         if linked is None:
             self._charge(EventType.PURCHASE)
             return
@@ -404,7 +405,7 @@ class _Mapping:
         self._charge(EventType.BILLING_RECOVERED)
 
     def on_canceled(self) -> None:
-        context = _dict(self.sub.get("canceledStateContext"))
+        context = as_dict(self.sub.get("canceledStateContext"))
         if "replacementCancellation" in context:
             self.kind = f"{self.push.kind}/REPLACED"
             return  # the old token of an upgrade/downgrade: part of a product change, not churn
@@ -418,14 +419,14 @@ class _Mapping:
         self._add(EventType.AUTO_RENEW_ENABLED, expires_at=self._expiry())
 
     def on_billing_issue(self) -> None:
-        attributes = {"google_state": _str(self.sub.get("subscriptionState"))}
+        attributes = {"google_state": as_str(self.sub.get("subscriptionState"))}
         self._add(EventType.BILLING_ISSUE, expires_at=self._expiry(), attributes=attributes)
 
     def on_pause_scheduled(self) -> None:
         self._add(EventType.PAUSE_SCHEDULED, expires_at=self._expiry())
 
     def on_paused(self) -> None:
-        resume = _str(_dict(self.sub.get("pausedStateContext")).get("autoResumeTime"))
+        resume = as_str(as_dict(self.sub.get("pausedStateContext")).get("autoResumeTime"))
         self._add(EventType.PAUSED, attributes={"auto_resume_time": resume})
 
     def on_revoked(self) -> None:
@@ -433,7 +434,7 @@ class _Mapping:
         self._add(EventType.EXPIRATION, reason=Reason.CUSTOMER_SUPPORT)
 
     def on_expired(self) -> None:
-        context = _dict(self.sub.get("canceledStateContext"))
+        context = as_dict(self.sub.get("canceledStateContext"))
         if "replacementCancellation" in context:
             self.kind = f"{self.push.kind}/REPLACED"
             return
@@ -477,7 +478,7 @@ class _Mapping:
             return  # canceled pending purchase: nothing was bought
         if not self.product:
             raise InvalidEvent("the one-time purchase was not fetched", "purchases.products")
-        if _int(self.product.get("purchaseState")) not in (None, 0):
+        if as_int(self.product.get("purchaseState")) not in (None, 0):
             self.kind = f"{self.push.kind}/NOT_PURCHASED"
             return  # pending (2) or canceled (1)
         price, currency = self._money()
@@ -486,7 +487,7 @@ class _Mapping:
             product_id=self.push.sku,
             price=price,
             currency=currency,
-            transaction_id=_str(self.product.get("orderId")) or self.push.purchase_token,
+            transaction_id=as_str(self.product.get("orderId")) or self.push.purchase_token,
         )
 
     # -- building blocks --
@@ -514,39 +515,39 @@ class _Mapping:
         if found:
             return found
         for earlier in (
-            _str(self.sub.get("linkedPurchaseToken")),
-            _str(_dict(self.sub.get("outOfAppPurchaseContext")).get("expiredPurchaseToken")),
+            as_str(self.sub.get("linkedPurchaseToken")),
+            as_str(as_dict(self.sub.get("outOfAppPurchaseContext")).get("expiredPurchaseToken")),
         ):
             if earlier and earlier != token and len(earlier) <= MAX_TOKEN:
                 return self._lookup(earlier) or earlier
         return token
 
     def _product(self) -> str | None:
-        return _str(self.line.get("productId"))
+        return as_str(self.line.get("productId"))
 
     def _expiry(self) -> datetime | None:
         return _maybe_time(self.line.get("expiryTime"))
 
     def _auto_renew(self) -> bool | None:
         plan = self.line.get("autoRenewingPlan")
-        value = _dict(plan).get("autoRenewEnabled")
+        value = as_dict(plan).get("autoRenewEnabled")
         return value if isinstance(value, bool) else None
 
     def _order_id(self) -> str | None:
-        return _str(self.order.get("orderId")) or order_to_fetch(self.push, self.sub, self.product)
+        return as_str(self.order.get("orderId")) or order_to_fetch(self.push, self.sub, self.product)
 
     def _phase(self) -> PeriodType:
         """The charge's phase: its order's `offerPhaseDetails`, else the subscription's `offerPhase`."""
-        details = _dict(_path(_order_line(self.order), "subscriptionDetails", "offerPhaseDetails"))
+        details = as_dict(dig(_order_line(self.order), "subscriptionDetails", "offerPhaseDetails"))
         if not details:
-            details = _dict(_path(_order_line(self.order), "subscriptionDetails", "offerPhase"))
+            details = as_dict(dig(_order_line(self.order), "subscriptionDetails", "offerPhase"))
         if details:
             if "freeTrialDetails" in details or "freeTrial" in details:
                 return PeriodType.TRIAL
             if "introductoryPriceDetails" in details or "introductoryPrice" in details:
                 return PeriodType.INTRO
             return PeriodType.NORMAL
-        phase = _dict(self.line.get("offerPhase"))
+        phase = as_dict(self.line.get("offerPhase"))
         if "freeTrial" in phase:
             return PeriodType.TRIAL
         if "introductoryPrice" in phase:
@@ -557,7 +558,7 @@ class _Mapping:
 
     def _money(self) -> tuple[Decimal | None, str | None]:
         """What the buyer paid for the order (tax included), in their currency; None when unknown."""
-        money = _dict(self.order.get("total")) or _dict(_order_line(self.order).get("total"))
+        money = as_dict(self.order.get("total")) or as_dict(_order_line(self.order).get("total"))
         return _money(money, "order.total")
 
     def _charge(self, kind: EventType) -> None:
@@ -566,11 +567,11 @@ class _Mapping:
         attributes: dict[str, Any] = {}
         if price is None and phase is PeriodType.TRIAL:
             # a free trial charges nothing; the currency is the plan's
-            currency = _str(_dict(_path(self.line, "autoRenewingPlan", "recurringPrice")).get("currencyCode"))
+            currency = as_str(as_dict(dig(self.line, "autoRenewingPlan", "recurringPrice")).get("currencyCode"))
             price = Decimal(0) if currency else None
         elif price is None and phase is PeriodType.NORMAL:
             # no order (not fetched, or not permitted): the plan's current recurring price, an estimate
-            price, currency = _money(_dict(_path(self.line, "autoRenewingPlan", "recurringPrice")), "recurringPrice")
+            price, currency = _money(as_dict(dig(self.line, "autoRenewingPlan", "recurringPrice")), "recurringPrice")
             if price is not None:
                 attributes["price_source"] = "recurring_price"
         self._add(
@@ -596,17 +597,19 @@ class _Mapping:
         )
 
     def _user(self) -> str | None:
-        ids = _dict(self.sub.get("externalAccountIdentifiers"))
-        found = _str(ids.get("obfuscatedExternalAccountId")) or _str(self.product.get("obfuscatedExternalAccountId"))
+        ids = as_dict(self.sub.get("externalAccountIdentifiers"))
+        found = as_str(ids.get("obfuscatedExternalAccountId")) or as_str(
+            self.product.get("obfuscatedExternalAccountId")
+        )
         return found if found is None or len(found) <= 500 else None
 
     def _environment(self) -> str:
-        if "testPurchase" in self.sub or _int(self.product.get("purchaseType")) == 0:
+        if "testPurchase" in self.sub or as_int(self.product.get("purchaseType")) == 0:
             return "sandbox"
         return "production"
 
     def _country(self) -> str | None:
-        region = _str(self.sub.get("regionCode")) or _str(self.product.get("regionCode"))
+        region = as_str(self.sub.get("regionCode")) or as_str(self.product.get("regionCode"))
         return region if region is not None and re.fullmatch(r"[A-Za-z]{2}", region) else None
 
     def _add(self, kind: EventType, **fields: Any) -> None:
@@ -629,21 +632,14 @@ class _Mapping:
         attributes: dict[str, Any] = {
             "google_notification": self.push.kind,
             "google_purchase_token": self.push.purchase_token,
-            "google_state": _str(self.sub.get("subscriptionState")),
-            "base_plan_id": _str(_path(self.line, "offerDetails", "basePlanId")),
-            "offer_id": _str(_path(self.line, "offerDetails", "offerId")),
+            "google_state": as_str(self.sub.get("subscriptionState")),
+            "base_plan_id": as_str(dig(self.line, "offerDetails", "basePlanId")),
+            "offer_id": as_str(dig(self.line, "offerDetails", "offerId")),
         }
         attributes.update(fields.pop("attributes", {}))
         if index == 0:
             attributes["google_fetched"] = self.fetched.to_json()
-        for name, value in fields.items():
-            if isinstance(value, datetime):
-                value = format_time(value)
-            elif isinstance(value, Decimal):
-                value = str(value)
-            elif isinstance(value, Reason | PeriodType):
-                value = value.value
-            facts[name] = value
+        facts.update((name, fact_value(value)) for name, value in fields.items())
         facts["attributes"] = {k: v for k, v in attributes.items() if v is not None}
         self.facts.append({k: v for k, v in facts.items() if v is not None})
 
@@ -661,22 +657,8 @@ def _json_object(raw: bytes, name: str) -> dict[str, Any]:
     return obj
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _path(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        obj = _dict(obj).get(key)
-    return obj
 
 
 def _line_item(subscription: Mapping[str, Any]) -> dict[str, Any]:
@@ -693,7 +675,7 @@ def _order_line(order: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _code(value: Any, name: str) -> int:
-    code = _int(value)
+    code = as_int(value)
     if code is None and isinstance(value, str) and value.isdigit() and len(value) < 6:
         code = int(value)
     if code is None or not 0 <= code < 10_000:
@@ -702,7 +684,7 @@ def _code(value: Any, name: str) -> int:
 
 
 def _token(value: Any, name: str) -> str:
-    token = _str(value)
+    token = as_str(value)
     if token is None or not token.strip():
         raise InvalidEvent("is required", name)
     if len(token) > MAX_TOKEN:
@@ -714,7 +696,7 @@ def _token(value: Any, name: str) -> str:
 
 def _millis(value: Any, name: str) -> datetime:
     """`eventTimeMillis`: int64 milliseconds, sent as a JSON string (or a number)."""
-    millis = _int(value)
+    millis = as_int(value)
     if millis is None and isinstance(value, str) and value.isdigit() and len(value) <= 15:
         millis = int(value)
     if millis is None or not 0 <= millis <= _MAX_MS:
@@ -733,7 +715,7 @@ def _maybe_time(value: Any) -> datetime | None:
 
 def _money(money: Mapping[str, Any], name: str) -> tuple[Decimal | None, str | None]:
     """Google's Money `{currencyCode, units (int64 as a string), nanos}` → (amount, currency)."""
-    currency = _str(money.get("currencyCode"))
+    currency = as_str(money.get("currencyCode"))
     units, nanos = money.get("units", "0"), money.get("nanos", 0)
     if currency is None or not re.fullmatch(r"[A-Z]{3}", currency):
         return None, None

@@ -29,6 +29,7 @@ from typing import Any
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import EventType, PeriodType, Reason, Source, Store, format_time, parse_event
 from subledger.core.sources import Notification
+from subledger.core.sources.payload import as_str
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_MS = 253402300799999
@@ -144,9 +145,6 @@ def _ids(value: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
 
 def _time(value: Any, name: str) -> datetime:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_MS:
@@ -190,7 +188,7 @@ class _Mapping:
         if not isinstance(kind, str) or not kind:
             raise InvalidEvent("is required", "event.type")
         self.kind = kind[:200]
-        rc_app = _str(event.get("app_id"))
+        rc_app = as_str(event.get("app_id"))
         self.app_id = config.app_ids.get(rc_app, config.app_id) if rc_app else config.app_id
         self.facts: list[dict[str, Any]] = []
 
@@ -217,7 +215,7 @@ class _Mapping:
         self._add(EventType.RENEWAL, priced=True, at_purchase=True)
 
     def on_cancellation(self) -> None:
-        reason = REASONS.get(_str(self.event.get("cancel_reason")) or "")
+        reason = REASONS.get(as_str(self.event.get("cancel_reason")) or "")
         paid = _number(self.event.get("price_in_purchased_currency"), "price_in_purchased_currency")
         usd = _number(self.event.get("price"), "price")
         if reason is Reason.CUSTOMER_SUPPORT and ((paid is not None and paid < 0) or (usd is not None and usd < 0)):
@@ -235,7 +233,7 @@ class _Mapping:
         self._add(EventType.PAUSE_SCHEDULED)
 
     def on_expiration(self) -> None:
-        reason = REASONS.get(_str(self.event.get("expiration_reason")) or "") or Reason.UNKNOWN
+        reason = REASONS.get(as_str(self.event.get("expiration_reason")) or "") or Reason.UNKNOWN
         self._add(EventType.EXPIRATION, reason=reason)
 
     def on_billing_issue(self) -> None:
@@ -274,10 +272,10 @@ class _Mapping:
     def _subscription_id(self) -> str:
         """The store's subscription id; RevenueCat-granted promotionals may have none, so name one."""
         event = self.event
-        found = _str(event.get("original_transaction_id")) or _str(event.get("transaction_id"))
+        found = as_str(event.get("original_transaction_id")) or as_str(event.get("transaction_id"))
         if found is not None:
             return found
-        user, product = _str(event.get("app_user_id")), _str(event.get("product_id"))
+        user, product = as_str(event.get("app_user_id")), as_str(event.get("product_id"))
         if event.get("store") == "PROMOTIONAL" and user and product:
             return f"promotional:{user}:{product}"
         raise InvalidEvent(f"is required for {self.kind}", "event.original_transaction_id")
@@ -295,7 +293,7 @@ class _Mapping:
         # A charge happened at purchase time; any other fact when RevenueCat observed it.
         when = _maybe_time(event.get("purchased_at_ms"), "purchased_at_ms") if at_purchase else None
         when = when or _time(event.get("event_timestamp_ms"), "event_timestamp_ms")
-        store = STORES.get(_str(event.get("store")) or "", Store.OTHER)
+        store = STORES.get(as_str(event.get("store")) or "", Store.OTHER)
         environment = "sandbox" if event.get("environment") == "SANDBOX" else "production"
         facts: dict[str, Any] = {
             "id": self.external_id if not self.facts else f"{self.external_id}#{len(self.facts)}",
@@ -304,27 +302,27 @@ class _Mapping:
             "type": kind.value,
             "occurred_at": format_time(when),
             "subscription_id": subscription,
-            "app_user_id": _str(event.get("app_user_id")) or _str(event.get("original_app_user_id")),
+            "app_user_id": as_str(event.get("app_user_id")) or as_str(event.get("original_app_user_id")),
             "store": store.value,
             "environment": environment,
-            "product_id": _str(event.get("product_id")),
-            "transaction_id": _str(event.get("transaction_id")),
+            "product_id": as_str(event.get("product_id")),
+            "transaction_id": as_str(event.get("transaction_id")),
             "country_code": _country(event.get("country_code")),
             "reason": None if reason is None else reason.value,
         }
-        period = PERIOD_TYPES.get(_str(event.get("period_type")) or "")
+        period = PERIOD_TYPES.get(as_str(event.get("period_type")) or "")
         if period is not None:
             facts["period_type"] = period.value
         expires = _maybe_time(event.get("expiration_at_ms"), "expiration_at_ms")
         if expires is not None:
             facts["expires_at"] = format_time(expires)
         if kind is EventType.PRODUCT_CHANGE:
-            facts["new_product_id"] = _str(event.get("new_product_id"))
+            facts["new_product_id"] = as_str(event.get("new_product_id"))
         if priced:
             paid = _number(event.get("price_in_purchased_currency"), "price_in_purchased_currency")
             if paid is not None:
                 facts["price"] = str(paid)
-                facts["currency"] = _str(event.get("currency"))
+                facts["currency"] = as_str(event.get("currency"))
         facts["attributes"] = self._attributes()
         self.facts.append({k: v for k, v in facts.items() if v is not None})
 
@@ -332,15 +330,15 @@ class _Mapping:
         event = self.event
         pairs = {
             "revenuecat_type": self.kind,
-            "revenuecat_store": _str(event.get("store")),
-            "revenuecat_app_id": _str(event.get("app_id")),
+            "revenuecat_store": as_str(event.get("store")),
+            "revenuecat_app_id": as_str(event.get("app_id")),
             "is_trial_conversion": event.get("is_trial_conversion")
             if isinstance(event.get("is_trial_conversion"), bool)
             else None,
             "price_usd": str(p) if (p := _number(event.get("price"), "price")) is not None else None,
             "entitlement_ids": _ids(event.get("entitlement_ids")) or None,
-            "offer_code": _str(event.get("offer_code")),
-            "presented_offering_id": _str(event.get("presented_offering_id")),
+            "offer_code": as_str(event.get("offer_code")),
+            "presented_offering_id": as_str(event.get("presented_offering_id")),
             "renewal_number": event.get("renewal_number") if isinstance(event.get("renewal_number"), int) else None,
         }
         out = {k: v for k, v in pairs.items() if v is not None}

@@ -46,6 +46,7 @@ from subledger.core.events import (
     parse_event,
 )
 from subledger.core.sources import Notification
+from subledger.core.sources.payload import as_dict, as_int, as_list, as_str, dig, fact_value
 
 BASIL = "2025-03-31"
 DEFAULT_TOLERANCE = 300
@@ -178,31 +179,14 @@ def _header_timestamp(header: str) -> int:
 # --- tolerant readers: hostile JSON must yield None, never an exception ----------------------
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _path(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        obj = _dict(obj).get(key)
-    return obj
 
 
 def _ref(value: Any) -> str | None:
     """A Stripe reference: an id string, or an expanded object carrying `id`."""
-    return _str(value) or _str(_dict(value).get("id"))
+    return as_str(value) or as_str(as_dict(value).get("id"))
 
 
 def _first(*values: str | None) -> str | None:
@@ -210,14 +194,14 @@ def _first(*values: str | None) -> str | None:
 
 
 def _time(value: Any, name: str) -> datetime:
-    seconds = _int(value)
+    seconds = as_int(value)
     if seconds is None or not 0 <= seconds <= _MAX_SECONDS:
         raise InvalidEvent("must be UNIX seconds", name)
     return _EPOCH + timedelta(seconds=seconds)
 
 
 def _maybe_time(value: Any) -> datetime | None:
-    seconds = _int(value)
+    seconds = as_int(value)
     return None if seconds is None or not 0 <= seconds <= _MAX_SECONDS else _EPOCH + timedelta(seconds=seconds)
 
 
@@ -225,7 +209,7 @@ def amount(minor: Any, currency: str | None, name: str) -> Decimal | None:
     """Stripe minor units → a decimal amount in the currency (JPY 500 → 500, USD 999 → 9.99)."""
     if minor is None:
         return None
-    value = _int(minor)
+    value = as_int(minor)
     if value is None:
         raise InvalidEvent("must be an integer amount in minor units", name)
     code = (currency or "").upper()
@@ -235,7 +219,7 @@ def amount(minor: Any, currency: str | None, name: str) -> Decimal | None:
 
 def is_basil(api_version: Any) -> bool:
     """True when the event is rendered at 2025-03-31 (basil) or later."""
-    text = _str(api_version)
+    text = as_str(api_version)
     return text is not None and text[:10] >= BASIL
 
 
@@ -243,42 +227,42 @@ def is_basil(api_version: Any) -> bool:
 
 
 def invoice_subscription(invoice: Mapping[str, Any], basil: bool) -> str | None:
-    new = _ref(_path(invoice, "parent", "subscription_details", "subscription"))
+    new = _ref(dig(invoice, "parent", "subscription_details", "subscription"))
     old = _ref(invoice.get("subscription"))
     return _first(new, old) if basil else _first(old, new)
 
 
 def _line_subscription(line: Mapping[str, Any]) -> str | None:
     return _first(
-        _ref(_path(line, "parent", "subscription_item_details", "subscription")),
+        _ref(dig(line, "parent", "subscription_item_details", "subscription")),
         _ref(line.get("subscription")) if line.get("type") == "subscription" else None,
     )
 
 
 def _line_price(line: Mapping[str, Any], basil: bool) -> str | None:
-    new = _ref(_path(line, "pricing", "price_details", "price"))
+    new = _ref(dig(line, "pricing", "price_details", "price"))
     old = _first(_ref(line.get("price")), _ref(line.get("plan")))
     return _first(new, old) if basil else _first(old, new)
 
 
 def _line_product(line: Mapping[str, Any]) -> str | None:
     return _first(
-        _ref(_path(line, "pricing", "price_details", "product")),
-        _ref(_path(line, "price", "product")),
-        _ref(_path(line, "plan", "product")),
+        _ref(dig(line, "pricing", "price_details", "product")),
+        _ref(dig(line, "price", "product")),
+        _ref(dig(line, "plan", "product")),
     )
 
 
 def _line_is_proration(line: Mapping[str, Any]) -> bool:
-    return bool(_path(line, "parent", "subscription_item_details", "proration") or line.get("proration"))
+    return bool(dig(line, "parent", "subscription_item_details", "proration") or line.get("proration"))
 
 
 def _line_is_subscription(line: Mapping[str, Any]) -> bool:
-    return line.get("type") == "subscription" or _path(line, "parent", "type") == "subscription_item_details"
+    return line.get("type") == "subscription" or dig(line, "parent", "type") == "subscription_item_details"
 
 
 def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [_dict(x) for x in _list(_path(invoice, "lines", "data")) if isinstance(x, dict)]
+    return [as_dict(x) for x in as_list(dig(invoice, "lines", "data")) if isinstance(x, dict)]
 
 
 def _main_line(invoice: Mapping[str, Any]) -> dict[str, Any]:
@@ -291,7 +275,7 @@ def _main_line(invoice: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _item_prices(subscription: Mapping[str, Any]) -> list[str]:
-    prices = [_ref(_dict(item).get("price")) for item in _list(_path(subscription, "items", "data"))]
+    prices = [_ref(as_dict(item).get("price")) for item in as_list(dig(subscription, "items", "data"))]
     found = [p for p in prices if p]
     if not found and _ref(subscription.get("plan")):
         found = [_ref(subscription.get("plan")) or ""]
@@ -299,8 +283,8 @@ def _item_prices(subscription: Mapping[str, Any]) -> list[str]:
 
 
 def _first_item(subscription: Mapping[str, Any]) -> dict[str, Any]:
-    items = _list(_path(subscription, "items", "data"))
-    return _dict(items[0]) if items else {}
+    items = as_list(dig(subscription, "items", "data"))
+    return as_dict(items[0]) if items else {}
 
 
 def _cancelling(obj: Mapping[str, Any]) -> bool:
@@ -327,7 +311,7 @@ class _Mapping:
         kind = event.get("type")
         if not isinstance(kind, str) or not kind:
             raise InvalidEvent("is required", "type")
-        obj = _path(event, "data", "object")
+        obj = dig(event, "data", "object")
         if not isinstance(obj, dict):
             raise MalformedPayload("is required and must be an object", "data.object")
         self.config = config
@@ -335,7 +319,7 @@ class _Mapping:
         self.external_id = event_id
         self.kind = kind[:200]
         self.obj: dict[str, Any] = obj
-        self.previous = _dict(_path(event, "data", "previous_attributes"))
+        self.previous = as_dict(dig(event, "data", "previous_attributes"))
         self.created = _time(event.get("created"), "created")
         self.basil = is_basil(event.get("api_version"))
         live = event.get("livemode")
@@ -380,7 +364,7 @@ class _Mapping:
             raise InvalidEvent("is required", "data.object.id")
         self.app_user_id = _first(
             self._metadata_user(sub.get("metadata")),
-            self._metadata_user(_dict(sub.get("customer")).get("metadata")),
+            self._metadata_user(as_dict(sub.get("customer")).get("metadata")),
         )
         return sub
 
@@ -389,8 +373,8 @@ class _Mapping:
         if sub.get("status") != "trialing":
             return  # a paid start is stated by its first paid invoice, with the amount charged
         item = _first_item(sub)
-        price = _dict(item.get("price")) or _dict(sub.get("plan"))
-        currency = _str(price.get("currency"))
+        price = as_dict(item.get("price")) or as_dict(sub.get("plan"))
+        currency = as_str(price.get("currency"))
         self._add(
             EventType.PURCHASE,
             product_id=_first(_ref(item.get("price")), _ref(sub.get("plan"))),
@@ -398,7 +382,7 @@ class _Mapping:
             price=Decimal(0) if currency else None,
             currency=currency,
             expires_at=_maybe_time(sub.get("trial_end")),
-            attributes=self._product_attributes(_ref(price.get("product")), _str(price.get("lookup_key"))),
+            attributes=self._product_attributes(_ref(price.get("product")), as_str(price.get("lookup_key"))),
         )
 
     def on_subscription_updated(self) -> None:
@@ -418,14 +402,14 @@ class _Mapping:
             was = _cancelling({**sub, **{k: prev[k] for k in ("cancel_at_period_end", "cancel_at") if k in prev}})
             now = _cancelling(sub)
             if now and not was:
-                reason = CANCELLATION_REASON.get(_str(_path(sub, "cancellation_details", "reason")) or "")
+                reason = CANCELLATION_REASON.get(as_str(dig(sub, "cancellation_details", "reason")) or "")
                 self._add(EventType.AUTO_RENEW_DISABLED, reason=reason, expires_at=self._period_end(sub))
             elif was and not now:
                 self._add(EventType.AUTO_RENEW_ENABLED, expires_at=self._period_end(sub))
 
     def on_subscription_deleted(self) -> None:
         sub = self._subscription()
-        reason = CANCELLATION_REASON.get(_str(_path(sub, "cancellation_details", "reason")) or "")
+        reason = CANCELLATION_REASON.get(as_str(dig(sub, "cancellation_details", "reason")) or "")
         if reason is Reason.UNSUBSCRIBE and not _cancelling(sub):
             # Cancelled immediately: the customer's cancellation and the end are both facts.
             self._add(EventType.AUTO_RENEW_DISABLED, reason=reason)
@@ -458,12 +442,12 @@ class _Mapping:
             return None  # a one-off invoice: not a subscription fact
         # The subscription's metadata as the invoice snapshots it (basil: under parent), then the
         # subscription line's copy, then an expanded customer.
-        new = self._metadata_user(_path(invoice, "parent", "subscription_details", "metadata"))
-        old = self._metadata_user(_path(invoice, "subscription_details", "metadata"))
+        new = self._metadata_user(dig(invoice, "parent", "subscription_details", "metadata"))
+        old = self._metadata_user(dig(invoice, "subscription_details", "metadata"))
         self.app_user_id = _first(
             *((new, old) if self.basil else (old, new)),
             self._metadata_user(_main_line(invoice).get("metadata")),
-            self._metadata_user(_path(invoice, "customer", "metadata")),
+            self._metadata_user(dig(invoice, "customer", "metadata")),
         )
         return invoice
 
@@ -472,12 +456,12 @@ class _Mapping:
         if invoice is None:
             return
         reason = invoice.get("billing_reason")
-        paid = _int(invoice.get("amount_paid")) or 0
+        paid = as_int(invoice.get("amount_paid")) or 0
         if reason == "subscription_create":
             if paid > 0:
                 self._charge(invoice, EventType.PURCHASE)
         elif reason == "subscription_cycle":
-            attempts = _int(invoice.get("attempt_count")) or 0
+            attempts = as_int(invoice.get("attempt_count")) or 0
             self._charge(invoice, EventType.BILLING_RECOVERED if attempts > 1 else EventType.RENEWAL)
         elif reason == "subscription_update" and paid > 0:
             lines = [line for line in _invoice_lines(invoice) if _line_is_subscription(line)]
@@ -497,7 +481,7 @@ class _Mapping:
         )
 
     def _charge(self, invoice: Mapping[str, Any], kind: EventType) -> None:
-        currency = _str(invoice.get("currency"))
+        currency = as_str(invoice.get("currency"))
         line = _main_line(invoice)
         product = _line_price(line, self.basil)
         if not product:
@@ -507,7 +491,7 @@ class _Mapping:
             product_id=product,
             price=amount(invoice.get("amount_paid"), currency, "data.object.amount_paid"),
             currency=currency,
-            expires_at=_maybe_time(_path(line, "period", "end")),
+            expires_at=_maybe_time(dig(line, "period", "end")),
             transaction_id=_ref(invoice.get("id")),
             attributes={
                 **self._invoice_attributes(invoice),
@@ -518,7 +502,7 @@ class _Mapping:
     def _invoice_attributes(self, invoice: Mapping[str, Any]) -> dict[str, Any]:
         pairs = {
             "stripe_invoice": _ref(invoice.get("id")),
-            "billing_reason": _str(invoice.get("billing_reason")),
+            "billing_reason": as_str(invoice.get("billing_reason")),
             "stripe_payment_intent": _ref(invoice.get("payment_intent")),
             "stripe_charge": _ref(invoice.get("charge")),
         }
@@ -531,7 +515,7 @@ class _Mapping:
         invoice_ref = charge.get("invoice")
         invoice_id = _ref(invoice_ref)
         intent_id = _ref(charge.get("payment_intent"))
-        subscription = invoice_subscription(_dict(invoice_ref), self.basil) if isinstance(invoice_ref, dict) else None
+        subscription = invoice_subscription(as_dict(invoice_ref), self.basil) if isinstance(invoice_ref, dict) else None
         if not subscription and self.lookup is not None:
             for ref in (invoice_id, intent_id):
                 if ref and not subscription:
@@ -542,9 +526,9 @@ class _Mapping:
         self.subscription_id = subscription
         self.app_user_id = _first(
             self._metadata_user(charge.get("metadata")),
-            self._metadata_user(_path(charge, "customer", "metadata")),
+            self._metadata_user(dig(charge, "customer", "metadata")),
         )
-        currency = _str(charge.get("currency"))
+        currency = as_str(charge.get("currency"))
         refunded = amount(charge.get("amount_refunded"), currency, "data.object.amount_refunded")
         self._add(
             EventType.REFUND,
@@ -576,7 +560,7 @@ class _Mapping:
     # -- building blocks --
 
     def _metadata_user(self, metadata: Any) -> str | None:
-        return _str(_dict(metadata).get(self.config.metadata_key))
+        return as_str(as_dict(metadata).get(self.config.metadata_key))
 
     def _product_attributes(self, product: str | None, lookup_key: str | None) -> dict[str, Any]:
         return {k: v for k, v in {"stripe_product": product, "stripe_lookup_key": lookup_key}.items() if v}
@@ -595,14 +579,7 @@ class _Mapping:
             "app_user_id": self.app_user_id,
         }
         attributes = {"stripe_event": self.kind, **fields.pop("attributes", {})}
-        for name, value in fields.items():
-            if isinstance(value, datetime):
-                value = format_time(value)
-            elif isinstance(value, Decimal):
-                value = str(value)
-            elif isinstance(value, Reason | PeriodType):
-                value = value.value
-            facts[name] = value
+        facts.update((name, fact_value(value)) for name, value in fields.items())
         facts["attributes"] = attributes
         self.facts.append({k: v for k, v in facts.items() if v is not None})
 
