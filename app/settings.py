@@ -330,16 +330,24 @@ def load(path: str | Path | None = None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{file} is not valid TOML: {exc}") from None
         source = str(file)
-    raw = _expand(raw, "")
+    return _validated(raw, source, env)
+
+
+def from_dict(data: dict[str, Any]) -> Settings:
+    """Settings from an in-memory mapping (tests, the demo), validated like a file."""
+    return _validated(data, "dict", None)
+
+
+def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Settings:
     try:
-        parsed = FileSettings.model_validate(raw)
+        parsed = FileSettings.model_validate(_expand(raw, ""))
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(_loc(first["loc"]), first["msg"]) from None
     _check_sources(parsed.apps)
     return Settings(
-        api_token=env.api_token or parsed.api_token,
-        database_url=env.database_url or parsed.database_url,
+        api_token=(env.api_token if env else None) or parsed.api_token,
+        database_url=(env.database_url if env else None) or parsed.database_url,
         historical_horizon=timedelta(hours=parsed.historical_horizon_hours),
         accept_unconfigured_apps=parsed.accept_unconfigured_apps,
         max_body_bytes=parsed.max_body_bytes,
@@ -347,24 +355,3 @@ def load(path: str | Path | None = None) -> Settings:
         source=source,
     )
 
-
-def from_dict(data: dict[str, Any]) -> Settings:
-    """Settings from an in-memory mapping (tests, the demo), validated like a file."""
-    try:
-        parsed = FileSettings.model_validate(_expand(data, ""))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(_loc(first["loc"]), first["msg"]) from None
-    _check_sources(parsed.apps)
-    return Settings(
-        api_token=parsed.api_token,
-        database_url=parsed.database_url,
-        historical_horizon=timedelta(hours=parsed.historical_horizon_hours),
-        accept_unconfigured_apps=parsed.accept_unconfigured_apps,
-        max_body_bytes=parsed.max_body_bytes,
-        apps=parsed.apps,
-        source="dict",
-    )
-
-
-Mode = Literal["gross", "after_commission", "after_commission_and_tax"]
