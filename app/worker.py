@@ -18,9 +18,9 @@ from subledger.scheduler.service import Scheduler, SchedulerConfig, grace_by_app
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from subledger.app import logs
+
+    logs.configure(level)
 
 
 def build_relay(

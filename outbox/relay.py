@@ -360,6 +360,7 @@ class Relay:
                     "dedup window, a destination may see it twice",
                     row.message_id, row.app_id, row.destination,
                     (now - row.first_attempt_at).total_seconds() / 3600,
+                    extra={"message_id": row.message_id, "app_id": row.app_id, "destination": row.destination},
                 )
         return rows
 
@@ -587,7 +588,10 @@ class Relay:
         if outcome.dead:
             metrics.DEAD.labels(*labels).inc(len(outcome.dead))
             for row, _, reason in outcome.dead:
-                log.warning("dead-lettered %s for %s/%s: %s", row.message_id, *labels, reason)
+                log.warning(
+                    "dead-lettered %s for %s/%s: %s", row.message_id, *labels, reason,
+                    extra={"message_id": row.message_id, "app_id": labels[0], "destination": labels[1]},
+                )
         for row, _, status, reason in outcome.retry:
             kind = "rate_limited" if status == 429 else "no_response" if status is None else "server_error"
             metrics.RETRIES.labels(*labels, kind).inc()
