@@ -25,11 +25,16 @@ def data_dir() -> Path:
 
 def embedded_url(directory: Path | None = None) -> str:
     """Start (or reuse) the embedded PostgreSQL under `directory/pgdata` and return its URL."""
-    import pgserver  # imported late: starting a server is a run-time decision, not an import-time one
+    import warnings
 
     pgdata = (directory or data_dir()) / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); pgserver copes.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver  # imported late: starting a server is a run-time decision, not an import-time one
+
+        server = pgserver.get_server(pgdata, cleanup_mode=None)
     return str(server.get_uri())
 
 
