@@ -400,10 +400,11 @@ def sink(
 
 
 @app.command()
-def demo(
-    keep: Annotated[bool, typer.Option(help="Keep the demo database afterwards.")] = True,
-) -> None:
-    """Run the whole pipeline on bundled samples: embedded PostgreSQL, ingest, timelines, messages."""
+def demo() -> None:
+    """Run the whole pipeline on bundled samples: embedded PostgreSQL, ingest, relay, timelines, messages.
+
+    The `subledger_demo` database is recreated on every run and left in place afterwards, so
+    `subledger audit ... --database-url` can explore it."""
     from subledger.app.demo import run_demo
 
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -141,6 +141,3 @@ def withdraw(conn: psycopg.Connection, transition_ids: Sequence[str], now: datet
     )
     return cur.rowcount
 
-
-def settle_until(now: datetime, delay: timedelta) -> datetime:
-    return now + delay
