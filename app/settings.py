@@ -34,17 +34,27 @@ def package_version() -> str:
         return "0"
 
 
+def _base_url(value: str, example: str) -> str:
+    """An http(s) base URL without its trailing slash; paths are appended to it."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http(s) base URL, e.g. {example}")
+    return value.rstrip("/")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_STORE_RATES = Commission()  # the published defaults live in core/render.py, once
+
+
 class CommissionSettings(_Strict):
-    app_store_first_year: Decimal = Decimal("0.30")
-    app_store_later: Decimal = Decimal("0.15")
-    app_store_small_business: bool = False
-    play_store: Decimal = Decimal("0.15")
-    stripe: Decimal = Decimal("0")
-    other: Decimal = Decimal("0")
+    app_store_first_year: Decimal = _STORE_RATES.app_store_first_year
+    app_store_later: Decimal = _STORE_RATES.app_store_later
+    app_store_small_business: bool = _STORE_RATES.app_store_small_business
+    play_store: Decimal = _STORE_RATES.play_store
+    stripe: Decimal = _STORE_RATES.stripe
+    other: Decimal = _STORE_RATES.other
 
 
 class DestinationSettings(_Strict):
@@ -66,9 +76,7 @@ class DestinationSettings(_Strict):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) base URL, e.g. https://api.segment.io")
-        return value.rstrip("/")
+        return _base_url(value, SEGMENT_US)
 
     @field_validator("currency")
     @classmethod
@@ -180,10 +188,8 @@ class GoogleSourceSettings(_Strict):
 
     @field_validator("api_base_url")
     @classmethod
-    def _base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) base URL, e.g. https://androidpublisher.googleapis.com")
-        return value.rstrip("/")
+    def _api_base_url(cls, value: str) -> str:
+        return _base_url(value, "https://androidpublisher.googleapis.com")
 
     @field_validator("service_account_file")
     @classmethod
