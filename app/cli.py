@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -390,12 +392,18 @@ def sink(
     from subledger.outbox.sink import Sink, printer
 
     server = Sink(host, port, write_keys=set(write_key) if write_key else None, echo=printer(sys.stdout, full=full))
-    err.print(f"Segment-compatible sink on {server.url} (POST /v1/batch); Ctrl-C to stop", highlight=False)
+    err.print(f"Segment-compatible sink on {server.url} (POST /v1/batch); Ctrl-C or SIGTERM to stop", highlight=False)
+    stopping = threading.Event()
+    # A background job ignores SIGINT, so SIGTERM must stop the sink too; both end in the same clean exit.
+    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    server.start()
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        while not stopping.wait(0.5):
+            pass
     finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         err.print(f"received {server.capture.distinct()} distinct messages", highlight=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,13 @@ def _write_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_WRITE_KEY", "secret")
 
 
+def recent() -> str:
+    """Two hours before the CLI's own clock (the real one): inside the 72 h historical horizon."""
+    return (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+
+
 def ev(i: int, **extra: Any) -> dict[str, Any]:
-    return {"id": f"e{i}", "app_id": APP, "type": "purchase", "occurred_at": "2026-11-28T10:00:00Z",
+    return {"id": f"e{i}", "app_id": APP, "type": "purchase", "occurred_at": recent(),
             "subscription_id": f"s{i}", "product_id": "p", **extra}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -19,6 +20,7 @@ from subledger.app.http import create_app
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 APP = "com.example"
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)  # the service's injected clock: events below are 2 h old
 
 
 def event(eid: str = "e1", **extra: Any) -> dict[str, Any]:
@@ -35,7 +37,7 @@ def client(db_url: str) -> Iterator[TestClient]:
     config = settings_module.from_dict(
         {"api_token": TOKEN, "apps": {APP: {"destinations": {"segment": {"write_key": "k"}}}}}
     )
-    with TestClient(create_app(build(config, database_url=db_url))) as c:
+    with TestClient(create_app(build(config, database_url=db_url, clock=lambda: NOW))) as c:
         yield c
 
 

@@ -61,7 +61,14 @@ def test_sink_prints_what_it_receives(tmp_path: Path) -> None:
         assert httpx.post(url, json=batch, auth=("wrong", ""), timeout=2).status_code == 401
         assert httpx.post(url, content=b"{not json", auth=("k1", ""), timeout=2).status_code == 400
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        # SIGTERM, as a service manager or a background job's kill sends; the sink must stop on it.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    assert proc.returncode == 0
     assert "rc_renewal_event revenue=9.99 USD" in out and "[m-1]" in out
     assert "received 1 distinct messages" in err

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,31 @@ from subledger.outbox.sink import Request, Reset
 SUBLEDGER = str(Path(sys.executable).parent / "subledger")
 
 
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_was_started() -> Iterator[None]:
+    """Every relay a test starts is killed at its end, pass or fail: nothing outlives the test."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
 def _start(db_url: str, config: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUBLEDGER_DATA_DIR": str(config.parent / "data")}
     env.pop("SUBLEDGER_CONFIG", None)
     with log.open("ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [SUBLEDGER, "relay", "--config", str(config), "--database-url", db_url, "--no-expirations",
              "--interval", "0.2", "--backoff-base", "0.05", "--backoff-cap", "0.5", *extra],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
+    _started.append(proc)
+    return proc
 
 
 def _wait(predicate: Any, timeout: float, step: float = 0.02) -> bool:
