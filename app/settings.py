@@ -290,6 +290,17 @@ def _expand(value: Any, path: str) -> Any:
     return value
 
 
+def _check_grace(parsed: FileSettings) -> None:
+    """An inferred expiration is dated at its period's end and noticed `grace` later: with a grace at or
+    past the historical horizon every inferred expiration would be history, and none would be sent."""
+    for app_id, app in parsed.apps.items():
+        if app.expiration_grace_hours >= parsed.historical_horizon_hours:
+            raise ConfigError(
+                f'apps."{app_id}".expiration_grace_hours',
+                f"must be less than historical_horizon_hours ({parsed.historical_horizon_hours:g})",
+            )
+
+
 def _check_sources(apps: dict[str, AppSettings]) -> None:
     """Cross-app rules a single model cannot see: one app per Apple bundle id and per Play package
     name (the routing keys)."""
@@ -351,6 +362,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         first = exc.errors()[0]
         raise ConfigError(_loc(first["loc"]), first["msg"]) from None
     _check_sources(parsed.apps)
+    _check_grace(parsed)
     return Settings(
         api_token=(env.api_token if env else None) or parsed.api_token,
         database_url=(env.database_url if env else None) or parsed.database_url,

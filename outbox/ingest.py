@@ -15,7 +15,7 @@ from typing import Literal
 
 import psycopg
 
-from subledger.core.events import CanonicalEvent, Source
+from subledger.core.events import CanonicalEvent
 from subledger.core.lifecycle import (
     SubscriptionState,
     Transition,
@@ -144,9 +144,12 @@ def ingest(
 
 
 def _is_history(notification: Notification, now: datetime, horizon: timedelta) -> bool:
-    """Rule 5, except for the scheduler's own facts: an inferred expiration is news however late."""
-    if notification.source is Source.SCHEDULER:
-        return False
+    """Rule 5, for every source the same way.
+
+    A scheduler-inferred expiration is dated at the end of the period it closes, so one inferred for
+    a period that ended before the horizon (old history imported, then the scheduler ran) is history
+    like any other old fact and is not published; one inferred on time (period end + grace) is news.
+    """
     return any(is_historical(e.occurred_at, now, horizon) for e in notification.events)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,7 +11,7 @@ import psycopg
 from fake_segment import APP, FakeSegment, lifecycle, routes_for, settings_for
 
 from subledger.core.delivery import Backoff
-from subledger.core.events import parse_event
+from subledger.core.events import Store, parse_event
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.outbox.relay import Relay, RelayConfig
@@ -137,6 +138,46 @@ def test_inferred_expiration_after_the_grace(db_url: str) -> None:
         relay.close()
         events = [m.get("event") for m in fake.capture.messages() if m["type"] == "track"]
     assert events == ["rc_initial_purchase_event", "rc_expiration_event"]
+
+
+def test_an_expiration_inferred_for_old_history_is_history(db_url: str) -> None:
+    """Imported history whose period ended weeks ago: the inferred expiration updates state, sends nothing."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    settings = settings_for("http://127.0.0.1:9", publish_historical=False)
+    old = {
+        "id": "p-old", "app_id": APP, "type": "purchase", "occurred_at": (now - timedelta(days=40)).isoformat(),
+        "subscription_id": "old1", "app_user_id": "u-old", "store": "app_store", "product_id": "monthly",
+        "price": "4.99", "currency": "USD", "expires_at": (now - timedelta(days=10)).isoformat(),
+    }
+    recent = {**old, "id": "p-new", "subscription_id": "new1", "app_user_id": "u-new",
+              "occurred_at": (now - timedelta(days=2)).isoformat(), "expires_at": (now - timedelta(hours=30)).isoformat()}
+    _ingest_one(db_url, settings, old)
+    _ingest_one(db_url, settings, recent)
+    assert infer_expirations(db_url, _policy(settings), grace_by_app(settings.apps), now) == 2
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT split_part(t.subscription_key, '/', 3), t.historical,"
+            " (SELECT count(*) FROM outbox o WHERE o.transition_id = t.id)"
+            " FROM transitions t WHERE t.kind = 'expiration' ORDER BY 1"
+        ).fetchall()
+        statuses = dict(conn.execute("SELECT split_part(key, '/', 3), status FROM subscriptions").fetchall())
+    # the period that ended 10 days ago (before the 72 h horizon) follows the historical rule; 30 h ago is news
+    assert rows == [("new1", False, 1), ("old1", True, 0)]
+    assert statuses == {"new1": "expired", "old1": "expired"}
+
+
+def test_inferred_expiration_id_names_the_period_end() -> None:
+    """The README's id form: `expire:<period end>:<digest of subscription and period end>`."""
+    from subledger.core.lifecycle import SubscriptionState, inferred_expiration
+
+    end = datetime(2026, 1, 31, 12, tzinfo=UTC)
+    state = SubscriptionState(key="app/app_store/s1", app_id="app", store=Store.APP_STORE, subscription_id="s1",
+                              started=True, expires_at=end)
+    event = inferred_expiration(state, end + timedelta(hours=25), timedelta(hours=24))
+    assert event is not None and event.occurred_at == end
+    digest = hashlib.sha256("app/app_store/s1\x1f2026-01-31T12:00:00.000000Z".encode()).hexdigest()[:32]
+    assert event.id == f"expire:2026-01-31T12:00:00.000000Z:{digest}"
+    assert inferred_expiration(state, end + timedelta(hours=23), timedelta(hours=24)) is None
 
 
 def test_expiration_job_runs_in_the_scheduler(db_url: str) -> None:
