@@ -49,7 +49,10 @@ MAX_REJECTIONS_SHOWN = 20
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+
+    # One line whatever the width (no wrapping when piped); the message is text, never markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -139,6 +142,8 @@ def ingest_stream(
                 summary.transitions += len(outcome.transitions)
             else:
                 summary.duplicate += 1
+        if fmt == "revenuecat":
+            _apply_transfers(conn, services, batch)
         batch.clear()
 
     def reject(line: int, reason: str) -> None:
@@ -177,6 +182,21 @@ def ingest_stream(
     finally:
         conn.close()
     return summary
+
+
+def _apply_transfers(conn: Any, services: Any, batch: list[Any]) -> None:
+    """A captured RevenueCat TRANSFER links identities as the webhook does, after its batch committed."""
+    from subledger.core.sources import revenuecat as rc_source
+    from subledger.outbox.identify import apply_transfer
+    from subledger.outbox.ingest import wake_relay
+
+    sent: list[str] = []
+    for item in batch:
+        if item.notification.kind == "TRANSFER" and (moved := rc_source.transfer_links(item.raw)) is not None:
+            app_id = item.notification.app_id
+            sent += apply_transfer(conn, app_id, moved, services.policy.destinations_for(app_id), services.clock())
+    if sent:
+        wake_relay(conn)
 
 
 def in_background(items: Iterator[T], *, depth: int = 2 * BATCH) -> Iterator[T]:
@@ -312,21 +332,23 @@ def serve(
     database_url: DatabaseOption = None,
 ) -> None:
     """Run the HTTP service (canonical events, webhooks, health, metrics) and the relay + scheduler."""
-    import uvicorn
-
     from subledger.app.http import create_app
-    from subledger.app.worker import build_relay, build_scheduler, configure_logging
+    from subledger.app.startup import summarize
+    from subledger.app.worker import build_relay, build_scheduler, configure_logging, serve_http
     from subledger.store import migrate
 
+    if not 0 <= port <= 65535:
+        raise fail(f"--port: must be between 0 and 65535, got {port}")
     services = _services(config, database_url)
     migrate.upgrade(services.database_url)
     configure_logging()
+    summarize(services, listen=f"{host}:{port}", relay=scheduler, explicit_url=database_url).emit()
     jobs = build_scheduler(services, build_relay(services)) if scheduler else None
     if jobs is not None:
         jobs.start()
     try:
-        # uvicorn owns SIGTERM/SIGINT here; when it returns, the scheduler finishes its pass and stops.
-        uvicorn.run(create_app(services), host=host, port=port, log_level="info")
+        # uvicorn handles SIGTERM/SIGINT here; when it returns, the scheduler finishes its pass and stops.
+        serve_http(create_app(services), host=host, port=port)
     finally:
         if jobs is not None:
             jobs.stop()
@@ -361,8 +383,12 @@ def relay(
         )
     except ValueError as exc:
         raise fail(f"--lease-seconds: {exc}") from None
-    if not worker.routes:
+    if once and not worker.routes:
         err.print("warning: no destinations are configured; nothing will be sent", highlight=False)
+    if not once:
+        from subledger.app.startup import summarize
+
+        summarize(services, listen=None, relay=True, explicit_url=database_url).emit()
     if once:
         try:
             stats = worker.drain()

@@ -14,17 +14,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from subledger.app import http_docs as docs
 from subledger.app.auth import require_token
 from subledger.app.http import ApiError
 from subledger.core.events import Store
 from subledger.outbox import ops
-from subledger.outbox.identify import send_link_identify
+from subledger.outbox.identify import link as link_subscription
 from subledger.outbox.ingest import wake_relay
 from subledger.store import audit, identity
 from subledger.store.db import translate_errors
 
 outbox_router = APIRouter(prefix="/v1/outbox", tags=["outbox"], dependencies=[Depends(require_token)])
 subscribers_router = APIRouter(prefix="/v1/subscribers", tags=["identity"], dependencies=[Depends(require_token)])
+ROWS = {"type": "object", "required": ["rows"], "properties": {"rows": docs.ANY_OBJECTS}}
+PAUSED = {"type": "object", "required": ["paused"], "properties": {"paused": docs.DESTINATIONS}}
+RESUMED = {"type": "object", "required": ["resumed"], "properties": {"resumed": docs.DESTINATIONS}}
 
 
 def _ctx(request: Request) -> tuple[Any, Any, datetime]:
@@ -39,7 +43,8 @@ def _size_limit(request: Request) -> None:
         raise ApiError(413, f"body larger than {limit} bytes")
 
 
-@outbox_router.get("", summary="Rows waiting in the outbox")
+@outbox_router.get("", summary="Rows waiting in the outbox",
+                   responses=docs.responses(docs.ok(ROWS), docs.errors(401, 422, 503)))
 def list_outbox(
     request: Request, status: Literal["pending", "dead"] | None = None, app_id: str | None = None, limit: int = 100
 ) -> JSONResponse:
@@ -64,33 +69,46 @@ def _retry(request: Request, ref: str | None, dead: bool) -> JSONResponse:
     return JSONResponse(result.as_json())
 
 
-@outbox_router.post("/dead/retry", summary="Retry every dead row")
+@outbox_router.post("/dead/retry", summary="Retry every dead row",
+                    responses=docs.responses(docs.RETRY_OK, docs.errors(401, 503)))
 def retry_dead(request: Request) -> JSONResponse:
     return _retry(request, None, True)
 
 
-@outbox_router.post("/{ref}/retry", summary="Retry one row (outbox id or messageId), keeping its messageId")
+@outbox_router.post("/{ref}/retry", summary="Retry one row (outbox id or messageId), keeping its messageId",
+                    responses=docs.responses(docs.RETRY_OK, docs.errors(
+                        401, 404, 409, 422, 503, _404="No outbox row has this id or messageId",
+                        _409="The message was already delivered")))
 def retry_one(ref: str, request: Request) -> JSONResponse:
     return _retry(request, ref, False)
 
 
-@outbox_router.post("/pause/{app_id}", summary="Pause an app's destination(s) until resumed")
+@outbox_router.post("/pause/{app_id}", summary="Pause an app's destination(s) until resumed",
+                    responses=docs.responses(docs.ok(PAUSED), docs.errors(
+                        401, 404, 422, 503, _404="Unknown app or destination, or an app with no destinations")))
 def pause(app_id: str, request: Request, destination: str | None = None,
           reason: str = ops.PAUSED_BY_OPERATOR) -> JSONResponse:
     pool, services, now = _ctx(request)
     with translate_errors(), pool.connection() as conn, conn.transaction():
-        names = [destination] if destination else ops.known_destinations(conn, services.policy, app_id)
-        if not names:
-            raise ApiError(404, f"app {app_id!r} has no destinations; name one with ?destination=")
+        try:
+            names = ops.targets(conn, services.policy, app_id, destination)
+        except ops.UnknownTarget as exc:
+            raise ApiError(404, str(exc)) from None
         ops.pause(conn, app_id, names, now, reason[:500])
     return JSONResponse({"paused": [{"app_id": app_id, "destination": n} for n in names]})
 
 
-@outbox_router.post("/resume/{app_id}", summary="Resume an app's destination(s)")
+@outbox_router.post("/resume/{app_id}", summary="Resume an app's destination(s)",
+                    responses=docs.responses(docs.ok(RESUMED), docs.errors(
+                        401, 404, 422, 503, _404="Unknown app or destination")))
 def resume(app_id: str, request: Request, destination: str | None = None) -> JSONResponse:
-    pool, _, _ = _ctx(request)
+    pool, services, _ = _ctx(request)
     with translate_errors(), pool.connection() as conn:
         with conn.transaction():
+            try:
+                ops.targets(conn, services.policy, app_id, destination, resuming=True)
+            except ops.UnknownTarget as exc:
+                raise ApiError(404, str(exc)) from None
             resumed = ops.resume(conn, app_id, destination)
         if resumed:
             wake_relay(conn)
@@ -109,6 +127,7 @@ class LinkBody(BaseModel):
     "/{app_user_id}/links",
     summary="Link a store subscription to an app user: later messages are attributed to the user",
     dependencies=[Depends(_size_limit)],
+    responses=docs.responses(docs.LINKED_OK, docs.errors(401, 413, 422, 503)),
 )
 async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONResponse:
     if not app_user_id.strip() or len(app_user_id) > 500:
@@ -121,8 +140,9 @@ async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONRespon
     def run() -> tuple[str | None, list[str]]:
         with translate_errors(), pool.connection() as conn:
             with conn.transaction():
-                previous = identity.link(conn, body.app_id, key, app_user_id, now)
-                sent = send_link_identify(conn, key, app_user_id, services.policy.destinations_for(body.app_id), now)
+                previous, sent = link_subscription(
+                    conn, body.app_id, key, app_user_id, services.policy.destinations_for(body.app_id), now
+                )
             if sent:
                 wake_relay(conn)
             return previous, sent
@@ -132,7 +152,8 @@ async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONRespon
                          "previous_app_user_id": previous, "identify": sent})
 
 
-@subscribers_router.get("/{app_user_id}/links", summary="The store subscriptions linked to an app user")
+@subscribers_router.get("/{app_user_id}/links", summary="The store subscriptions linked to an app user",
+                        responses=docs.responses(docs.LINKS_OK, docs.errors(401, 422, 503)))
 def links(app_user_id: str, request: Request) -> JSONResponse:
     pool, _, _ = _ctx(request)
     with translate_errors(), pool.connection() as conn:

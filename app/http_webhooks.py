@@ -27,20 +27,21 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
 from subledger.app import google_api
+from subledger.app import http_docs as docs
 from subledger.app.bootstrap import Services
 from subledger.app.google_api import GoogleCredentialsRefused
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
 from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
 from subledger.core.sources import Notification
 from subledger.core.sources import revenuecat as revenuecat_source
-from subledger.outbox.ingest import Incoming, Outcome, ingest
-from subledger.store import identity, lookups
+from subledger.outbox.identify import apply_transfer
+from subledger.outbox.ingest import Incoming, Outcome, ingest, wake_relay
 from subledger.store.db import translate_errors
 
 log = logging.getLogger("subledger.webhooks")
 WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
-POOL_WAIT_SECONDS = 10.0  # no free connection (or no database) in time: 503, and the store retries
 BodyReader = Callable[[Request], Awaitable[bytes]]
+WEBHOOK_OK = docs.ok(docs.WEBHOOK_RESULT, "Accepted (`new`) or repeated (`duplicate`): the store stops retrying")
 
 
 def status_for(exc: PayloadRejected) -> int:
@@ -121,7 +122,8 @@ def webhook_router(
 
     @contextmanager
     def connection() -> Iterator[psycopg.Connection]:
-        with translate_errors(), pool.connection(timeout=POOL_WAIT_SECONDS) as conn:
+        # no free connection (or no database) within database_timeout_seconds: 503, and the store retries
+        with translate_errors(), pool.connection() as conn:
             yield conn
 
     def store(notification: Notification, raw: bytes) -> JSONResponse:
@@ -187,21 +189,21 @@ def webhook_router(
         return accepted(outcome, notification)
 
     def transfer(app_id: str, raw: bytes) -> None:
-        """TRANSFER: the sender's subscriptions now belong to the receiver. Applied as identity links
-        (so later messages go to the receiver); also on a duplicate delivery, so a crash between the
-        log commit and the links heals when RevenueCat retries. Links are idempotent."""
+        """TRANSFER: the sender's subscriptions now belong to the receiver, linked and told as the links
+        API does (`apply_transfer`); also on a duplicate delivery, so a crash between the log commit
+        and the links heals when RevenueCat retries. Links are idempotent."""
         moved = revenuecat_source.transfer_links(raw)
-        target = _receiver(moved.transferred_to) if moved is not None else None
-        if moved is None or target is None:
+        if moved is None:
             return
-        with connection() as conn, conn.transaction():
-            for key in lookups.subscriptions_of(conn, app_id, list(moved.transferred_from)):
-                identity.link(conn, app_id, key, target, services.clock())
+        with connection() as conn:
+            if apply_transfer(conn, app_id, moved, services.policy.destinations_for(app_id), services.clock()):
+                wake_relay(conn)
 
     @router.post(
         "/webhooks/apple",
         summary="App Store Server Notifications V2 (all apps; routed by the signed bundle id)",
-        responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+        openapi_extra=docs.APPLE_BODY,
+        responses=docs.responses(WEBHOOK_OK, docs.errors(400, 401, 403, 404, 413, 422, 503)),
     )
     async def post_apple(request: Request) -> JSONResponse:
         raw = await read_body(request)
@@ -210,7 +212,8 @@ def webhook_router(
     @router.post(
         "/webhooks/stripe/{app_id}",
         summary="Stripe webhook endpoint of one app (Stripe-Signature checked on the raw body)",
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+        openapi_extra=docs.STRIPE_BODY,
+        responses=docs.responses(WEBHOOK_OK, docs.errors(400, 401, 403, 404, 413, 422, 503)),
     )
     async def post_stripe(app_id: str, request: Request) -> JSONResponse:
         raw = await read_body(request)
@@ -219,7 +222,8 @@ def webhook_router(
     @router.post(
         "/webhooks/revenuecat/{app_id}",
         summary="RevenueCat webhook of one app (the configured Authorization value)",
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}},
+        openapi_extra=docs.REVENUECAT_BODY,
+        responses=docs.responses(WEBHOOK_OK, docs.errors(400, 401, 403, 404, 413, 422, 503)),
     )
     async def post_revenuecat(app_id: str, request: Request) -> JSONResponse:
         raw = await read_body(request)
@@ -228,7 +232,8 @@ def webhook_router(
     @router.post(
         "/webhooks/google",
         summary="Google Play Real-time developer notifications (Pub/Sub push; routed by package name)",
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 424: {}, 503: {}},
+        openapi_extra=docs.GOOGLE_BODY,
+        responses=docs.responses(WEBHOOK_OK, docs.errors(400, 401, 403, 404, 413, 422, 424, 503)),
     )
     async def post_google(request: Request) -> JSONResponse:
         raw = await read_body(request)
@@ -237,7 +242,3 @@ def webhook_router(
     return router
 
 
-def _receiver(ids: tuple[str, ...]) -> str | None:
-    """The user a TRANSFER moves to: the first id that is not RevenueCat-anonymous, else the first."""
-    named = [i for i in ids if not i.startswith("$RCAnonymousID:")]
-    return next(iter(named or ids), None)

@@ -7,6 +7,9 @@ as `traits.aliases`, and its current status. Its messageId is a digest of (subsc
 destination), so linking the same user again sends nothing new, and it queues behind the user's
 other messages like any outbox row. The row's `transition_id` is `link:<subscription key>`, which
 no transition can be, so the audit timeline can list it with the subscription's deliveries.
+
+`link` is the one way a subscription gets linked, whoever asks: the links API, and a RevenueCat
+`TRANSFER` (webhook or `subledger ingest --format revenuecat`) alike, so every link is told the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from subledger.core.events import Environment
 from subledger.core.lifecycle import SubscriptionState
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
 from subledger.outbox import writer
-from subledger.store import projections, streams
+from subledger.core.sources.revenuecat import TransferLinks
+from subledger.store import identity, lookups, projections, streams
 
 LINK_PREFIX = "link:"
 
@@ -82,3 +86,29 @@ def send_link_identify(
     present = streams.existing_messages(conn, [r.message_id for r in rows])
     writer.insert_missing(conn, rows, now)
     return [r.message_id for r in rows if r.message_id not in present]
+
+
+def link(
+    conn: psycopg.Connection, app_id: str, subscription_key: str, app_user_id: str,
+    destinations: Sequence[Destination], now: datetime,
+) -> tuple[str | None, list[str]]:
+    """Link (or re-link) a subscription to a user and enqueue the link's identify, in the caller's
+    transaction; returns the user it was linked to before and the identify messageIds newly queued."""
+    previous = identity.link(conn, app_id, subscription_key, app_user_id, now)
+    return previous, send_link_identify(conn, subscription_key, app_user_id, destinations, now)
+
+
+def apply_transfer(
+    conn: psycopg.Connection, app_id: str, moved: TransferLinks, destinations: Sequence[Destination], now: datetime
+) -> list[str]:
+    """A RevenueCat TRANSFER: the senders' subscriptions now belong to the receiver, linked (and told)
+    exactly as the links API does. Idempotent, so applying it again on a redelivery heals a crash
+    between the log's commit and the links. Returns the identify messageIds newly queued."""
+    target = moved.receiver
+    if target is None:
+        return []
+    sent: list[str] = []
+    with conn.transaction():
+        for key in lookups.subscriptions_of(conn, app_id, list(moved.transferred_from)):
+            sent += link(conn, app_id, key, target, destinations, now)[1]
+    return sent

@@ -47,6 +47,32 @@ class IngestPolicy:
     def destinations_for(self, app_id: str) -> tuple[Destination, ...]:
         return self.destinations.get(app_id, ())
 
+    def due_at(self, app_id: str, now: datetime) -> datetime:
+        """When a message written or re-queued at `now` may be sent: after the app's settle delay.
+
+        The one home of that rule, for ingest, replay and `outbox retry` alike, so a late
+        out-of-order delivery gets the same chance to settle whichever path made the row due.
+        """
+        return now + self.settle_delay.get(app_id, timedelta(0))
+
+    def rows_for(
+        self,
+        transition: Transition,
+        *,
+        historical: bool,
+        now: datetime,
+        linked_user: str | None = None,
+        destinations: tuple[Destination, ...] | None = None,
+    ) -> list[writer.OutboxRow]:
+        """The outbox rows of `transition` (for every configured destination unless named), due per `due_at`."""
+        return writer.rows_for(
+            transition,
+            self.destinations_for(transition.app_id) if destinations is None else destinations,
+            historical=historical,
+            available_at=self.due_at(transition.app_id, now),
+            linked_user=linked_user,
+        )
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -201,11 +227,4 @@ def _derive(
 def _rows(
     transition: Transition, historical: bool, policy: IngestPolicy, now: datetime, linked_user: str | None = None
 ) -> list[writer.OutboxRow]:
-    delay = policy.settle_delay.get(transition.app_id, timedelta(0))
-    return writer.rows_for(
-        transition,
-        policy.destinations_for(transition.app_id),
-        historical=historical,
-        available_at=now + delay,
-        linked_user=linked_user,
-    )
+    return policy.rows_for(transition, historical=historical, now=now, linked_user=linked_user)

@@ -74,7 +74,7 @@ def retry(
     else:
         where, params = "o.status = 'dead'", {}
     rows = conn.execute(
-        f"SELECT o.id, o.message_id, o.destination, o.attempts, o.first_attempt_at, t.body, t.historical"
+        f"SELECT o.id, o.message_id, o.app_id, o.destination, o.attempts, o.first_attempt_at, t.body, t.historical"
         f" FROM outbox o LEFT JOIN transitions t ON t.id = o.transition_id WHERE {where}"
         " ORDER BY o.id FOR UPDATE OF o",
         params,
@@ -83,7 +83,7 @@ def retry(
         delivered = conn.execute("SELECT 1 FROM outbox_delivered WHERE message_id = %s", (ref,)).fetchone()
         raise NotFound(ref, delivered is not None)
     result = Retried()
-    for row_id, message_id, destination, attempts, first_attempt, body, historical in rows:
+    for row_id, message_id, app_id, destination, attempts, first_attempt, body, historical in rows:
         never_sent = not attempts and first_attempt is None
         fresh = _rerender(conn, policy, body, destination, bool(historical), now) if never_sent else None
         if fresh is not None and fresh.dead_reason:
@@ -97,7 +97,8 @@ def retry(
                 THEN last_error END
             WHERE id = %(id)s
             """,
-            {"now": now, "id": row_id, "body": None if fresh is None else orjson.dumps(fresh.body).decode()},
+            {"now": policy.due_at(app_id, now), "id": row_id,
+             "body": None if fresh is None else orjson.dumps(fresh.body).decode()},
         )
         result.requeued.append(message_id)
         if fresh is not None:
@@ -121,7 +122,7 @@ def _rerender(
     if dest is None:
         return None
     links = identity.links_for(conn, [(transition.app_id, transition.subscription_key)])
-    rows = writer.rows_for(transition, (dest,), historical=historical, available_at=now,
+    rows = policy.rows_for(transition, historical=historical, now=now, destinations=(dest,),
                            linked_user=links.get(transition.subscription_key))
     return rows[0] if rows else None
 
@@ -156,3 +157,46 @@ def known_destinations(conn: psycopg.Connection, policy: IngestPolicy, app_id: s
     ).fetchall()
     names.update(r[0] for r in rows)
     return sorted(names)
+
+
+class UnknownTarget(LookupError):
+    """An app or destination that neither the configuration nor the database knows: nothing is stored."""
+
+
+def _held_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT destination FROM destination_state WHERE app_id = %s AND (paused OR retry_after IS NOT NULL)",
+        (app_id,),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _pending_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:
+    rows = conn.execute("SELECT DISTINCT destination FROM outbox WHERE app_id = %s", (app_id,)).fetchall()
+    return {r[0] for r in rows}
+
+
+def targets(
+    conn: psycopg.Connection, policy: IngestPolicy, app_id: str, destination: str | None, *, resuming: bool = False
+) -> list[str]:
+    """The destinations a pause (or resume) of `app_id` [/ `destination`] applies to; raises UnknownTarget.
+
+    A pause may name what the configuration has or what still has rows in the outbox (a destination
+    removed from the config with rows left). A resume may also name anything currently held, so a
+    pause made by hand or by an older configuration can always be lifted. Anything else is a typo,
+    and storing it would turn `/readyz` "degraded" for a destination that does not exist.
+    """
+    configured = {d.name for d in policy.destinations_for(app_id)}
+    known = configured | _pending_destinations(conn, app_id)
+    if resuming:
+        known |= _held_destinations(conn, app_id)
+    if not known:
+        apps = sorted(a for a, dests in policy.destinations.items() if dests)
+        hint = f"; configured apps: {', '.join(apps)}" if apps else "; no app has a destination configured"
+        raise UnknownTarget(f"app {app_id!r} has no destinations{hint}")
+    if destination is None:
+        return sorted(known)
+    if destination not in known:
+        raise UnknownTarget(f"app {app_id!r} has no destination {destination!r}; its destinations: "
+                            f"{', '.join(sorted(known))}")
+    return [destination]

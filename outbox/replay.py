@@ -199,7 +199,7 @@ def _plan(
     destinations = policy.destinations_for(folded.state.app_id)
     for transition in folded.transitions:
         _, historical = origin[(transition.event_source, transition.event_id)]
-        for row in writer.rows_for(transition, destinations, historical=historical, available_at=now,
-                                   linked_user=linked_user):
+        for row in policy.rows_for(transition, historical=historical, now=now, linked_user=linked_user,
+                                   destinations=destinations):
             writes.rows.append((key, row))
     return change

@@ -201,3 +201,8 @@ def test_transfer_sends_the_subscriptions_later_messages_to_the_receiver(p: Pipe
     ]
     converted = [m for m in messages if m["type"] == "identify" and m.get("userId") == "user_real"]
     assert anon in converted[0]["traits"]["aliases"]
+    # the transfer was told at once, as `POST /v1/subscribers/{id}/links` tells a link: one identify
+    # with the receiver and the subscription's status, before the next lifecycle event
+    paired = {m["messageId"].removesuffix(".t") + ".i" for m in messages if m["type"] == "track"}
+    told = [m for m in converted if m["messageId"] not in paired]
+    assert len(told) == 1 and told[0]["traits"]["subscription_status"] == "trial", converted

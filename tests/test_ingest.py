@@ -190,6 +190,25 @@ def test_settle_delay_holds_messages(conn: psycopg.Connection) -> None:
     assert available is not None and available[0] == NOW + timedelta(seconds=30)
 
 
+def test_settle_delay_is_one_rule_for_ingest_replay_and_retry(conn: psycopg.Connection) -> None:
+    """Every path that makes a row due (ingest, a replay re-enqueueing it, `outbox retry`) waits the same."""
+    from subledger.outbox import ops
+    from subledger.outbox.replay import replay
+
+    delay = timedelta(seconds=45)
+    policy = IngestPolicy(destinations=POLICY.destinations, settle_delay={APP: delay})
+    ingest(conn, [item("d1", "purchase", 1)], policy, NOW)
+    later = NOW + timedelta(minutes=10)
+    conn.execute("DELETE FROM outbox WHERE destination = 'rudder'")  # lost: replay enqueues it again
+    conn.execute("UPDATE outbox SET status = 'dead', attempts = 1, first_attempt_at = %s", (NOW,))
+    conn.commit()
+    replay(conn, policy, later)
+    with conn.transaction():
+        ops.retry(conn, policy, later, dead=True)
+    due = dict(conn.execute("SELECT destination, available_at FROM outbox").fetchall())
+    assert due == {"rudder": later + delay, "segment": later + delay}
+
+
 def test_messages_are_rendered_into_the_outbox(conn: psycopg.Connection) -> None:
     ingest(conn, LIFECYCLE[:2], POLICY, NOW)
     row = conn.execute(
@@ -204,19 +223,26 @@ def test_messages_are_rendered_into_the_outbox(conn: psycopg.Connection) -> None
     assert identify["traits"] == {"subscription_status": "active", "last_seen_app_user_id": "u1"}
 
 
-def test_scheduler_inferred_expiration_is_published_however_late(conn: psycopg.Connection) -> None:
+def test_scheduler_inferred_expiration_follows_the_historical_rule(conn: psycopg.Connection) -> None:
+    """Inferred for a period that ended 10 days ago (history): state only. Ended 30 h ago: published."""
     from subledger.core.lifecycle import inferred_expiration
     from subledger.store.projections import load_state
 
-    ingest(conn, [item("x1", "purchase", 24 * 40, sub="late", expires_at=(NOW - timedelta(days=10)).isoformat())],
+    ingest(conn, [item("x1", "purchase", 24 * 40, sub="late", expires_at=(NOW - timedelta(days=10)).isoformat()),
+                  item("x2", "purchase", 24 * 20, sub="due", expires_at=(NOW - timedelta(hours=30)).isoformat())],
            POLICY, NOW)
-    state = load_state(conn, f"{APP}/other/late")
-    assert state is not None
-    expiry = inferred_expiration(state, NOW, timedelta(hours=24))
-    assert expiry is not None
+    expiries = []
+    for sub in ("late", "due"):
+        state = load_state(conn, f"{APP}/other/{sub}")
+        assert state is not None
+        expiries.append(inferred_expiration(state, NOW, timedelta(hours=24)))
+    expiry, on_time = expiries
+    assert expiry is not None and on_time is not None
     outcomes = ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)
     assert outcomes[0].result == "new" and len(outcomes[0].transitions) == 1
-    assert kinds(conn) == ["initial_purchase", "expiration"]
+    assert kinds(conn) == ["initial_purchase", "initial_purchase", "expiration"]
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)  # history: nothing published
+    ingest(conn, [Incoming(Notification.of(on_time), b"{}")], POLICY, NOW)
     published = [r[0] for r in conn.execute("SELECT body->0->>'event' FROM outbox ORDER BY id")]
     assert published == ["rc_expiration_event", "rc_expiration_event"]  # two destinations, the purchase was history
     again = ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)

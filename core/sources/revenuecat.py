@@ -83,6 +83,12 @@ class TransferLinks:
     transferred_to: tuple[str, ...]
     occurred_at: datetime
 
+    @property
+    def receiver(self) -> str | None:
+        """The user the subscriptions move to: the first id that is not RevenueCat-anonymous, else the first."""
+        named = [i for i in self.transferred_to if not i.startswith("$RCAnonymousID:")]
+        return next(iter(named or self.transferred_to), None)
+
 
 def check_authorization(header: str | None, config: RevenueCatConfig) -> None:
     """Raise `BadSignature` unless `header` equals the configured value (constant time)."""
