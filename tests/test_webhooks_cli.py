@@ -98,6 +98,22 @@ def test_revenuecat_capture_goes_to_the_named_app(db_url: str, tmp_path: Path) -
         assert conn.execute("SELECT app_id FROM event_log").fetchone() == (RC_APP,)
 
 
+def test_revenuecat_capture_applies_a_transfer_as_the_webhook_does(db_url: str, tmp_path: Path) -> None:
+    anon = "$RCAnonymousID:cli1"
+    bought = rc_event("INITIAL_PURCHASE", id="rc-buy", app_user_id=anon, original_app_user_id=anon,
+                      period_type="TRIAL", price=0, price_in_purchased_currency=0)
+    moved = rc_event("TRANSFER", id="rc-move", transferred_from=[anon], transferred_to=["user_cli"])
+    data = rc_body(bought) + b"\n" + rc_body(moved) + b"\n"
+    summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "rc.ndjson",
+                            historical=False, progress=False, fmt="revenuecat")
+    assert (summary.new, summary.rejected) == (2, 0)
+    with psycopg.connect(db_url) as conn:
+        linked = conn.execute("SELECT app_user_id FROM identity_links").fetchall()
+        told = conn.execute("SELECT count(*) FROM outbox WHERE transition_id LIKE 'link:%'").fetchone()
+    assert linked == [("user_cli",)]
+    assert told == (1,)  # the link's identify, one per destination, as POST /v1/subscribers/{id}/links sends
+
+
 def test_format_without_an_app_is_a_config_error(db_url: str, tmp_path: Path) -> None:
     settings = settings_module.from_dict({"apps": {"a": {}, "b": {}}})
     with pytest.raises(ConfigError) as err:
