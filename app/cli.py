@@ -15,7 +15,7 @@ from typing import IO, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from subledger.app import cli_maintenance
+from subledger.app import cli_maintenance, cli_retention
 from subledger.app.cli_audit import audit_app
 from subledger.app.cli_outbox import outbox_app
 from subledger.core.errors import ConfigError, StoreError
@@ -32,6 +32,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(outbox_app, name="outbox")
 app.command("replay")(cli_maintenance.replay)
 app.command("verify")(cli_maintenance.verify)
+app.command("prune")(cli_retention.prune)
 
 err = Console(stderr=True)
 out = Console()

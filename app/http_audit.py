@@ -6,6 +6,7 @@ subscription keys contain slashes (`app/store/id`), so they are `path` parameter
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -14,11 +15,15 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from subledger.app import http_docs as docs
 from subledger.app.auth import require_token
 from subledger.app.http import ApiError
+from subledger.app.wording import one_of
+from subledger.core.events import Environment, EventType, Source
 from subledger.store import audit
 from subledger.store.db import translate_errors
 
+_END = object()
 router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(require_token)])
 
 TimeQuery = Annotated[datetime | None, Query(description="RFC 3339; a time without offset is UTC.")]
@@ -42,7 +47,8 @@ def _now(request: Request) -> datetime:
     return request.app.state.services.clock()  # type: ignore[no-any-return]
 
 
-@router.get("/timeline/{subscriber:path}", summary="Log entries, transitions and deliveries of a subscriber")
+@router.get("/timeline/{subscriber:path}", summary="Log entries, transitions and deliveries of a subscriber",
+            responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_timeline(subscriber: str, request: Request) -> JSONResponse:
     with translate_errors(), _pool(request).connection() as conn:
         found = audit.timeline(conn, subscriber)
@@ -51,7 +57,8 @@ def get_timeline(subscriber: str, request: Request) -> JSONResponse:
     return document(found)
 
 
-@router.get("/state/{subscription:path}", summary="A subscription's state folded from the log up to a time")
+@router.get("/state/{subscription:path}", summary="A subscription's state folded from the log up to a time",
+            responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSONResponse:
     when = utc(at) or _now(request)
     with translate_errors(), _pool(request).connection() as conn:
@@ -61,7 +68,8 @@ def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSON
     return document(found)
 
 
-@router.get("/explain/{ref}", summary="Causing log entry → transition → messages → attempts")
+@router.get("/explain/{ref}", summary="Causing log entry → transition → messages → attempts",
+            responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_explain(ref: str, request: Request) -> JSONResponse:
     with translate_errors(), _pool(request).connection() as conn:
         found = audit.explain(conn, ref)
@@ -70,7 +78,9 @@ def get_explain(ref: str, request: Request) -> JSONResponse:
     return document(found)
 
 
-@router.get("/events", summary="Log entries as NDJSON, streamed in constant memory")
+@router.get("/events", summary="Log entries as NDJSON, streamed in constant memory",
+            response_class=docs.NDJSONResponse,
+            responses=docs.responses(docs.NDJSON_OK, docs.errors(401, 422, 503)))
 def get_events(
     request: Request,
     app_id: str | None = None,
@@ -81,6 +91,11 @@ def get_events(
     until: TimeQuery = None,
     subscriber: str | None = None,
 ) -> StreamingResponse:
+    for name, value, allowed, what in (("source", source, Source, "source"), ("type", type, EventType, "event type"),
+                                       ("environment", environment, Environment, "environment")):
+        reason = one_of(value, allowed, what)
+        if reason is not None:
+            raise ApiError(422, f"{name}: {reason}", field=name)
     flt = audit.EventFilter(app_id=app_id, source=source, type=type, environment=environment,
                             since=utc(since), until=utc(until), subscriber=subscriber)
     pool = _pool(request)
@@ -88,8 +103,11 @@ def get_events(
     def lines() -> Iterator[bytes]:
         # The connection is held while the client reads; the server-side cursor keeps memory flat.
         with translate_errors(), pool.connection() as conn:
+            rows = iter(audit.events(conn, flt))
+            first = next(rows, _END)
+            yield b""  # primed: connection and first row in hand, so a database failure was a 503
             chunk: list[bytes] = []
-            for row in audit.events(conn, flt):
+            for row in rows if first is _END else itertools.chain((first,), rows):
                 chunk.append(orjson.dumps(audit.jsonable(row)) + b"\n")
                 if len(chunk) >= 500:
                     yield b"".join(chunk)
@@ -97,10 +115,13 @@ def get_events(
             if chunk:
                 yield b"".join(chunk)
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    stream = lines()
+    next(stream)  # before the 200 is sent: an unreachable database must answer 503, not a cut stream
+    return StreamingResponse(stream, media_type="application/x-ndjson")
 
 
-@router.get("/stats", summary="Counts over a range, outbox health, delivery latency, paused destinations")
+@router.get("/stats", summary="Counts over a range, outbox health, delivery latency, paused destinations",
+            responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 422, 503)))
 def get_stats(request: Request, since: TimeQuery = None, until: TimeQuery = None) -> JSONResponse:
     now = _now(request)
     end = utc(until) or now

@@ -127,7 +127,7 @@ class LinkBody(BaseModel):
     "/{app_user_id}/links",
     summary="Link a store subscription to an app user: later messages are attributed to the user",
     dependencies=[Depends(_size_limit)],
-    responses=docs.responses(docs.LINKED_OK, docs.errors(401, 413, 422, 503)),
+    responses=docs.responses(docs.LINKED_OK, docs.errors(401, 400, 413, 422, 503, _400="The body is not JSON")),
 )
 async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONResponse:
     if not app_user_id.strip() or len(app_user_id) > 500:

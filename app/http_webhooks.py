@@ -32,7 +32,7 @@ from subledger.app.bootstrap import Services
 from subledger.app.google_api import GoogleCredentialsRefused
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
 from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
-from subledger.core.sources import Notification
+from subledger.core.sources import Notification, refuse_unstorable
 from subledger.core.sources import revenuecat as revenuecat_source
 from subledger.outbox.identify import apply_transfer
 from subledger.outbox.ingest import Incoming, Outcome, ingest, wake_relay
@@ -72,6 +72,8 @@ def parse(call: Callable[[], Notification]) -> Notification | JSONResponse:
     either (nothing is stored; the store retries, and the traceback is in the server log)."""
     try:
         notification = call()
+        # NUL, lone surrogates, numbers beyond 64 bits: refused here (422) rather than failing the insert
+        refuse_unstorable(notification)
     except PayloadRejected as exc:
         return refusal(exc)
     except StoreError:
@@ -79,25 +81,7 @@ def parse(call: Callable[[], Notification]) -> Notification | JSONResponse:
     except Exception:
         log.exception("store adapter failed on a delivery; refused with 400")
         return JSONResponse({"error": "the body could not be mapped (see the server log)"}, status_code=400)
-    if _has_nul(notification):
-        # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail the insert (503)
-        return refusal(InvalidEvent("text must not contain NUL (U+0000) characters"))
     return notification
-
-
-def _has_nul(notification: Notification) -> bool:
-    texts = (notification.external_id, notification.kind, notification.subscription_key or "")
-    return any("\x00" in t for t in texts) or any(_nul_in(event.to_facts()) for event in notification.events)
-
-
-def _nul_in(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_nul_in(k) or _nul_in(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_nul_in(v) for v in value)
-    return False
 
 
 def accepted(outcome: Outcome, notification: Notification) -> JSONResponse:

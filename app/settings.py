@@ -13,7 +13,7 @@ from datetime import timedelta
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from subledger.core.errors import ConfigError
 from subledger.core.lifecycle import TransitionKind
 from subledger.core.render import DEFAULT_EVENT_NAMES, Commission, Destination, RevenueMode
+
+if TYPE_CHECKING:
+    from subledger.store.retention import Retention
 
 SEGMENT_US = "https://api.segment.io"
 SEGMENT_EU = "https://events.eu1.segmentapis.com"
@@ -218,6 +221,33 @@ class AppSettings(_Strict):
     google: GoogleSourceSettings | None = None
 
 
+class RetentionSettings(_Strict):
+    """`[retention]`: how long the delivery tables keep their detail; the event log is never pruned.
+
+    The prune job runs every `interval_minutes` in `serve` and `relay`, `batch_rows` rows per
+    transaction (store/retention.py says what each table keeps and why a re-send cannot follow).
+    """
+
+    enabled: bool = True
+    attempts_days: float = Field(default=30, ge=1)
+    delivered_days: float = Field(default=90, ge=1)
+    duplicate_receipts_days: float = Field(default=90, ge=1)
+    destination_state_days: float = Field(default=30, ge=1)
+    interval_minutes: float = Field(default=60, ge=1, le=1440)
+    batch_rows: int = Field(default=1000, ge=1, le=100_000)
+
+    def policy(self) -> Retention:
+        from subledger.store.retention import Retention
+
+        return Retention(
+            attempts=timedelta(days=self.attempts_days),
+            delivered=timedelta(days=self.delivered_days),
+            duplicate_receipts=timedelta(days=self.duplicate_receipts_days),
+            destination_state=timedelta(days=self.destination_state_days),
+            batch=self.batch_rows,
+        )
+
+
 class FileSettings(_Strict):
     api_token: str | None = None
     database_url: str | None = None
@@ -225,6 +255,7 @@ class FileSettings(_Strict):
     accept_unconfigured_apps: bool = False
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     apps: dict[str, AppSettings] = Field(default_factory=dict)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
 
 class EnvSettings(BaseSettings):
@@ -244,6 +275,7 @@ class Settings(_Strict):
     max_body_bytes: int
     apps: dict[str, AppSettings]
     source: str
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     def destinations(self, library_version: str | None = None) -> dict[str, tuple[Destination, ...]]:
         lib = library_version or package_version()
@@ -371,5 +403,6 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         max_body_bytes=parsed.max_body_bytes,
         apps=parsed.apps,
         source=source,
+        retention=parsed.retention,
     )
 
