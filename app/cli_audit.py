@@ -135,6 +135,23 @@ def timeline(
         deliveries.add_row(d.message_id, d.event or "", d.destination, d.status, str(d.attempts),
                            _t(d.delivered_at or d.created_at), last[:60])
     out.print(deliveries)
+    for line in pruned_notes(found.pruned_before):
+        out.print(f"[yellow]note[/yellow] {line}", highlight=False)
+
+
+PRUNED_WHAT = {
+    "outbox_attempts": "delivery attempts before {} pruned",
+    "outbox_delivered": "bodies of messages delivered before {} pruned (their messageIds are kept)",
+    "duplicate_receipts": "duplicate receipts before {} pruned (dup counts only what is kept)",
+}
+
+
+def pruned_notes(pruned_before: dict[str, datetime]) -> list[str]:
+    """The timeline's retention notes (README "Retention"): older detail is pruned, not lost."""
+    return [PRUNED_WHAT.get(name, name + " before {} pruned").format(_t(before) + " UTC")
+            for name, before in sorted(pruned_before.items())]
+
+
 
 
 @audit_app.command("state")
@@ -198,6 +215,10 @@ def explain(
     out.print(f"[bold]transition[/bold] {t['id']} {t['kind']} for {t['subscriber']} ({state}"
               f"{', historical' if t['historical'] else ''})", highlight=False)
     for m in found.messages:
+        if m["body"] is None:  # a tombstone: pruned after its retention, kept so it is never sent again
+            out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: delivered "
+                      f"{_t(m['delivered_at'])}, body pruned ({m['attempts']} attempts)", highlight=False)
+            continue
         track = m["body"][0]
         out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
                   f"({m['status']}, {m['attempts']} attempts)", highlight=False)

@@ -46,13 +46,16 @@ def build_scheduler(
     interval: float = 1.0,
     expirations: bool = True,
 ) -> Scheduler:
+    retention = services.settings.retention
     return Scheduler(
         services.database_url,
         relay,
         policy=services.policy,
         grace=grace_by_app(services.settings.apps),
-        config=SchedulerConfig(relay_interval=interval, expirations=expirations),
+        config=SchedulerConfig(relay_interval=interval, expirations=expirations,
+                               prune_interval=retention.interval_minutes * 60),
         clock=services.clock,
+        retention=retention.policy() if retention.enabled else None,
     )
 
 

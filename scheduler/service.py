@@ -10,6 +10,8 @@
   `available_at` and lease have passed.
 - The expiration job (lifecycle rule 6) logs an inferred expiration for live subscriptions whose
   period ended more than the app's grace ago, through the normal ingest transaction.
+- The prune job (`[retention]`, hourly) bounds the delivery tables in small batches
+  (store/retention.py); one pruner at a time per database, whichever processes run it.
 - `stop()` waits for a running relay pass to finish recording, so a batch is never left half-marked;
   a pass interrupted by a kill is recovered by the lease.
 """
@@ -30,12 +32,15 @@ import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from subledger.core.errors import StoreError
 from subledger.core.lifecycle import SubscriptionState, inferred_expiration
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.outbox.relay import Relay
 from subledger.outbox.writer import OUTBOX_CHANNEL
+from subledger.store import retention
 from subledger.store.db import connect
+from subledger.store.retention import Pruned, Retention
 
 log = logging.getLogger("subledger.scheduler")
 
@@ -56,6 +61,9 @@ class SchedulerConfig:
     """The poll fallback: a silent listener is checked (and the relay run) at least this often."""
     expiration_interval: float = 60.0
     expirations: bool = True
+    prune_interval: float = 3600.0
+    prune_delay: float = 60.0
+    """The first prune runs this long after start (not at once, and not only after a whole interval)."""
 
 
 class Scheduler:
@@ -70,8 +78,10 @@ class Scheduler:
         grace: Mapping[str, timedelta] | None = None,
         config: SchedulerConfig | None = None,
         clock: Clock = _utc_now,
+        retention: Retention | None = None,
     ) -> None:
         self.database_url = database_url
+        self.retention = retention  # None: no prune job in this process
         self.relay = relay
         self.policy = policy or IngestPolicy()
         self.grace = dict(grace or {})
@@ -98,6 +108,12 @@ class Scheduler:
             self._scheduler.add_job(
                 self.expiration_job, "interval", seconds=self.config.expiration_interval, id="expiration",
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
+            )
+        if self.retention is not None:
+            self._scheduler.add_job(
+                self.prune_job, "interval", seconds=self.config.prune_interval, id="prune",
+                max_instances=1, coalesce=True,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=self.config.prune_delay),
             )
         self._scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         self._scheduler.start()
@@ -160,6 +176,27 @@ class Scheduler:
     def expiration_job(self) -> int:
         """Rule 6: ingest inferred expirations for periods that ended more than the grace ago."""
         return infer_expirations(self.database_url, self.policy, self.grace, self.clock(), stop=self._stop)
+
+    def prune_job(self) -> Pruned | None:
+        """Retention (store/retention.py): small batches, each its own short transaction, so neither
+        ingest nor the relay ever waits on it; a failed run is retried by the next one."""
+        if self.retention is None:
+            return None
+        configured = set(self.relay.routes) | {
+            (app_id, d.name) for app_id, dests in self.policy.destinations.items() for d in dests
+        }
+        try:
+            with connect(self.database_url) as conn:
+                pruned = retention.prune(conn, self.retention, self.clock(), configured=configured,
+                                         stop=self._stop)
+        except (psycopg.Error, StoreError) as exc:
+            log.warning("prune run failed (%s); the next run continues", exc)
+            return None
+        if pruned.total:
+            log.info("pruned %d attempts, %d delivered bodies, %d duplicate receipts, %d destination states"
+                     " in %d batches", pruned.attempts, pruned.delivered, pruned.duplicate_receipts,
+                     pruned.destination_state, pruned.batches)
+        return pruned
 
     # -- the listener -----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 
 from subledger.core.events import format_time
 from subledger.core.lifecycle import SubscriptionState, Transition, fold
+from subledger.store import retention
 from subledger.store.log import history
 
 # Every subscription a subscriber name can mean: a subscription key itself, an app user id (as the
@@ -140,6 +141,9 @@ class Timeline:
     entries: list[LogItem]
     transitions: list[TransitionItem]
     deliveries: list[Delivery]
+    # table → time before which the prune job removed its detail, for the tables this history reaches
+    # into: attempts (outbox_attempts), bodies of delivered messages (outbox_delivered), duplicate counts.
+    pruned_before: dict[str, datetime] = field(default_factory=dict)
 
 
 def resolve(conn: psycopg.Connection, who: str) -> list[str]:
@@ -171,7 +175,20 @@ def timeline(conn: psycopg.Connection, who: str) -> Timeline:
     deliveries = [Delivery(**r) for r in _rows(conn, DELIVERIES_SQL, {"ids": ids})]
     order = {tid: n for n, tid in enumerate(ids)}
     deliveries.sort(key=lambda d: (order.get(d.transition_id, len(order)), d.destination))
-    return Timeline(who, keys, entries, transitions, deliveries)
+    return Timeline(who, keys, entries, transitions, deliveries, _pruned_before(conn, entries, deliveries))
+
+
+def _pruned_before(conn: psycopg.Connection, entries: list[LogItem], deliveries: list[Delivery]) -> dict[str, datetime]:
+    """The watermarks that concern this history: a reader must know a missing attempt, body or
+    duplicate count was pruned (README "Retention"), not lost."""
+    marks = retention.watermarks(conn)
+    reaches = {
+        retention.ATTEMPTS: [d.created_at for d in deliveries],
+        retention.DELIVERED: [d.delivered_at for d in deliveries if d.delivered_at is not None],
+        retention.DUPLICATES: [e.received_at for e in entries],
+    }
+    return {name: marks[name] for name, times in reaches.items()
+            if name in marks and any(t < marks[name] for t in times)}
 
 
 @dataclass(frozen=True, slots=True)

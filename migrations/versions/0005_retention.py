@@ -3,9 +3,10 @@
 - A delivered message past its retention keeps its `outbox_delivered` row as a tombstone and loses
   only its rendered body: the row is what stops a replay from enqueueing the messageId again, so it
   can never go. `body` becomes nullable (NULL = pruned); a metadata-only change.
-- `duplicate_receipts` gets a time index, so each small batch finds the oldest receipts without a
-  scan. The app role may only add receipts (0001); it prunes them through a SECURITY DEFINER
-  function that deletes by age alone, in a batch, and never receipts of the last day.
+- `outbox_attempts` and `duplicate_receipts` get a time index, so each small batch finds the
+  oldest rows without a scan, whatever order they were written in.
+- The app role may only add receipts (0001); it prunes them through a SECURITY DEFINER function
+  that deletes by age alone, in a batch, and never receipts of the last day.
 - `retention_watermarks` says, per table, that nothing older than `pruned_before` is kept: the
   audit timeline shows it next to the history it concerns.
 
@@ -27,6 +28,7 @@ def upgrade() -> None:
     op.execute(
         f"""
         ALTER TABLE outbox_delivered ALTER COLUMN body DROP NOT NULL;
+        CREATE INDEX outbox_attempts_at ON outbox_attempts (attempted_at, id);
         CREATE INDEX duplicate_receipts_received ON duplicate_receipts (received_at);
 
         CREATE TABLE retention_watermarks (
@@ -63,6 +65,7 @@ def downgrade() -> None:
         DROP FUNCTION subledger_prune_duplicate_receipts(timestamptz, integer);
         DROP TABLE retention_watermarks;
         DROP INDEX duplicate_receipts_received;
+        DROP INDEX outbox_attempts_at;
         UPDATE outbox_delivered SET body = '[]' WHERE body IS NULL;
         ALTER TABLE outbox_delivered ALTER COLUMN body SET NOT NULL;
         """
