@@ -2,16 +2,36 @@
 
 Editing, removing or reordering any entry changes every hash after it, so `verify` can name the
 first entry that no longer matches.
+
+Every column of `event_log` is tamper-evident in one of three ways (`COVERAGE`): hashed (the
+canonical bytes below), chained (`position` by the gapless sequence, `hash` by recomputation), or
+derived (denormalised copies of the hashed facts that readers filter and sort on; `verify`
+re-derives them with `derived_columns` and compares). Deriving rather than hashing them keeps
+every hash ever written valid: the hash format never changed.
 """
 
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 from typing import Any
 
 import orjson
 
+from subledger.core.events import parse_time
+
 GENESIS = b"\x00" * 32
+
+
+HASHED_COLUMNS = ("source", "external_id", "app_id", "subscription_key", "received_at", "historical", "raw",
+                  "facts")
+CHAINED_COLUMNS = ("position", "hash")
+DERIVED_COLUMNS = ("kind", "app_user_id", "environment", "occurred_at")
+COVERAGE = {
+    **{c: "hashed" for c in HASHED_COLUMNS},
+    **{c: "chained" for c in CHAINED_COLUMNS},
+    **{c: "derived" for c in DERIVED_COLUMNS},
+}
 
 
 def canonical_bytes(entry: dict[str, Any]) -> bytes:
@@ -45,3 +65,21 @@ def entry_for_hash(
         "raw_sha256": hashlib.sha256(raw).hexdigest(),
         "facts": facts,
     }
+
+
+def derived_columns(facts: dict[str, Any]) -> tuple[str, str | None, str | None, datetime | None]:
+    """(kind, app_user_id, environment, occurred_at) as the append derives them from the facts.
+
+    The same rules as `store.log.plan` applies to the notification's events (which the facts
+    serialise one to one): the notification's kind, the first non-empty app user id, the first
+    event's environment, the earliest occurrence; None where the entry states no events.
+    Raises KeyError, TypeError or ValueError (InvalidEvent) when the facts are malformed.
+    """
+    events = facts["events"]
+    first = events[0] if events else None
+    return (
+        facts["kind"],
+        next((e["app_user_id"] for e in events if e.get("app_user_id")), None),
+        None if first is None else first.get("environment", "production"),
+        min((parse_time(e["occurred_at"], "occurred_at") for e in events), default=None),
+    )

@@ -6,6 +6,12 @@ entry, an edited hash or a missing position is named by its position. Each entry
 against its predecessor's *stored* hash, which pins a problem to the entry that has it rather
 than to everything after it.
 
+The columns the hash does not cover are denormalised copies of the hashed facts (`kind`,
+`app_user_id`, `environment`, `occurred_at`: readers filter, resolve subscribers and sort by
+them); each is re-derived from the facts (`core.chain.derived_columns`) and compared, so an
+owner who switches the trigger off and edits one is named by position and column. Logs written
+before this check existed verify unchanged: the hash format is the same.
+
 Everything streams through server-side cursors inside one read-only REPEATABLE READ transaction:
 memory stays flat whatever the log's size, and the chain, the head and the projections are all
 read from one snapshot, so a concurrent ingest can never look like damage.
@@ -16,11 +22,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from subledger.core.chain import GENESIS, chain_hash, entry_for_hash
+from subledger.core.chain import DERIVED_COLUMNS, GENESIS, chain_hash, derived_columns, entry_for_hash
 from subledger.core.errors import InvalidEvent
 from subledger.core.events import event_from_facts, format_time
 from subledger.core.lifecycle import fold
@@ -29,24 +36,33 @@ FETCH = 2000
 MAX_PROBLEMS = 50
 
 CHAIN_SQL = """
-SELECT position, source, external_id, app_id, subscription_key, received_at, historical, raw, facts, hash
+SELECT position, source, external_id, app_id, subscription_key, received_at, historical, raw, facts, hash,
+  kind, app_user_id, environment, occurred_at
 FROM event_log ORDER BY position
 """
 HISTORY_SQL = """
 SELECT subscription_key, facts FROM event_log WHERE subscription_key IS NOT NULL ORDER BY subscription_key, position
 """
-PROJECTIONS_SQL = "SELECT key, app_user_id, status, state FROM subscriptions ORDER BY key"
+PROJECTIONS_SQL = "SELECT key, app_user_id, status, state, app_id, expires_at FROM subscriptions ORDER BY key"
+# The projection's columns beside `state` that readers filter on (audit resolves app users, the
+# scheduler finds due periods by status and expires_at): each must equal the state it copies.
+PROJECTION_COLUMNS = ("app_user_id", "status", "app_id", "expires_at")
 TRANSITIONS_SQL = "SELECT subscription_key, id, superseded_at IS NOT NULL FROM transitions ORDER BY subscription_key"
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """`kind`: chain, head, or projection; `position` for the log, `subscription` for projections."""
+    """`kind`: chain, head, or projection; `position` for the log, `subscription` for projections.
+
+    `column` names the column that disagrees when one can be named (a derived log column, or a
+    projection column), so a reader of `--json` need not parse `detail`.
+    """
 
     kind: str
     detail: str
     position: int | None = None
     subscription: str | None = None
+    column: str | None = None
 
     def describe(self) -> str:
         where = f"position {self.position}" if self.position is not None else f"subscription {self.subscription}"
@@ -81,7 +97,8 @@ class Verification:
             "first_bad_position": self.first_bad_position,
             "problem_count": self.problem_count,
             "problems": [
-                {"kind": p.kind, "position": p.position, "subscription": p.subscription, "detail": p.detail}
+                {"kind": p.kind, "position": p.position, "subscription": p.subscription, "column": p.column,
+                 "detail": p.detail}
                 for p in self.problems
             ],
         }
@@ -118,9 +135,8 @@ def verify(conn: psycopg.Connection, *, progress: Progress | None = None) -> Ver
 
 def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
     previous, expected_position = GENESIS, 1
-    for position, source, external_id, app_id, key, received_at, historical, raw, facts, stored in _stream(
-        conn, "subledger_verify_chain", CHAIN_SQL
-    ):
+    for (position, source, external_id, app_id, key, received_at, historical, raw, facts, stored,
+         *columns) in _stream(conn, "subledger_verify_chain", CHAIN_SQL):
         stored = bytes(stored)
         if position != expected_position:
             result.add(Problem("chain", f"expected position {expected_position}, found {position} (a gap)",
@@ -132,6 +148,7 @@ def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Prog
         if chain_hash(previous, entry) != stored:
             result.add(Problem("chain", f"{source}:{external_id}: the stored hash does not match the entry "
                                         "(the entry or its hash was changed)", position=position))
+        _check_derived(result, position, f"{source}:{external_id}", key, facts, columns)
         previous, expected_position = stored, position + 1
         result.entries += 1
         if progress is not None and result.entries % FETCH == 0:
@@ -142,6 +159,36 @@ def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Prog
     elif int(row[0]) != expected_position - 1 or bytes(row[1]) != previous:
         result.add(Problem("head", f"log_head says position {row[0]}, the log ends at {expected_position - 1} "
                                    "or with another hash"))
+
+
+def _check_derived(
+    result: Verification, position: int, name: str, key: str | None, facts: Any, stored: list[Any]
+) -> None:
+    """The unhashed columns must be what the append derived from the (hashed) facts."""
+    if key == "":
+        # the hash covers `subscription_key or ""`; the append stores "no subscription" as NULL
+        result.add(Problem("chain", f"{name}: column subscription_key is '' (the append stores none as NULL)",
+                           position=position, column="subscription_key"))
+    try:
+        derived = derived_columns(facts)
+    except (InvalidEvent, KeyError, TypeError, ValueError, AttributeError) as exc:
+        result.add(Problem("chain", f"{name}: the facts no longer state the entry's columns ({exc})",
+                           position=position, column="facts"))
+        return
+    if derived == tuple(stored):
+        return
+    for column, want, have in zip(DERIVED_COLUMNS, derived, stored, strict=True):
+        if want != have:
+            result.add(Problem("chain", f"{name}: column {column} is {_shown(have)} but the hashed facts say "
+                                        f"{_shown(want)} (the column was changed)", position=position, column=column))
+
+
+def _shown(value: Any) -> str:
+    """A stored value for a one-line report: times as RFC 3339, long text cut short."""
+    if isinstance(value, datetime):
+        return format_time(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _verify_projections(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
@@ -175,15 +222,18 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
         if projection is None or projection[0] != key:
             result.add(Problem("projection", "missing: the log has facts but no projection", subscription=key))
         else:
-            _, app_user_id, status, state = projection
+            _, app_user_id, status, state, app_id, expires_at = projection
             fresh = folded.state.to_json()
             if state != fresh:
                 fields = sorted(k for k in set(state) | set(fresh) if state.get(k) != fresh.get(k))
                 result.add(Problem("projection", f"differs from a fresh fold in {', '.join(fields)}",
                                    subscription=key))
-            elif (status, app_user_id) != (fresh["status"], fresh["app_user_id"]):
-                result.add(Problem("projection", "status/app_user_id columns disagree with the state",
-                                   subscription=key))
+            else:
+                stored = (app_user_id, status, app_id, None if expires_at is None else format_time(expires_at))
+                wrong = [c for c, have in zip(PROJECTION_COLUMNS, stored, strict=True) if have != fresh[c]]
+                if wrong:
+                    said = f"columns {', '.join(wrong)} disagree" if len(wrong) > 1 else f"column {wrong[0]} disagrees"
+                    result.add(Problem("projection", f"{said} with the state", subscription=key, column=wrong[0]))
             projection = next(projected, None)
         live = {t.id for t in folded.transitions}
         missing = sorted(live - ids.keys())
@@ -195,3 +245,11 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
     while projection is not None:
         result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
         projection = next(projected, None)
+
+
+def sizes(conn: psycopg.Connection) -> tuple[int, int]:
+    """(log entries, projections) for `verify`'s progress bar: the head's position and a row count."""
+    head = conn.execute("SELECT position FROM log_head").fetchone()
+    projections = conn.execute("SELECT count(*) FROM subscriptions").fetchone()
+    conn.rollback()
+    return (int(head[0]) if head else 0), (int(projections[0]) if projections else 0)
