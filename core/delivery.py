@@ -9,6 +9,8 @@ Verdicts, after segment.md "Delivery semantics":
     2xx (and not Jitsu's {"ok": false})   Delivered
     429                                   RetryAt, destination-wide, at Retry-After / X-RateLimit-Reset
     5xx, 408, timeouts, resets            RetryAt on the rows, capped exponential backoff, equal jitter
+                                          (while a destination fails this way, the relay backs off
+                                          the destination and probes it: `destination_failed`)
     401, 403, 404                         Paused: the key, the source or the endpoint is wrong; every
                                           message would fail the same way, so none is dead-lettered
     other 4xx (400 bad JSON, 413 size)    Poisoned: the relay splits the batch to find the culprit(s)
@@ -89,6 +91,33 @@ class Backoff:
         """The wait after `attempts` failed tries (0 = first failure); `jitter` is a draw in [0, 1)."""
         ceiling = min(self.cap_seconds, self.base_seconds * 2.0 ** min(max(attempts, 0), 30))
         return timedelta(seconds=ceiling / 2 + ceiling / 2 * min(max(jitter, 0.0), 1.0))
+
+
+PROBE_CAP_SECONDS = 5.0
+"""The longest wait between probes of a failing destination. A probe is one small request, so
+probing often costs nothing, and it bounds how long a recovered destination waits for its backlog."""
+
+
+def destination_failed(verdict: Verdict) -> bool:
+    """The destination itself failed (5xx, 408, no response, throttling), not these messages.
+
+    Such a failure says nothing about the rows: the relay backs off the destination as a whole and
+    probes it, instead of growing each row's own backoff (which would outlast the outage). A 429 is
+    an answer with its own wait (Retry-After), and any other answer shows the destination is up.
+    """
+    return isinstance(verdict, RetryAt) and not verdict.destination_wide
+
+
+def next_probe(
+    now: datetime, failures: int, jitter: float, backoff: Backoff, asked: datetime | None = None
+) -> datetime:
+    """When to probe a destination after its `failures`-th consecutive failed request (1 = the first).
+
+    `backoff` is the destination's (capped at PROBE_CAP_SECONDS by the relay); `asked` is a time the
+    endpoint asked for (a 503's Retry-After), which is honoured when later.
+    """
+    at = now + backoff.delay(failures - 1, jitter)
+    return at if asked is None else max(at, asked)
 
 
 def excerpt(body: bytes | str, limit: int = EXCERPT_CHARS) -> str:

@@ -14,6 +14,19 @@ Why it is shaped this way (segment.md "Relay mechanics", eventstore-outbox.md §
   Dead rows do not block.
 - Outcomes other than a 2xx are recorded only by the lease holder (fencing): a relay whose lease
   ran out cannot overwrite what another relay decided. A 2xx is recorded by anyone: it is a fact.
+- Short leases, renewed: a claim holds its rows for `lease` (10 s), and while the relay works on
+  them (a slow request, a bisection) a heartbeat thread renews the lease every third of it. A
+  killed relay's rows therefore come back within about 10 s, not after the longest request could
+  take, and per-subscriber order stalls the rows behind them only that long. The holder id
+  (host:pid:random) is stored in `lease_owner` and shown by `outbox list` and the audit timeline.
+- Back off the destination, not the rows, while it fails: a 5xx, timeout or refused connection
+  marks the destination failing (`destination_state.failing_since`); its backlog is then held and
+  one small probe (one row) is sent at the destination's backoff (1 s doubling, capped at 5 s),
+  never advancing the probed row's own backoff. The first answer releases the whole backlog at
+  once, because no row's own backoff grew during the outage. One line is logged when an outage
+  starts and one when it ends (duration, backlog). Rows of the request that failed first keep the
+  per-row backoff, so a row whose content makes the endpoint answer 500 backs off alone: probes
+  prefer the least recently tried row, so it cannot keep the destination failing.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from typing import Any
 import psycopg
 
 from subledger.core.delivery import (
+    PROBE_CAP_SECONDS,
     Backoff,
     Delivered,
     Paused,
@@ -43,8 +57,10 @@ from subledger.core.delivery import (
     RetryAt,
     Verdict,
     classify,
+    destination_failed,
     excerpt,
     halves,
+    next_probe,
     plan,
 )
 from subledger.outbox import metrics
@@ -101,6 +117,9 @@ def routes_from(apps: Mapping[str, Any]) -> dict[tuple[str, str], Route]:
     return out
 
 
+MIN_LEASE = timedelta(seconds=1)
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -109,12 +128,22 @@ def default_owner() -> str:
 class RelayConfig:
     batch_rows: int = 1000
     """Rows claimed per pass (each row is a track + an identify)."""
-    lease: timedelta = timedelta(seconds=60)
-    """How long claimed rows are ours. Longer than a pass can take (timeouts x bisection depth)."""
+    lease: timedelta = timedelta(seconds=10)
+    """How long claimed rows are ours without a renewal: the longest a killed relay holds them.
+    A live relay renews it every third of it while it works, however long a request takes."""
     backoff: Backoff = field(default_factory=Backoff)
+    """Per row, after a request that failed while its destination looked healthy."""
     owner: str = field(default_factory=default_owner)
     max_batch_bytes: int | None = None
     max_batch_events: int | None = None
+    probe_cap_seconds: float = PROBE_CAP_SECONDS
+    """The destination's backoff is `backoff` capped at this: probes stay frequent, and cheap."""
+    probe_rows: int = 1
+    """Rows in a probe of a failing destination: one small request."""
+
+    @property
+    def destination_backoff(self) -> Backoff:
+        return Backoff(self.backoff.base_seconds, min(self.backoff.cap_seconds, self.probe_cap_seconds))
 
 
 @dataclass(slots=True)
@@ -161,6 +190,15 @@ class _Outcome:
     attempts: list[tuple[str, datetime, int | None, str, str]] = field(default_factory=list)
     pause: tuple[int, str] | None = None
     wait_until: datetime | None = None
+    probe: bool = False
+    """The request probed a failing destination: a failure is the destination's, not the rows'."""
+    failure: tuple[str, datetime] | None = None
+    """The destination failed (reason, the time it asked to wait until): back it off."""
+    answered: bool = False
+    """The destination answered (anything but a failure): it is up."""
+    started_failing: int | None = None
+    recovered: tuple[float, int, int] | None = None
+    """After `_record`: the outage (seconds, failed requests) and the backlog it left."""
 
 
 CLAIM = """
@@ -178,8 +216,8 @@ WITH routes(app_id, destination) AS (
     AND NOT EXISTS (
       SELECT 1 FROM destination_state d
       WHERE d.app_id = o.app_id AND d.destination = o.destination
-        AND (d.paused OR d.retry_after > %(now)s))
-  ORDER BY o.id
+        AND (d.paused OR d.retry_after > %(now)s OR (NOT %(probe)s AND d.failing_since IS NOT NULL)))
+  ORDER BY CASE WHEN %(probe)s THEN o.last_attempt_at END NULLS FIRST, o.id
   LIMIT %(limit)s
   FOR UPDATE OF o SKIP LOCKED
 )
@@ -193,6 +231,47 @@ RETURNING o.id, o.message_id, o.app_id, o.destination, o.subscriber,
   ARRAY(SELECT e->>'messageId' FROM jsonb_array_elements(o.body) e),
   coalesce(o.body->0->'context'->>'environment', '') = 'sandbox',
   o.attempts, o.first_attempt_at, o.created_at
+"""
+
+FAILING = """
+SELECT s.app_id, s.destination, s.probe_at FROM destination_state s
+JOIN unnest(%(apps)s::text[], %(dests)s::text[]) AS r(app_id, destination)
+  ON r.app_id = s.app_id AND r.destination = s.destination
+WHERE s.failing_since IS NOT NULL AND NOT s.paused AND coalesce(s.retry_after, '-infinity') <= %(now)s
+ORDER BY 1, 2
+"""
+
+TAKE_PROBE = """
+UPDATE destination_state SET probe_at = %(slot)s
+WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since IS NOT NULL
+  AND coalesce(probe_at, '-infinity') <= %(now)s
+RETURNING 1
+"""
+"""The probe slot: one relay at a time probes; a killed prober's slot runs out after its timeout."""
+
+FAILED = """
+INSERT INTO destination_state (app_id, destination, failing_since, failures, failing_reason)
+VALUES (%(app)s, %(dest)s, %(now)s, 1, %(reason)s)
+ON CONFLICT (app_id, destination) DO UPDATE SET
+  failing_since = coalesce(destination_state.failing_since, EXCLUDED.failing_since),
+  failures = CASE WHEN destination_state.failing_since IS NULL THEN 1 ELSE destination_state.failures + 1 END,
+  failing_reason = EXCLUDED.failing_reason
+RETURNING failures
+"""
+
+RECOVERED = """
+UPDATE destination_state s SET failing_since = NULL, failures = 0, failing_reason = NULL, probe_at = NULL
+FROM (SELECT app_id, destination, failing_since, failures FROM destination_state
+      WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since IS NOT NULL FOR UPDATE) old
+WHERE s.app_id = old.app_id AND s.destination = old.destination
+RETURNING old.failing_since, old.failures,
+  (SELECT count(*) FROM outbox o WHERE o.app_id = %(app)s AND o.destination = %(dest)s AND o.status = 'pending')
+"""
+
+RENEW = """
+UPDATE outbox o SET lease_until = %(until)s
+FROM (SELECT id FROM outbox WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s ORDER BY id FOR UPDATE) mine
+WHERE o.id = mine.id
 """
 
 
@@ -211,11 +290,10 @@ class Relay:
     ) -> None:
         self.database_url = database_url
         self.routes = dict(routes)
-        slowest = max((r.timeout_seconds for r in self.routes.values()), default=0.0)
-        if config is not None and config.lease.total_seconds() < slowest + 1:
+        if config is not None and config.lease < MIN_LEASE:
             raise ValueError(
-                f"the relay lease ({config.lease.total_seconds():g} s) must exceed the slowest destination's "
-                f"timeout_seconds ({slowest:g} s) by at least 1 s"
+                f"the relay lease ({config.lease.total_seconds():g} s) must be at least "
+                f"{MIN_LEASE.total_seconds():g} s: it is renewed every third of it while a request is in flight"
             )
         self.config = config or RelayConfig()
         self.clock = clock
@@ -224,7 +302,12 @@ class Relay:
         self._conn: psycopg.Connection | None = None
         self._resumed = False
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        """Serializes this relay's writes with its heartbeat's renewals (no lock-order deadlock)."""
         self._lease_deadline = datetime.max.replace(tzinfo=UTC)
+        self._held: list[int] = []
+        self._probing: set[tuple[str, str]] = set()
+        self._hb_conn: psycopg.Connection | None = None
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -241,7 +324,47 @@ class Relay:
 
     def close(self) -> None:
         self._drop_connection()
+        if self._hb_conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._hb_conn.close()
+            self._hb_conn = None
         self.client.close()
+
+    # -- the lease heartbeat ----------------------------------------------------------------------
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        """Renew the lease of the rows this pass holds every third of the lease, until `done`.
+
+        Its own connection: the pass thread may be in the middle of a request. A renewal that fails
+        is retried at the next tick; if renewals keep failing, the pass stops starting requests
+        before the lease could run out (see `_attempt`), and the rows return after the lease.
+        """
+        interval = self.config.lease.total_seconds() / 3
+        while not done.wait(interval):
+            try:
+                self.renew_lease()
+            except psycopg.Error as exc:
+                log.warning("could not renew the lease of %d rows (%s); retrying", len(self._held), exc)
+                if self._hb_conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self._hb_conn.close()
+                self._hb_conn = None
+
+    def renew_lease(self) -> int:
+        """Extend the lease of the rows this relay still holds; returns how many were renewed."""
+        held = list(self._held)
+        if not held:
+            return 0
+        if self._hb_conn is None or self._hb_conn.closed:
+            self._hb_conn = connect(self.database_url, autocommit=True)
+        with self._write_lock:
+            now = self.clock()
+            until = now + self.config.lease
+            renewed = self._hb_conn.execute(
+                RENEW, {"until": until, "ids": held, "owner": self.config.owner}
+            ).rowcount
+            self._lease_deadline = until
+        return renewed
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -282,7 +405,8 @@ class Relay:
         return total
 
     def next_due_in(self) -> float | None:
-        """Seconds until a pending row of a live route may be claimable; None if there is none."""
+        """Seconds until a pending row of a live route may be claimable (a failing destination's:
+        until its next probe); None if there is none."""
         if not self.routes:
             return None
         apps, dests = self._route_arrays()
@@ -291,7 +415,8 @@ class Relay:
             """
             WITH routes(app_id, destination) AS (SELECT * FROM unnest(%s::text[], %s::text[]))
             SELECT min(greatest(o.available_at, coalesce(o.lease_until, o.available_at),
-                                coalesce(d.retry_after, o.available_at)))
+                                coalesce(d.retry_after, o.available_at),
+                                CASE WHEN d.failing_since IS NOT NULL THEN d.probe_at END))
             FROM outbox o JOIN routes r ON r.app_id = o.app_id AND r.destination = o.destination
             LEFT JOIN destination_state d ON d.app_id = o.app_id AND d.destination = o.destination
             WHERE o.status = 'pending' AND NOT coalesce(d.paused, false)
@@ -318,12 +443,21 @@ class Relay:
         stats.claimed = len(rows)
         if not rows:
             return stats
-        groups: dict[tuple[str, str, bool], list[Row]] = defaultdict(list)
-        for row in rows:
-            groups[(row.app_id, row.destination, row.sandbox)].append(row)
-        for (app_id, destination, sandbox), group in groups.items():
-            route = self.routes[(app_id, destination)]
-            self._send_group(route, route.key_for(sandbox), group, stats)
+        self._held = [row.id for row in rows]
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(done,), name="subledger-lease", daemon=True)
+        heartbeat.start()
+        try:
+            groups: dict[tuple[str, str, bool], list[Row]] = defaultdict(list)
+            for row in rows:
+                groups[(row.app_id, row.destination, row.sandbox)].append(row)
+            for (app_id, destination, sandbox), group in groups.items():
+                route = self.routes[(app_id, destination)]
+                self._send_group(route, route.key_for(sandbox), group, stats)
+        finally:
+            done.set()
+            heartbeat.join(timeout=self.config.lease.total_seconds())
+            self._held = []
         return stats
 
     def _claim(self) -> list[Row]:
@@ -331,18 +465,42 @@ class Relay:
         self._lease_deadline = now + self.config.lease
         apps, dests = self._route_arrays()
         conn = self._db()
-        with conn.transaction():
-            fetched = conn.execute(
-                CLAIM,
-                {
-                    "apps": apps,
-                    "dests": dests,
-                    "now": now,
-                    "limit": self.config.batch_rows,
-                    "lease_until": now + self.config.lease,
-                    "owner": self.config.owner,
-                },
-            ).fetchall()
+        params: dict[str, Any] = {
+            "apps": apps,
+            "dests": dests,
+            "now": now,
+            "limit": self.config.batch_rows,
+            "lease_until": now + self.config.lease,
+            "owner": self.config.owner,
+            "probe": False,
+        }
+        self._probing = set()
+        with self._write_lock, conn.transaction():
+            failing = conn.execute(FAILING, params).fetchall()
+            fetched = conn.execute(CLAIM, params).fetchall()
+            for app_id, destination, probe_at in failing:
+                if probe_at is not None and probe_at > now:
+                    continue
+                route = self.routes[(app_id, destination)]
+                slot = now + timedelta(seconds=route.timeout_seconds + 1)
+                taken = conn.execute(
+                    TAKE_PROBE, {"slot": slot, "app": app_id, "dest": destination, "now": now}
+                ).fetchone()
+                if taken is None:
+                    continue  # another relay is probing it
+                probe = conn.execute(
+                    CLAIM,
+                    {**params, "apps": [app_id], "dests": [destination], "probe": True,
+                     "limit": self.config.probe_rows},
+                ).fetchall()
+                if probe:
+                    self._probing.add((app_id, destination))
+                    fetched.extend(probe)
+                else:  # nothing to probe with yet: give the slot back
+                    conn.execute(
+                        "UPDATE destination_state SET probe_at = %s WHERE app_id = %s AND destination = %s",
+                        (probe_at, app_id, destination),
+                    )
         rows = [
             Row(
                 id=r[0], message_id=r[1], app_id=r[2], destination=r[3], subscriber=r[4],
@@ -383,24 +541,28 @@ class Relay:
                 outcome.attempts.append((row.message_id, now, None, "dead", reason))
             self._record(route, outcome, stats)
         stopped = False
+        probe = (route.app_id, route.destination) in self._probing
         for batch in packed.batches:
-            outcome = _Outcome()
+            outcome = _Outcome(probe=probe)
             if stopped:
                 outcome.release.extend(batch)
             else:
                 self._attempt(route, key, list(batch), outcome, stats)
                 # After a failure, the rest of this pass's rows for the destination go back unsent:
                 # one timeout per pass, not one per batch, and never past the lease.
-                stopped = outcome.pause is not None or outcome.wait_until is not None or bool(outcome.retry)
+                stopped = (outcome.pause is not None or outcome.wait_until is not None or bool(outcome.retry)
+                           or outcome.failure is not None)
             self._record(route, outcome, stats)
 
     def _attempt(self, route: Route, key: str, rows: list[Row], outcome: _Outcome, stats: PassStats) -> None:
         """Send `rows` in one request; on a content refusal, bisect to find the culprits."""
-        if outcome.pause is not None or outcome.wait_until is not None:
+        if outcome.pause is not None or outcome.wait_until is not None or outcome.failure is not None:
             outcome.release.extend(rows)
             return
-        if self.clock() + timedelta(seconds=route.timeout_seconds) >= self._lease_deadline:
-            outcome.release.extend(rows)  # the lease could run out mid-request: let a fresh claim send them
+        if self._lease_deadline - self.clock() < self.config.lease / 3:
+            # The heartbeat renews every third of the lease: it is failing, and the lease could run
+            # out mid-request. Let a fresh claim send these rows.
+            outcome.release.extend(rows)
             return
         messages = [m for row in rows for m in row.messages]
         response = self.client.post(
@@ -435,6 +597,11 @@ class Relay:
         def attempt(row: Row, what: str) -> None:
             outcome.attempts.append((row.message_id, now, status, what, text))
 
+        if destination_failed(verdict):
+            assert isinstance(verdict, RetryAt)
+            outcome.failure, outcome.answered = (verdict.reason, verdict.at), False
+        else:
+            outcome.failure, outcome.answered = None, True
         if isinstance(verdict, Delivered):
             outcome.delivered_status = verdict.status
             for row in rows:
@@ -450,6 +617,12 @@ class Relay:
                 attempt(row, "rate_limited")
             outcome.wait_until = verdict.at
             outcome.retry.extend((row, now, status, verdict.reason) for row in rows)
+        elif isinstance(verdict, RetryAt) and outcome.probe:
+            # The destination was already failing: this says nothing about the row, whose own backoff
+            # does not grow. It waits on the destination's backoff (probe_at) instead.
+            for row in rows:
+                attempt(row, "retry")
+                outcome.retry.append((row, now, status, verdict.reason))
         elif isinstance(verdict, RetryAt):
             for row in rows:
                 attempt(row, "retry")
@@ -482,7 +655,7 @@ class Relay:
         now = self.clock()
         owner = self.config.owner
         conn = self._db()
-        with conn.transaction():
+        with self._write_lock, conn.transaction():
             if outcome.attempts:
                 cols = list(zip(*outcome.attempts, strict=True))
                 conn.execute(
@@ -573,7 +746,28 @@ class Relay:
                     """,
                     (route.app_id, route.destination, outcome.wait_until),
                 )
+            self._record_health(conn, route, outcome, now)
         self._count(route, outcome, stats, now)
+
+    def _record_health(self, conn: psycopg.Connection, route: Route, outcome: _Outcome, now: datetime) -> None:
+        """A failure backs the destination off (the next probe at its backoff); an answer ends an outage."""
+        where = {"app": route.app_id, "dest": route.destination, "now": now}
+        if outcome.failure is not None:
+            reason, asked = outcome.failure
+            row = conn.execute(FAILED, {**where, "reason": reason}).fetchone()
+            failures = int(row[0]) if row else 1
+            probe_at = next_probe(now, failures, self.rng.random(), self.config.destination_backoff, asked)
+            conn.execute(
+                "UPDATE destination_state SET probe_at = %s WHERE app_id = %s AND destination = %s",
+                (probe_at, route.app_id, route.destination),
+            )
+            if failures == 1:
+                outcome.started_failing = 1
+        elif outcome.answered:
+            ended = conn.execute(RECOVERED, where).fetchone()
+            if ended is not None:
+                since, failures, backlog = ended
+                outcome.recovered = (max((now - since).total_seconds(), 0.0), int(failures), int(backlog))
 
     def _count(self, route: Route, outcome: _Outcome, stats: PassStats, now: datetime) -> None:
         labels = (route.app_id, route.destination)
@@ -582,6 +776,9 @@ class Relay:
         stats.retried += len(outcome.retry)
         stats.released += len(outcome.release)
         if outcome.delivered:
+            # One line per delivered batch (not per message, not per idle tick).
+            log.info("delivered a batch of %d to %s/%s", len(outcome.delivered), *labels,
+                     extra={"app_id": labels[0], "destination": labels[1]})
             metrics.DELIVERED.labels(*labels).inc(len(outcome.delivered))
             for row in outcome.delivered:
                 metrics.LATENCY.observe(max((now - row.created_at).total_seconds(), 0.0))
@@ -605,6 +802,20 @@ class Relay:
             )
         if outcome.wait_until is not None:
             log.warning("%s/%s asked us to wait until %s", *labels, outcome.wait_until.isoformat())
+        if outcome.started_failing is not None and outcome.failure is not None:
+            log.warning(
+                "destination %s/%s is failing (%s): holding its backlog, probing it with one request at "
+                "most every %g s", *labels, outcome.failure[0], self.config.destination_backoff.cap_seconds,
+                extra={"app_id": labels[0], "destination": labels[1]},
+            )
+        if outcome.recovered is not None:
+            seconds, failures, backlog = outcome.recovered
+            log.info(
+                "destination %s/%s recovered after %.1f s (%d failed %s); releasing a backlog of %d %s",
+                *labels, seconds, failures, "request" if failures == 1 else "requests",
+                backlog, "row" if backlog == 1 else "rows",
+                extra={"app_id": labels[0], "destination": labels[1]},
+            )
 
     def _resume_changed_routes(self) -> None:
         """A destination paused for a key or endpoint that has since changed in the config resumes."""
@@ -669,11 +880,12 @@ def pause(
 
 
 def resume(conn: psycopg.Connection, app_id: str, destination: str | None = None) -> list[tuple[str, str]]:
-    """Resume one destination of an app, or all of them; also lifts a pending rate-limit wait."""
+    """Resume one destination of an app, or all of them; also lifts a pending rate-limit wait, and a
+    failing destination is probed at once."""
     rows = conn.execute(
         """
         UPDATE destination_state SET paused = false, paused_reason = NULL, paused_at = NULL,
-          paused_key = NULL, retry_after = NULL
+          paused_key = NULL, retry_after = NULL, probe_at = NULL
         WHERE app_id = %s AND (%s::text IS NULL OR destination = %s)
         RETURNING app_id, destination
         """,
