@@ -24,6 +24,11 @@ class Services:
     policy: IngestPolicy
     clock: Clock = field(default=utc_now)
 
+    @property
+    def database_timeout(self) -> float:
+        """Seconds a request or a command waits for the database before it reports it unavailable."""
+        return self.settings.database_timeout_seconds
+
 
 def build(settings: Settings, *, database_url: str | None = None, clock: Clock = utc_now) -> Services:
     from datetime import timedelta
