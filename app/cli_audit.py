@@ -53,14 +53,19 @@ def services_for(config: Path | None, database_url: str | None) -> Any:
 
 @contextmanager
 def connection(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, psycopg.Connection]]:
-    """Services and a connection; database errors become one clear error line and exit code 2."""
+    """Services and a connection; database errors become one clear error line and exit code 2.
+
+    These commands read or repair the ledger and never migrate: a schema that is not current is
+    refused up front (`run subledger db upgrade`), not met as raw SQL errors halfway through."""
     from subledger.store.db import connect, translate_errors
+    from subledger.store.migrate import require_current
 
     services = services_for(config, database_url)
     try:
         with translate_errors():
-            conn = connect(services.database_url)
+            conn = connect(services.database_url, timeout=services.database_timeout)
             try:
+                require_current(conn)
                 yield services, conn
             finally:
                 conn.close()

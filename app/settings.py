@@ -254,6 +254,8 @@ class FileSettings(_Strict):
     historical_horizon_hours: float = Field(default=72, gt=0)
     accept_unconfigured_apps: bool = False
     max_body_bytes: int = Field(default=1_000_000, gt=0)
+    database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    migrate: bool | None = None
     apps: dict[str, AppSettings] = Field(default_factory=dict)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
@@ -265,6 +267,8 @@ class EnvSettings(BaseSettings):
     config: str | None = None
     api_token: str | None = None
     database_url: str | None = None
+    database_timeout_seconds: float | None = Field(default=None, gt=0, le=300)
+    migrate: bool | None = None
 
 
 class Settings(_Strict):
@@ -275,6 +279,11 @@ class Settings(_Strict):
     max_body_bytes: int
     apps: dict[str, AppSettings]
     source: str
+    # How long a request or command waits for the database before "database unavailable".
+    database_timeout_seconds: float = 5.0
+    # serve/relay/ingest at start: None migrates only when the role may (owns the schema); True always
+    # tries; False never does, and refuses to run on a schema that is behind.
+    migrate: bool | None = None
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     def destinations(self, library_version: str | None = None) -> dict[str, tuple[Destination, ...]]:
@@ -404,5 +413,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         apps=parsed.apps,
         source=source,
         retention=parsed.retention,
+        database_timeout_seconds=(env.database_timeout_seconds if env else None) or parsed.database_timeout_seconds,
+        migrate=parsed.migrate if env is None or env.migrate is None else env.migrate,
     )
 
