@@ -7,7 +7,8 @@ from typing import Any
 
 from subledger.app.settings import Settings
 from subledger.core.errors import InvalidEvent
-from subledger.core.events import Source, parse_event
+from subledger.core.events import MAX_ID_LENGTH, Source, parse_event
+from subledger.core.safejson import Refused, shown
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming
 
@@ -30,7 +31,12 @@ class Rejection:
 def to_incoming(
     value: Any, raw: bytes, settings: Settings, *, historical: bool = False, default_source: Source = Source.CUSTOM
 ) -> Incoming | Rejection:
+    """`value` is what `core.safejson` decoded: a `Refused` item (a limit broken) is rejected as is."""
+    if isinstance(value, Refused):
+        return Rejection(value.field, value.reason, value.id)
     ident = value.get("id") if isinstance(value, dict) and isinstance(value.get("id"), str) else None
+    if ident is not None:  # echoed in the answer: never a NUL, a lone surrogate or a megabyte
+        ident = shown(ident, MAX_ID_LENGTH)
     try:
         event = parse_event(value, default_source=default_source)
     except InvalidEvent as exc:

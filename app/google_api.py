@@ -38,7 +38,8 @@ import psycopg
 from prometheus_client import Counter
 
 from subledger.app.settings import GoogleSourceSettings
-from subledger.core.errors import BadSignature, MalformedPayload, PayloadRejected
+from subledger.core import safejson
+from subledger.core.errors import BadSignature, PayloadRejected
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import google as google_source
@@ -145,9 +146,9 @@ class PlayApi:
                 continue
             status = response.status_code
             if status == 200:
-                try:
-                    body = response.json()
-                except ValueError:
+                try:  # Google's answer is held to the same limits as a body we receive (core.safejson)
+                    body = safejson.loads(response.content)
+                except PayloadRejected:
                     body = None
                 if isinstance(body, dict):
                     FETCHES.labels(self.app_id, resource, "ok").inc()
@@ -178,8 +179,8 @@ def _q(part: str) -> str:
 
 def _google_error(response: httpx.Response) -> str:
     try:
-        message = response.json().get("error", {}).get("message")
-    except (ValueError, AttributeError):
+        message = safejson.loads(response.content).get("error", {}).get("message")
+    except (PayloadRejected, AttributeError):
         message = None
     return str(message)[:300] if message else response.reason_phrase or f"HTTP {response.status_code}"
 
@@ -320,10 +321,7 @@ def parse_push(raw: bytes, message_id: str | None = None) -> google_source.Push:
 def split_capture(raw: bytes) -> tuple[bytes, google_source.Fetched | None]:
     """A captured line: a push body, optionally with the fetch results stored beside it
     (`"subledger_fetched": {"subscriptionsv2", "order", "product", "failure"}`)."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise MalformedPayload("body is not JSON") from None
+    obj = safejson.loads(raw)
     if not isinstance(obj, dict) or "subledger_fetched" not in obj:
         return raw, None
     stored = google_source.Fetched.from_json(obj.pop("subledger_fetched"))

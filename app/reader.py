@@ -1,4 +1,9 @@
-"""Streams canonical events from NDJSON or a JSON array in constant memory, with line numbers."""
+"""Streams canonical events from NDJSON or a JSON array in constant memory, with line numbers.
+
+Every item is decoded by `core.safejson` and held to its limits on its own: a line that is not JSON,
+is nested too deep or holds a value no store can hold (NaN, 2^64, a lone surrogate, NUL) comes back
+as that line's error or `Refused` value, and the lines around it are still read.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+
+from subledger.core import safejson
+from subledger.core.errors import PayloadRejected
 
 CHUNK = 1 << 16
 
@@ -45,9 +53,9 @@ def _ndjson(stream: IO[bytes], prefix: bytes) -> Iterator[Item]:
         if not text:
             continue
         try:
-            value = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            yield Item(line_no, text, None, f"malformed JSON: {exc}")
+            value = safejson.loads_item(text)
+        except PayloadRejected as exc:
+            yield Item(line_no, text, None, exc.reason)
             continue
         yield Item(line_no, text, value)
     if first and prefix.strip():
@@ -56,14 +64,13 @@ def _ndjson(stream: IO[bytes], prefix: bytes) -> Iterator[Item]:
 
 def _ndjson_single(text: bytes) -> Iterator[Item]:
     try:
-        yield Item(1, text.strip(), json.loads(text))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        yield Item(1, text.strip(), None, f"malformed JSON: {exc}")
+        yield Item(1, text.strip(), safejson.loads_item(text))
+    except PayloadRejected as exc:
+        yield Item(1, text.strip(), None, exc.reason)
 
 
 def _array(stream: IO[bytes], prefix: bytes) -> Iterator[Item]:
     """Decode one element at a time with raw_decode; the buffer holds at most one element + a chunk."""
-    decoder = json.JSONDecoder()
     buffer = prefix.decode("utf-8", errors="replace")
     line = 1 + buffer.count("\n", 0, buffer.index("["))
     buffer = buffer[buffer.index("[") + 1 :]
@@ -89,7 +96,23 @@ def _array(stream: IO[bytes], prefix: bytes) -> Iterator[Item]:
             expect_value = True
             continue
         try:
-            value, end = decoder.raw_decode(buffer)
+            value, end = safejson.raw_decode(buffer)
+        except PayloadRejected as exc:  # too deep to decode: step over it, the next items still count
+            skipped = safejson.skip_value(buffer)
+            if skipped is None and not eof:
+                chunk = stream.read(CHUNK)
+                if chunk:
+                    buffer += chunk.decode("utf-8", errors="replace")
+                    continue
+                eof = True
+                continue
+            end = len(buffer) if skipped is None else skipped
+            text = buffer[:end]
+            yield Item(line, text[:200].encode(), None, exc.reason)
+            line += text.count("\n")
+            buffer = buffer[end:]
+            expect_value = False
+            continue
         except json.JSONDecodeError as exc:
             if not eof:
                 chunk = stream.read(CHUNK)
@@ -108,7 +131,7 @@ def _array(stream: IO[bytes], prefix: bytes) -> Iterator[Item]:
                 continue
             eof = True
         text = buffer[:end]
-        yield Item(line, text.encode(), value)
+        yield Item(line, text.encode("utf-8", "surrogatepass"), safejson.checked_value(value))
         line += text.count("\n")
         buffer = buffer[end:]
         expect_value = False

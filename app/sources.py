@@ -8,6 +8,7 @@ credentials verify a body, routing Apple's one shared endpoint by the bundle id 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,8 +19,8 @@ import psycopg
 from subledger.app.canonical import Rejection
 from subledger.app.google_api import GoogleLinks, GoogleSource, GoogleUnavailable, split_capture
 from subledger.app.settings import Settings, read_certificate
-from subledger.core.errors import BadSignature, ConfigError, PayloadRejected
-from subledger.core.sources import Notification
+from subledger.core.errors import BadSignature, ConfigError, PayloadRejected, StoreError
+from subledger.core.sources import Notification, refuse_unstorable
 from subledger.core.sources import apple as apple_source
 from subledger.core.sources import google as google_source
 from subledger.core.sources import revenuecat as rc_source
@@ -27,6 +28,7 @@ from subledger.core.sources import stripe as stripe_source
 from subledger.outbox.ingest import Incoming
 from subledger.store import lookups
 
+log = logging.getLogger("subledger.ingest")
 Format = Literal["canonical", "apple", "stripe", "revenuecat", "google"]
 FORMATS: tuple[Format, ...] = ("canonical", "apple", "stripe", "revenuecat", "google")
 
@@ -257,11 +259,22 @@ def captured_incoming(
                                historical=historical)
     try:
         notification = sources.parse_captured(fmt, raw, app_id=app_id, settings=settings, subscription_for=links)
+        refuse_unstorable(notification)
     except PayloadRejected as exc:
         return Rejection(exc.field, exc.reason)
+    except (StoreError, ConfigError):
+        raise
+    except Exception as exc:  # an adapter bug on a hostile line: that line is refused, the import goes on
+        return unmappable(exc)
     if links is not None:
         links.remember(notification, raw)
     return Incoming(notification, raw, historical=historical)
+
+
+def unmappable(exc: Exception) -> Rejection:
+    """A line an adapter failed on unexpectedly: refused with the exception's type (the traceback at debug)."""
+    log.debug("store adapter failed on a captured line; refused", exc_info=exc)  # no traceback on a CLI
+    return Rejection(None, f"the body could not be mapped ({type(exc).__name__})")
 
 
 def google_captured(
@@ -279,9 +292,14 @@ def google_captured(
         if app_links is None:
             app_links = links[adapter.config.app_id] = GoogleLinks(conn, adapter.config.app_id)
         notification = adapter.notification(push, chain=app_links, fetched=stored)
+        refuse_unstorable(notification)
     except PayloadRejected as exc:  # GoogleCredentialsRefused included
         return Rejection(exc.field, exc.reason)
     except GoogleUnavailable as exc:
         return Rejection(None, f"{exc}; ingest the file again later (repeats are duplicates)")
+    except (StoreError, ConfigError):
+        raise
+    except Exception as exc:  # an adapter bug on a hostile line: that line is refused, the import goes on
+        return unmappable(exc)
     app_links.remember(notification)
     return Incoming(notification, raw, historical=historical)

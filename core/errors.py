@@ -24,9 +24,20 @@ class PayloadRejected(SubledgerError):
     """Raised when input is refused before anything is stored."""
 
     def __init__(self, reason: str, field: str | None = None) -> None:
+        reason, field = _printable(reason), None if field is None else _printable(field)
         super().__init__(f"{field}: {reason}" if field else reason)
         self.reason = reason
         self.field = field
+
+
+def _printable(text: str) -> str:
+    """A refusal is answered as JSON and printed as a CLI line: a NUL or a lone surrogate quoted from
+    hostile input would break both (UTF-8 cannot encode U+D800), so they are escaped (`\\ud800`)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class InvalidEvent(PayloadRejected):
@@ -57,6 +68,7 @@ class ConfigError(SubledgerError):
     """Raised when the configuration is invalid; the message names the key."""
 
     def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config {key}: {reason}")
+        # a command-line option (`--app`) is named as typed, not as a configuration key
+        super().__init__(f"{key}: {reason}" if key.startswith("--") else f"config {key}: {reason}")
         self.key = key
         self.reason = reason

@@ -2,6 +2,15 @@
 
 Parsing is strict about what the contract requires and lenient about what it does not: unknown
 fields stay in the raw payload, a missing or mistyped field is rejected with its name.
+
+Limits (documented in the README, "The canonical event"), so that whatever is accepted can be
+stored, hashed, folded and published without an error later on:
+
+    id ≤ 200 characters; app_id ≤ 200; currency 3; country_code 2; every other text field ≤ 500
+    text: valid Unicode (no lone surrogate) and no NUL, in every field and attribute
+    times (occurred_at, expires_at): EARLIEST_TIME <= t < LATEST_TIME once converted to UTC
+    attributes: nested at most MAX_ATTRIBUTES_DEPTH deep; keys ≤ 200, strings ≤ 10,000
+    characters; numbers finite and within ±2^63 (see `core.safejson`)
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from subledger.core.errors import InvalidEvent
+from subledger.core.safejson import find_problem, shown, text_problem
 
 
 class EventType(StrEnum):
@@ -83,6 +93,14 @@ DEFAULT_STORE: dict[Source, Store] = {
 NEEDS_PRODUCT = frozenset({EventType.PURCHASE, EventType.RENEWAL, EventType.ONE_TIME_PURCHASE})
 SIGNED_PRICE = frozenset({EventType.REFUND, EventType.REFUND_REVERSED})  # a refund's sign is ignored
 MAX_ID_LENGTH = 200
+# The instants a fact may name. Before 1970 no store sold a subscription; from 2200 on a date is a
+# mistake or an attack, and the headroom keeps `expires_at + grace` far from datetime's year 9999.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2200, 1, 1, tzinfo=UTC)  # exclusive
+TIME_RANGE = "out of range: times must lie in [1970-01-01T00:00:00Z, 2200-01-01T00:00:00Z) once in UTC"
+MAX_ATTRIBUTES_DEPTH = 32
+MAX_ATTRIBUTE_KEY = 200
+MAX_ATTRIBUTE_TEXT = 10_000
 E = TypeVar("E", bound=StrEnum)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
@@ -176,29 +194,34 @@ def format_time(value: datetime) -> str:
     return value.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
+def in_time_range(value: datetime, name: str) -> datetime:
+    """`value` when it lies in [EARLIEST_TIME, LATEST_TIME), else InvalidEvent naming the field."""
+    if not EARLIEST_TIME <= value < LATEST_TIME:
+        raise InvalidEvent(TIME_RANGE, name)
+    return value
+
+
 def parse_time(value: Any, name: str) -> datetime:
     if not isinstance(value, str):
         raise InvalidEvent("must be an RFC 3339 time string", name)
+    if len(value) > 64:
+        raise InvalidEvent(f"not an RFC 3339 time: {shown(value, 40)!r}", name)
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidEvent(f"not an RFC 3339 time: {value!r}", name) from None
+        raise InvalidEvent(f"not an RFC 3339 time: {shown(value)!r}", name) from None
     if parsed.tzinfo is None:
-        raise InvalidEvent(f"time has no UTC offset: {value!r}", name)
-    return parsed.astimezone(UTC)
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
-    return False
+        raise InvalidEvent(f"time has no UTC offset: {shown(value)!r}", name)
+    try:
+        utc = parsed.astimezone(UTC)  # `0001-01-01T00:00:00+14:00` is before year 1 in UTC
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None:
+        raise InvalidEvent(TIME_RANGE, name)
+    return in_time_range(utc, name)
 
 
 def _text(obj: dict[str, Any], name: str, *, required: bool = False, limit: int = 500) -> str | None:
@@ -213,8 +236,9 @@ def _text(obj: dict[str, Any], name: str, *, required: bool = False, limit: int 
         raise InvalidEvent("must not be empty", name)
     if len(value) > limit:
         raise InvalidEvent(f"longer than {limit} characters", name)
-    if "\x00" in value:
-        raise InvalidEvent("contains a NUL character (U+0000), which PostgreSQL text cannot hold", name)
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidEvent(problem, name)
     return value
 
 
@@ -228,7 +252,7 @@ def _enum(obj: dict[str, Any], name: str, enum: type[E], default: E | None) -> E
         return enum(value.lower())
     except ValueError:
         allowed = ", ".join(m.value for m in enum)
-        raise InvalidEvent(f"unknown value {value!r}; expected one of: {allowed}", name) from None
+        raise InvalidEvent(f"unknown value {shown(value, 40)!r}; expected one of: {allowed}", name) from None
 
 
 def _price(obj: dict[str, Any]) -> Decimal | None:
@@ -237,12 +261,14 @@ def _price(obj: dict[str, Any]) -> Decimal | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidEvent(f"must be a decimal number or string, got {type(value).__name__}", "price")
+    if isinstance(value, str) and len(value) > 40:
+        raise InvalidEvent(f"not a decimal number: {shown(value, 40)!r}", "price")
     try:
         amount = Decimal(str(value))
     except InvalidOperation:
-        raise InvalidEvent(f"not a decimal number: {value!r}", "price") from None
+        raise InvalidEvent(f"not a decimal number: {shown(str(value), 40)!r}", "price") from None
     if not amount.is_finite() or abs(amount) >= Decimal("1e12"):
-        raise InvalidEvent(f"not a finite amount: {value!r}", "price")
+        raise InvalidEvent(f"not a finite amount below 10^12: {shown(str(value), 40)!r}", "price")
     return amount
 
 
@@ -282,7 +308,7 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
     if currency is not None:
         currency = currency.upper()
         if not _CURRENCY.match(currency):
-            raise InvalidEvent(f"not an ISO 4217 code: {obj.get('currency')!r}", "currency")
+            raise InvalidEvent(f"not an ISO 4217 code: {shown(str(obj.get('currency')))!r}", "currency")
     if price is not None and price != 0 and currency is None:
         raise InvalidEvent("is required when price is given", "currency")
     expires_at = parse_time(obj["expires_at"], "expires_at") if obj.get("expires_at") is not None else None
@@ -290,14 +316,17 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
     if country is not None:
         country = country.upper()
         if not _COUNTRY.match(country):
-            raise InvalidEvent(f"not an ISO 3166-1 alpha-2 code: {obj.get('country_code')!r}", "country_code")
+            raise InvalidEvent(f"not an ISO 3166-1 alpha-2 code: {shown(str(obj.get('country_code')))!r}",
+                               "country_code")
     attributes = obj.get("attributes", {})
     if attributes is None:
         attributes = {}
     if not isinstance(attributes, dict):
         raise InvalidEvent(f"must be an object, got {type(attributes).__name__}", "attributes")
-    if _holds_nul(attributes):
-        raise InvalidEvent("contains a NUL character (U+0000), which PostgreSQL jsonb cannot hold", "attributes")
+    problem = find_problem(attributes, max_depth=MAX_ATTRIBUTES_DEPTH, max_text=MAX_ATTRIBUTE_TEXT,
+                           max_key=MAX_ATTRIBUTE_KEY, path="attributes")
+    if problem is not None:
+        raise InvalidEvent(problem[1], problem[0])
     assert store is not None and environment is not None and period_type is not None
     return CanonicalEvent(
         id=event_id,

@@ -240,7 +240,7 @@ def canonical_bodies(draw: st.DrawFn) -> dict[str, Any]:
         "transaction_id": _word,
         "country_code": st.sampled_from(["US", "DE", "JP"]),
         "reason": st.sampled_from([r.value for r in Reason]),
-        "attributes": st.dictionaries(_word, st.integers() | _word, max_size=3),
+        "attributes": st.dictionaries(_word, st.integers(-(2**63), 2**63 - 1) | _word, max_size=3),  # bigint
         "store": st.sampled_from([s.value for s in Store]),
     }
     for name, strategy in optional.items():

@@ -156,7 +156,7 @@ def test_hostile_bodies_never_500(client: TestClient, body: bytes) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [(event(id="a\u0000b"), "id"), (event(product_id="p\u0000"), "product_id"),
-     (event(attributes={"k": ["x\u0000"]}), "attributes")],
+     (event(attributes={"k": ["x\u0000"]}), "attributes.k[0]")],
 )
 def test_nul_characters_are_refused_not_a_database_error(
     client: TestClient, db_url: str, body: dict[str, Any], field: str

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from subledger.core.errors import InvalidEvent
 from subledger.core.events import CanonicalEvent, Source
+from subledger.core.safejson import find_problem, text_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +40,20 @@ class Notification:
         if self.subscription_key is not None:
             return self.subscription_key
         return self.events[0].subscription_key if self.events else None
+
+
+def refuse_unstorable(notification: Notification) -> None:
+    """Raise InvalidEvent when anything the log would store as text or jsonb cannot be stored.
+
+    Every field an adapter maps passes `parse_event`, which holds it to the limits; this is the
+    last check before `ingest`, so a value an adapter carried over unchecked (the delivery's id,
+    its kind) is a 422 naming the field, never a failed insert that loses the rest of a batch."""
+    for name, text in (("id", notification.external_id), ("kind", notification.kind),
+                       ("subscription_key", notification.subscription_key or "")):
+        problem = text_problem(text)
+        if problem is not None:
+            raise InvalidEvent(problem, name)
+    for event in notification.events:
+        found = find_problem(event.to_facts())
+        if found is not None:
+            raise InvalidEvent(found[1], found[0] or None)

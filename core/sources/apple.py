@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,9 +40,10 @@ from appstoreserverlibrary.signed_data_verifier import (
 )
 from cryptography import x509
 
-from subledger.core import events
-from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
+from subledger.core import events, safejson
+from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload, PayloadRejected
 from subledger.core.events import (
+    LATEST_TIME,
     EventType,
     PeriodType,
     Reason,
@@ -60,7 +60,7 @@ SANDBOX = "Sandbox"
 ACCEPTABLE_ENVIRONMENTS = frozenset({PRODUCTION, SANDBOX})
 AUTO_RENEWABLE = "Auto-Renewable Subscription"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
 T = TypeVar("T")
 
 
@@ -192,10 +192,7 @@ def unverified_bundle_id(body: bytes) -> str | None:
 
 
 def _signed_payload(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise MalformedPayload("body is not JSON") from None
+    obj = safejson.loads(body)  # depth, numbers and text held to the limits; 400/422 naming the field
     if not isinstance(obj, dict):
         raise MalformedPayload("body must be a JSON object")
     signed = obj.get("signedPayload")
@@ -211,9 +208,9 @@ def _peek(jws: str, name: str) -> dict[str, Any]:
         raise MalformedPayload("not a compact JWS", name)
     try:
         raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(raw)
-    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+    except (ValueError, binascii.Error):
         raise MalformedPayload("JWS payload is not base64url JSON", name) from None
+    claims = safejson.loads(raw, what=name)
     if not isinstance(claims, dict):
         raise MalformedPayload("JWS payload must be a JSON object", name)
     return claims
@@ -223,7 +220,7 @@ def _peek_quietly(jws: str) -> dict[str, Any]:
     """Claims for wording an error about an inner JWS; {} when it cannot even be read."""
     try:
         return _peek(jws, "-")
-    except MalformedPayload:
+    except PayloadRejected:
         return {}
 
 

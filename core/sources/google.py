@@ -39,8 +39,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from subledger.core import safejson
 from subledger.core.errors import ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
+    LATEST_TIME,
     CanonicalEvent,
     EventType,
     PeriodType,
@@ -55,7 +57,7 @@ from subledger.core.sources import Notification
 from subledger.core.sources.payload import as_dict, as_int, as_str, dig, fact_value
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = 253402300799999
+_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
 MAX_TOKEN = 450  # a subscription id is at most 500 characters; Play tokens are far shorter
 
 SUBSCRIPTION_TYPES = {
@@ -648,10 +650,7 @@ class _Mapping:
 
 
 def _json_object(raw: bytes, name: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise MalformedPayload("is not JSON", name) from None
+    obj = safejson.loads(raw, what=name)
     if not isinstance(obj, dict):
         raise MalformedPayload("must be a JSON object", name)
     return obj
@@ -700,7 +699,7 @@ def _millis(value: Any, name: str) -> datetime:
     if millis is None and isinstance(value, str) and value.isdigit() and len(value) <= 15:
         millis = int(value)
     if millis is None or not 0 <= millis <= _MAX_MS:
-        raise InvalidEvent("must be UNIX milliseconds", name)
+        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", name)
     return _EPOCH + timedelta(milliseconds=millis)
 
 

@@ -19,20 +19,29 @@ Why this module looks the way it does:
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from subledger.core import safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
-from subledger.core.events import EventType, PeriodType, Reason, Source, Store, format_time, parse_event
+from subledger.core.events import (
+    LATEST_TIME,
+    EventType,
+    PeriodType,
+    Reason,
+    Source,
+    Store,
+    format_time,
+    parse_event,
+)
 from subledger.core.sources import Notification
 from subledger.core.sources.payload import as_str
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = 253402300799999
+_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
 
 STORES = {
     "APP_STORE": Store.APP_STORE,
@@ -123,10 +132,7 @@ def transfer_links(body: bytes) -> TransferLinks | None:
 
 
 def _event(body: bytes) -> dict[str, Any]:
-    try:
-        envelope = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise MalformedPayload("body is not JSON") from None
+    envelope = safejson.loads(body)  # depth, numbers and text held to the limits; 400/422 naming the field
     if not isinstance(envelope, dict):
         raise MalformedPayload("body must be a JSON object")
     event = envelope.get("event")
@@ -154,7 +160,7 @@ def _ids(value: Any) -> tuple[str, ...]:
 
 def _time(value: Any, name: str) -> datetime:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_MS:
-        raise InvalidEvent("must be UNIX milliseconds", f"event.{name}")
+        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", f"event.{name}")
     return _EPOCH + timedelta(milliseconds=value)
 
 

@@ -25,7 +25,6 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,9 +33,10 @@ from typing import Any
 
 import stripe as stripe_sdk
 
-from subledger.core import events
+from subledger.core import events, safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
+    LATEST_TIME,
     EventType,
     PeriodType,
     Reason,
@@ -51,7 +51,7 @@ from subledger.core.sources.payload import as_dict, as_int, as_list, as_str, dig
 BASIL = "2025-03-31"
 DEFAULT_TOLERANCE = 300
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+_MAX_SECONDS = int((LATEST_TIME - _EPOCH).total_seconds()) - 1  # the canonical range (core.events)
 
 # Stripe's currency exponents (docs.stripe.com/currencies): the rest use two decimals.
 ZERO_DECIMAL = frozenset(
@@ -155,10 +155,7 @@ def parse_unverified(
     body: bytes, config: StripeConfig, *, subscription_for: SubscriptionLookup | None = None
 ) -> Notification:
     """Map an event body already authenticated (a stored raw body, a trusted import)."""
-    try:
-        event = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise MalformedPayload("body is not JSON") from None
+    event = safejson.loads(body)  # depth, numbers and text held to the limits; 400/422 naming the field
     return map_event(event, config, subscription_for=subscription_for)
 
 
@@ -196,7 +193,7 @@ def _first(*values: str | None) -> str | None:
 def _time(value: Any, name: str) -> datetime:
     seconds = as_int(value)
     if seconds is None or not 0 <= seconds <= _MAX_SECONDS:
-        raise InvalidEvent("must be UNIX seconds", name)
+        raise InvalidEvent("must be UNIX seconds before 2200-01-01 (the accepted range)", name)
     return _EPOCH + timedelta(seconds=seconds)
 
 
