@@ -14,19 +14,36 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AfterValidator
 
 from subledger.app import http_docs as docs
 from subledger.app.auth import require_token
 from subledger.app.http import ApiError
 from subledger.app.wording import one_of
-from subledger.core.events import Environment, EventType, Source
+from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 from subledger.store import audit
 from subledger.store.db import translate_errors
 
 _END = object()
 router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(require_token)])
 
-TimeQuery = Annotated[datetime | None, Query(description="RFC 3339; a time without offset is UTC.")]
+def _in_range(value: datetime | None) -> datetime | None:
+    """A query time in UTC, inside the range events may name: `0001-01-01T00:00:00+14:00` is before
+    year 1 in UTC, and `until` minus a day must not overflow either (422, never a 500)."""
+    if value is None:
+        return None
+    try:
+        instant = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        instant = None
+    if instant is None or not EARLIEST_TIME <= instant < LATEST_TIME:
+        raise ValueError(TIME_RANGE)
+    return instant
+
+
+TimeQuery = Annotated[
+    datetime | None, Query(description="RFC 3339; a time without offset is UTC."), AfterValidator(_in_range)
+]
 
 
 def utc(value: datetime | None) -> datetime | None:

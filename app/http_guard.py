@@ -19,6 +19,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from subledger.core.safejson import shown, text_problem
 
 
+def storable_text(value: str) -> str:
+    """A pydantic `AfterValidator` for body fields: NUL or a lone surrogate is a 422 naming the
+    field, not a database error (PostgreSQL text cannot hold either)."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 def request_text_problem(scope: Scope) -> tuple[str, str] | None:
     """(field, reason) for the first path segment or query parameter that cannot be stored, or None."""
     path = scope.get("path", "")

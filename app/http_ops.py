@@ -7,16 +7,17 @@ per router). Request bodies are small JSON objects, refused over the configured 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from subledger.app import http_docs as docs
 from subledger.app.auth import require_token
 from subledger.app.http import ApiError
+from subledger.app.http_guard import storable_text
 from subledger.core.events import Store
 from subledger.outbox import ops
 from subledger.outbox.identify import link as link_subscription
@@ -118,8 +119,8 @@ def resume(app_id: str, request: Request, destination: str | None = None) -> JSO
 class LinkBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    app_id: str = Field(min_length=1, max_length=500)
-    subscription_id: str = Field(min_length=1, max_length=500)
+    app_id: Annotated[str, AfterValidator(storable_text)] = Field(min_length=1, max_length=500)
+    subscription_id: Annotated[str, AfterValidator(storable_text)] = Field(min_length=1, max_length=500)
     store: Store
 
 
