@@ -34,8 +34,8 @@ app.command("replay")(cli_maintenance.replay)
 app.command("verify")(cli_maintenance.verify)
 app.command("prune")(cli_retention.prune)
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # a line stays one line when piped
+out = Console(soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
@@ -70,14 +70,79 @@ def _services(config: Path | None, database_url: str | None) -> Any:
         raise fail(str(exc)) from None
 
 
+MigrateOption = Annotated[
+    bool | None,
+    typer.Option("--migrate/--no-migrate", help="At start, migrate a schema that is behind: --migrate always "
+                 "tries, --no-migrate never does; default (setting `migrate`): only when this role owns the schema."),
+]
+
+
+def _prepare_schema(services: Any, migrate_flag: bool | None) -> None:
+    """serve/relay/ingest: run on a current schema; migrate only when allowed or told to (one line if not)."""
+    from subledger.store import migrate
+
+    chosen = services.settings.migrate if migrate_flag is None else migrate_flag
+    try:
+        done = migrate.prepare(services.database_url, migrate=chosen, timeout=services.database_timeout)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if "migrated" in done:
+        err.print(done, highlight=False)
+
+
+@db_app.command("status")
+def db_status(as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False) -> None:
+    """Is the embedded PostgreSQL running? Its data directory and URL (never starts it)."""
+    import os
+
+    from subledger.store import embedded
+    from subledger.store.db import display_url
+
+    found = embedded.status()
+    configured = os.environ.get("SUBLEDGER_DATABASE_URL")
+    if as_json:
+        print(json.dumps({"running": found.running, "pid": found.pid, "data_dir": str(found.data_dir),
+                          "url": found.url, "database_url": display_url(configured) if configured else None}))
+        return
+    state = f"running (pid {found.pid})" if found.running else "not running"
+    out.print(f"embedded PostgreSQL: {state}", highlight=False)
+    out.print(f"data directory: {found.pgdata}", highlight=False)
+    if found.url:
+        out.print(f"url: {found.url}", highlight=False, soft_wrap=True)
+    if configured:
+        out.print(f"note: SUBLEDGER_DATABASE_URL is set, so commands use {display_url(configured)}, "
+                  "not the embedded server", highlight=False, soft_wrap=True)
+    elif not found.running:
+        out.print("it starts on the next command that needs a database (e.g. `subledger db upgrade`)",
+                  highlight=False, soft_wrap=True)
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL cleanly (a fast shutdown; it starts again when next needed)."""
+    from subledger.store import embedded
+
+    try:
+        stopped = embedded.stop()
+    except TimeoutError as exc:
+        raise fail(str(exc), 1) from None
+    where = embedded.status().pgdata
+    out.print(f"stopped the embedded PostgreSQL ({where})" if stopped
+              else f"the embedded PostgreSQL is not running ({where})", highlight=False)
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None, database_url: DatabaseOption = None) -> None:
-    """Apply the database migrations (serve and demo do this themselves)."""
+    """Apply the database migrations (run as the schema owner; serve, relay and ingest check the revision)."""
     from subledger.store import migrate
 
     services = _services(config, database_url)
-    migrate.upgrade(services.database_url)
-    out.print(f"database at revision {migrate.current(services.database_url)}")
+    try:
+        migrate.upgrade(services.database_url, timeout=services.database_timeout)
+        revision = migrate.current(services.database_url, timeout=services.database_timeout)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    out.print(f"database at revision {revision}")
 
 
 @dataclass
@@ -126,7 +191,7 @@ def ingest_stream(
         app_id = app_id or sources.default_app(fmt)  # type: ignore[arg-type]
         if app_id is None:
             raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
-    conn = connect(services.database_url)
+    conn = connect(services.database_url, timeout=services.database_timeout)
     links = StripeLinks(conn, app_id) if fmt == "stripe" and app_id else None
     google_links = None
     if sources is not None and fmt == "google":
@@ -232,29 +297,31 @@ def in_background(items: Iterator[T], *, depth: int = 2 * BATCH) -> Iterator[T]:
 
 
 def _with_progress(items: Iterator[Any], stream: IO[bytes], *, enabled: bool) -> Iterator[Any]:
+    """A bar that counts events and events/s; it fills by bytes read when the stream's size is known."""
     if not enabled:
         yield from items
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    import os
+
+    from subledger.app.progress import counting
 
     total: int | None = None
     try:
-        import os
-
         total = os.fstat(stream.fileno()).st_size or None
     except (OSError, ValueError):
         total = None
-    with Progress(
-        TextColumn("ingesting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err, transient=True
-    ) as bar:
-        task = bar.add_task("ingest", total=total)
-        for n, item in enumerate(items):
+    with counting(err, "ingesting", "events") as bar:
+        task = bar.add_task("", total=total, count=0)
+        n = 0
+        for n, item in enumerate(items, 1):
             if n % 500 == 0:
                 try:
-                    bar.update(task, completed=stream.tell())
+                    position = stream.tell() if total else None
                 except (OSError, ValueError):
-                    bar.update(task, advance=0)
+                    position = None
+                bar.update(task, completed=position or 0, count=n)
             yield item
+        bar.update(task, completed=total or 0, count=n)
 
 
 class InputFormat(StrEnum):
@@ -288,12 +355,11 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
+    migrate: MigrateOption = None,
 ) -> None:
     """Ingest canonical events (or captured store bodies with --format); exits 1 when any item was rejected."""
-    from subledger.store import migrate
-
     services = _services(config, database_url)
-    migrate.upgrade(services.database_url)
+    _prepare_schema(services, migrate)
     stream = _open(file)
     try:
         summary = ingest_stream(
@@ -331,17 +397,17 @@ def serve(
     ] = True,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
+    migrate: MigrateOption = None,
 ) -> None:
     """Run the HTTP service (canonical events, webhooks, health, metrics) and the relay + scheduler."""
     from subledger.app.http import create_app
     from subledger.app.startup import summarize
     from subledger.app.worker import build_relay, build_scheduler, configure_logging, serve_http
-    from subledger.store import migrate
 
     if not 0 <= port <= 65535:
         raise fail(f"--port: must be between 0 and 65535, got {port}")
     services = _services(config, database_url)
-    migrate.upgrade(services.database_url)
+    _prepare_schema(services, migrate)
     configure_logging()
     summarize(services, listen=f"{host}:{port}", relay=scheduler, explicit_url=database_url).emit()
     jobs = build_scheduler(services, build_relay(services)) if scheduler else None
@@ -360,8 +426,9 @@ def relay(
     once: Annotated[bool, typer.Option("--once", help="Drain what is due now, then exit.")] = False,
     batch_rows: Annotated[int, typer.Option(help="Outbox rows claimed per pass.", min=1)] = 1000,
     lease_seconds: Annotated[
-        float, typer.Option(help="How long a claim is held; a killed relay's rows return after it.", min=0.1)
-    ] = 60.0,
+        float, typer.Option(help="How long a claim is held without renewal (a live relay renews it); "
+                                 "a killed relay's rows return after it.", min=0.1)
+    ] = 10.0,
     interval: Annotated[float, typer.Option(help="Relay poll interval in seconds (NOTIFY wakes it sooner).")] = 1.0,
     backoff_base: Annotated[float, typer.Option(help="First retry delay in seconds (then doubled).")] = 1.0,
     backoff_cap: Annotated[float, typer.Option(help="Longest retry delay in seconds.")] = 300.0,
@@ -369,13 +436,13 @@ def relay(
     as_json: Annotated[bool, typer.Option("--json", help="With --once: print the counts as JSON.")] = False,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
+    migrate: MigrateOption = None,
 ) -> None:
     """Run the outbox relay (and the scheduled jobs) without the HTTP service; stops on SIGTERM/SIGINT."""
     from subledger.app.worker import build_relay, build_scheduler, configure_logging, run_until_signal
-    from subledger.store import migrate
 
     services = _services(config, database_url)
-    migrate.upgrade(services.database_url)
+    _prepare_schema(services, migrate)
     configure_logging()
     try:
         worker = build_relay(
@@ -431,7 +498,9 @@ def sink(
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        err.print(f"received {server.capture.distinct()} distinct messages", highlight=False)
+        from subledger.app.wording import plural
+
+        err.print(f"received {plural(server.capture.distinct(), 'distinct message')}", highlight=False)
 
 
 @app.command()
@@ -456,5 +525,49 @@ def version() -> None:
     out.print(package_version())
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from subledger.app.settings import package_version
+
+        print(f"subledger {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_show_version)
+    ] = False,
+) -> None:
+    """subledger: store notifications in, lifecycle events to Segment out, exactly once."""
+
+
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """(ClickException, NoArgsIsHelpError) of the click typer runs on (newer typers vendor their own)."""
+    try:
+        from typer._click import exceptions as click_exceptions  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # typer < 0.25 runs on click itself
+        from click import exceptions as click_exceptions  # type: ignore[no-redef,unused-ignore]
+    no_args = getattr(click_exceptions, "NoArgsIsHelpError", None) or click_exceptions.UsageError
+    return click_exceptions.ClickException, no_args
+
+
 def main() -> None:
-    app()
+    """The console script: a usage error is one line (`error: ...`), as every other refusal is."""
+    from subledger.app.wording import plain
+
+    click_exception, no_args = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except no_args:
+        code = 2  # the help was printed
+    except click_exception as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see `{ctx.command_path} --help`)"
+        message = plain(exc.format_message()) + hint  # type: ignore[attr-defined]
+        raise SystemExit(fail(message, getattr(exc, "exit_code", 2)).exit_code) from None
+    except (KeyboardInterrupt, EOFError):
+        code = 130
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -20,15 +20,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from subledger.app.wording import plural
 from subledger.core.errors import StoreError
+from subledger.core.events import Environment, EventType, Source
 
 audit_app = typer.Typer(
     help="Audit the log: subscriber timelines, state at a time, why a message exists, exports, stats.",
     no_args_is_help=True,
 )
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # a line stays one line when piped
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
@@ -41,7 +43,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+
+    # One line whatever the width (no wrapping when piped); the message is text, never markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -131,14 +136,15 @@ def timeline(
     out.print(transitions)
     deliveries = Table(title="deliveries", title_justify="left")
     deliveries.add_column("messageId", no_wrap=True)
-    for col in ("event", "destination", "status", "attempts", "when", "last response"):
+    for col in ("event", "destination", "status", "attempts", "when", "lease", "last response"):
         deliveries.add_column(col)
     for d in found.deliveries:
         last = d.last_response or d.last_error or ""
         if d.last_attempt_status is not None:
             last = f"{d.last_attempt_status} {last}".strip()
+        lease = f"{d.lease_owner} until {_t(d.lease_until)}" if d.lease_owner else ""
         deliveries.add_row(d.message_id, d.event or "", d.destination, d.status, str(d.attempts),
-                           _t(d.delivered_at or d.created_at), last[:60])
+                           _t(d.delivered_at or d.created_at), lease, last[:60])
     out.print(deliveries)
     for line in pruned_notes(found.pruned_before):
         out.print(f"[yellow]note[/yellow] {line}", highlight=False)
@@ -155,8 +161,6 @@ def pruned_notes(pruned_before: dict[str, datetime]) -> list[str]:
     """The timeline's retention notes (README "Retention"): older detail is pruned, not lost."""
     return [PRUNED_WHAT.get(name, name + " before {} pruned").format(_t(before) + " UTC")
             for name, before in sorted(pruned_before.items())]
-
-
 
 
 @audit_app.command("state")
@@ -178,7 +182,8 @@ def state(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{subscription}[/bold] at {_t(when)} UTC: {found.events_applied} facts folded", highlight=False)
+    out.print(f"[bold]{subscription}[/bold] at {_t(when)} UTC: {plural(found.events_applied, 'fact')} folded",
+              highlight=False)
     if found.state is None:
         out.print("nothing had happened yet")
         return
@@ -222,11 +227,11 @@ def explain(
     for m in found.messages:
         if m["body"] is None:  # a tombstone: pruned after its retention, kept so it is never sent again
             out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: delivered "
-                      f"{_t(m['delivered_at'])}, body pruned ({m['attempts']} attempts)", highlight=False)
+                      f"{_t(m['delivered_at'])}, body pruned ({plural(m['attempts'], 'attempt')})", highlight=False)
             continue
         track = m["body"][0]
         out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
-                  f"({m['status']}, {m['attempts']} attempts)", highlight=False)
+                  f"({m['status']}, {plural(m['attempts'], 'attempt')})", highlight=False)
         out.print(json.dumps(m["body"], ensure_ascii=False, indent=2, sort_keys=True), highlight=False, markup=False)
     if not found.messages:
         out.print("no message: no destination accepts it (historical, sandbox, event name off) or it was withdrawn")
@@ -238,9 +243,11 @@ def explain(
 @audit_app.command("events")
 def events(
     app_id: Annotated[str | None, typer.Option("--app", help="Only this app_id.")] = None,
-    source: Annotated[str | None, typer.Option("--source", help="apple, stripe, google, revenuecat, custom.")] = None,
-    type_: Annotated[str | None, typer.Option("--type", help="Event type (purchase, renewal, ...).")] = None,
-    environment: Annotated[str | None, typer.Option("--environment", help="production or sandbox.")] = None,
+    source: Annotated[Source | None, typer.Option("--source", help="Only entries from this source.")] = None,
+    type_: Annotated[
+        EventType | None, typer.Option("--type", help="Only entries whose facts include this canonical event type.")
+    ] = None,
+    environment: Annotated[Environment | None, typer.Option("--environment", help="Only this environment.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="occurred_at ≥ this time.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="occurred_at < this time.")] = None,
     subscriber: Annotated[str | None, typer.Option("--subscriber", help="App user id or subscription key.")] = None,
@@ -251,7 +258,8 @@ def events(
     from subledger.store import audit
 
     flt = audit.EventFilter(
-        app_id=app_id, source=source, type=type_, environment=environment,
+        app_id=app_id, source=source and source.value, type=type_ and type_.value,
+        environment=environment and environment.value,
         since=parse_when(since, "--since") if since else None,
         until=parse_when(until, "--until") if until else None,
         subscriber=subscriber,
@@ -270,7 +278,7 @@ def events(
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if sys.stderr.isatty():
-        err.print(f"{count} entries", highlight=False)
+        err.print(plural(count, "entry"), highlight=False)
 
 
 @audit_app.command("stats")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+from subledger.app.wording import plural
 
 
 def replay(
@@ -28,13 +29,12 @@ def replay(
     with connection(config, database_url) as (services, conn):
         show = sys.stderr.isatty() and not as_json and subscription is None
         if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from subledger.app.progress import counting
 
             total = total_subscriptions(conn)
             conn.commit()
-            with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          console=err, transient=True) as bar:
-                task = bar.add_task("replay", total=total or None)
+            with counting(err, "replaying", "subscriptions") as bar:
+                task = bar.add_task("", total=total or None)
                 report = run_replay(conn, services.policy, services.clock(), dry_run=dry_run,
                                     progress=lambda n: bar.advance(task, n))
         else:
@@ -50,16 +50,16 @@ def replay(
         return
     verb = "would change" if dry_run else "changed"
     out.print(
-        f"replayed {report.subscriptions} subscriptions; {verb}: {report.states} projections, "
-        f"{report.transitions} new transitions, {report.superseded} superseded, {report.revived} revived, "
-        f"{report.messages} new messages",
+        f"replayed {plural(report.subscriptions, 'subscription')}; {verb}: {plural(report.states, 'projection')}, "
+        f"{plural(report.transitions, 'new transition')}, {report.superseded} superseded, {report.revived} revived, "
+        f"{plural(report.messages, 'new message')}",
         highlight=False,
     )
     for change in report.changes:
         for line in change.lines():
             out.print(("would " if dry_run else "") + line, highlight=False, markup=False)
     if report.changed > len(report.changes):
-        out.print(f"... and {report.changed - len(report.changes)} more subscriptions", highlight=False)
+        out.print(f"... and {plural(report.changed - len(report.changes), 'more subscription')}", highlight=False)
 
 
 def verify(
@@ -68,15 +68,28 @@ def verify(
     database_url: DatabaseOption = None,
 ) -> None:
     """Walk the hash chain and compare every projection with a fresh fold; exit 1 naming the first bad entry."""
+    from subledger.store.verify import sizes
     from subledger.store.verify import verify as run_verify
 
     with connection(config, database_url) as (_, conn):
-        result = run_verify(conn)
+        if sys.stderr.isatty() and not as_json:
+            from subledger.app.progress import counting
+
+            entries, projections = sizes(conn)
+            with counting(err, "verifying", "log entries") as bar:
+                # The chain walk, then the projection walk: each advances its own task.
+                tasks = {"chain": bar.add_task("chain", total=entries or None),
+                         "projections": bar.add_task("projections", total=projections or None,
+                                                     unit="subscriptions")}
+                result = run_verify(conn, progress=lambda stage, n: bar.advance(tasks[stage], n))
+        else:
+            result = run_verify(conn)
     if as_json:
         print(json.dumps(result.as_json()))
     elif result.ok:
-        out.print(f"ok: {result.entries} log entries chain correctly; {result.subscriptions} subscriptions "
-                  "equal a fresh fold of the log", highlight=False)
+        each = "equals" if result.subscriptions == 1 else "equal"
+        out.print(f"ok: {plural(result.entries, 'log entry', 'log entries')} chain correctly; "
+                  f"{plural(result.subscriptions, 'subscription')} {each} a fresh fold of the log", highlight=False)
     else:
         first = result.first_bad_position
         if first is not None:

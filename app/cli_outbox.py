@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, fail, out, print_json
+from subledger.app.wording import plural
 
 outbox_app = typer.Typer(help="Outbox operations: list, retry, pause, resume.", no_args_is_help=True)
 
@@ -43,14 +44,14 @@ def list_rows(
         return
     table = Table()
     for col in ("id", "messageId", "event", "app/destination", "subscriber", "status", "attempts", "due",
-                "last error"):
+                "lease holder", "lease until", "last error"):
         table.add_column(col)
-    for r in rows:
+    for r in rows:  # a lease shows which relay holds the row now (host:pid:random) and until when
         table.add_row(str(r["id"]), r["message_id"], r["event"] or "", f"{r['app_id']}/{r['destination']}",
                       r["subscriber"], r["status"], str(r["attempts"]), _t(r["available_at"]),
-                      (r["last_error"] or "")[:60])
+                      r["lease_owner"] or "", _t(r["lease_until"]), (r["last_error"] or "")[:60])
     out.print(table)
-    out.print(f"{len(rows)} rows", highlight=False)
+    out.print(plural(len(rows), "row"), highlight=False)
 
 
 @outbox_app.command("retry")
@@ -78,7 +79,7 @@ def retry(
     if as_json:
         print(json.dumps(result.as_json()))
         return
-    out.print(f"requeued {len(result.requeued)} rows ({len(result.rerendered)} re-rendered with the current "
+    out.print(f"requeued {plural(len(result.requeued), 'row')} ({len(result.rerendered)} re-rendered with the current "
               f"configuration)", highlight=False)
     for message_id, reason in result.still_dead:
         out.print(f"still dead {message_id}: {reason}", highlight=False, markup=False)
@@ -96,9 +97,10 @@ def pause(
     from subledger.outbox import ops
 
     with connection(config, database_url) as (services, conn), conn.transaction():
-        names = [destination] if destination else ops.known_destinations(conn, services.policy, app_id)
-        if not names:
-            raise fail(f"app {app_id!r} has no destinations; name one with --destination")
+        try:
+            names = ops.targets(conn, services.policy, app_id, destination)
+        except ops.UnknownTarget as exc:
+            raise fail(str(exc)) from None
         ops.pause(conn, app_id, names, services.clock(), reason)
     out.print(f"paused {', '.join(f'{app_id}/{n}' for n in names)}", highlight=False)
 
@@ -114,8 +116,12 @@ def resume(
     from subledger.outbox import ops
     from subledger.outbox.ingest import wake_relay
 
-    with connection(config, database_url) as (_, conn):
+    with connection(config, database_url) as (services, conn):
         with conn.transaction():
+            try:
+                ops.targets(conn, services.policy, app_id, destination, resuming=True)
+            except ops.UnknownTarget as exc:
+                raise fail(str(exc)) from None
             resumed = ops.resume(conn, app_id, destination)
         if resumed:
             wake_relay(conn)

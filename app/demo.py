@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
@@ -11,6 +12,7 @@ from rich.table import Table
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.samples_loader import ingest_samples, sample_apps
+from subledger.app.wording import plural
 from subledger.store import migrate
 from subledger.store.db import recreate_database, resolve_url
 
@@ -50,23 +52,40 @@ def run_demo(console: Console) -> None:
         finally:
             relay.close()
         console.print(
-            f"[bold]relay[/bold] delivered {stats.delivered} outbox rows in {stats.requests} /v1/batch "
-            f"request(s), dead-lettered {stats.dead}"
+            f"[bold]relay[/bold] delivered {plural(stats.delivered, 'outbox row')} in "
+            f"{plural(stats.requests, '/v1/batch request')}, dead-lettered {stats.dead}"
         )
         with psycopg.connect(url) as conn:
             print_timelines(console, conn)
             left = conn.execute("SELECT status, count(*) FROM outbox GROUP BY 1 ORDER BY 1").fetchall()
         print_received(console, sink.capture.messages())
         console.print(
-            f"[bold]segment[/bold] the sink received {sink.capture.distinct()} distinct messageIds "
-            f"({len(sink.capture.duplicates())} duplicates); outbox left: "
+            f"[bold]segment[/bold] the sink received {plural(sink.capture.distinct(), 'distinct messageId')} "
+            f"({plural(len(sink.capture.duplicates()), 'duplicate')}); outbox left: "
             + (", ".join(f"{n} {status}" for status, n in left) or "empty")
         )
+        print_next_steps(console, url)
+
+
+def print_next_steps(console: Console, url: str) -> None:
+    """The demo database stays: say where it is and what to try on it next."""
+    from subledger.store.db import display_url
+
+    shown = display_url(url)
+    masked = " (password masked)" if ":***@" in shown else ""
+    console.print(f"[bold]demo database[/bold] {shown}{masked}", soft_wrap=True, highlight=False)
+    console.print("try next:", highlight=False)
+    for command in ("audit timeline user_ada", "audit stats"):
+        console.print(f"  subledger {command} --database-url '{shown}'", soft_wrap=True, highlight=False,
+                      markup=False)
+    if not os.environ.get("SUBLEDGER_DATABASE_URL"):
+        console.print("the embedded PostgreSQL keeps running for later commands: `subledger db status` shows it, "
+                      "`subledger db stop` stops it", soft_wrap=True, highlight=False, markup=False)
 
 
 def print_received(console: Console, messages: list[dict[str, Any]]) -> None:
     """Exactly what the endpoint accepted, in arrival order: one line per message, never cropped."""
-    console.print(f"[bold]received by the Segment-compatible endpoint[/bold] ({len(messages)} messages, "
+    console.print(f"[bold]received by the Segment-compatible endpoint[/bold] ({plural(len(messages), 'message')}, "
                   "arrival order; full JSON with `subledger sink --json`)")
     for m in messages:
         who = m.get("userId") or m.get("anonymousId", "")

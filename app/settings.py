@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from subledger.app.wording import validation_reason
 from subledger.core.errors import ConfigError
 from subledger.core.lifecycle import TransitionKind
 from subledger.core.render import DEFAULT_EVENT_NAMES, Commission, Destination, RevenueMode
@@ -375,20 +376,40 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def load(path: str | Path | None = None) -> Settings:
     """Read, expand and validate the configuration; raise ConfigError naming the bad key."""
-    env = EnvSettings()
+    try:
+        env = EnvSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError("SUBLEDGER_" + str(first["loc"][0]).upper(), validation_reason(first)) from None
     chosen = path or env.config
     raw: dict[str, Any] = {}
     source = "defaults"
     if chosen:
         file = Path(chosen)
-        try:
-            raw = tomllib.loads(file.read_text())
-        except FileNotFoundError:
-            raise ConfigError("config", f"file not found: {file}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{file} is not valid TOML: {exc}") from None
+        raw = _read_toml(file)
         source = str(file)
     return _validated(raw, source, env)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    """The file's TOML; every way a path can fail is one ConfigError naming the file (never a traceback)."""
+    where = f"file {file}"
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(where, "not found") from None
+    except IsADirectoryError:
+        raise ConfigError(where, "is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(where, "cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(where, f"is not valid TOML: {exc}") from None
 
 
 def from_dict(data: dict[str, Any]) -> Settings:
@@ -401,7 +422,10 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         parsed = FileSettings.model_validate(_expand(raw, ""))
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(_loc(first["loc"]), first["msg"]) from None
+        loc, reason = first["loc"], validation_reason(first)
+        if loc and loc[-1] == "[key]":  # a mapping's key is wrong, not its value
+            loc, reason = loc[:-1], f"is not a valid key; {reason}"
+        raise ConfigError(_loc(loc) or "(top level)", reason) from None
     _check_sources(parsed.apps)
     _check_grace(parsed)
     return Settings(

@@ -5,11 +5,14 @@ Kept apart from the CLI so the demo, the tests and the bench build exactly what 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from types import FrameType
+from typing import Any
 
 from subledger.app.bootstrap import Services
 from subledger.core.delivery import Backoff
@@ -27,7 +30,7 @@ def build_relay(
     services: Services,
     *,
     batch_rows: int = 1000,
-    lease_seconds: float = 60.0,
+    lease_seconds: float = 10.0,
     backoff_base: float = 1.0,
     backoff_cap: float = 300.0,
 ) -> Relay:
@@ -57,6 +60,46 @@ def build_scheduler(
         clock=services.clock,
         retention=retention.policy() if retention.enabled else None,
     )
+
+
+def serve_http(asgi: Any, *, host: str, port: int) -> None:
+    """Run uvicorn until SIGTERM/SIGINT, then return normally so the process exits 0.
+
+    uvicorn re-raises a signal it handled once it has shut down (so a bare `uvicorn.run` ends
+    "killed by SIGTERM", exit -15); a service manager and the README expect a clean exit after a
+    graceful stop, so this server handles the signals without re-raising them. Its own log lines
+    go through app/logs.py's formatter: JSON when stderr is not a terminal, like every other line.
+    """
+    import uvicorn
+
+    from subledger.app import logs
+
+    log = logging.getLogger("subledger")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def handle(signum: int, frame: FrameType | None) -> None:
+                log.info("received %s: finishing requests in flight, then stopping", signal.Signals(signum).name)
+                self.handle_exit(signum, frame)
+
+            previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+    config = uvicorn.Config(asgi, host=host, port=port, log_config=logs.uvicorn_log_config(), log_level="info")
+    server = Server(config)
+    server.run()
+    if not server.started:  # e.g. the address is in use: uvicorn logged why
+        raise SystemExit(1)
+    log.info("stopped")
 
 
 def run_until_signal(scheduler: Scheduler) -> None:

@@ -24,7 +24,7 @@ from subledger.store import identity
 
 LIST_SQL = """
 SELECT id, message_id, transition_id, app_id, destination, subscriber, body->0->>'event' AS event, status,
-  attempts, available_at, last_attempt_at, last_status, last_error, created_at
+  attempts, available_at, last_attempt_at, last_status, last_error, created_at, lease_owner, lease_until
 FROM outbox
 WHERE (%(status)s::text IS NULL OR status = %(status)s) AND (%(app)s::text IS NULL OR app_id = %(app)s)
 ORDER BY id LIMIT %(limit)s
@@ -70,7 +70,9 @@ def retry(
     if ref is None and not dead:
         raise ValueError("name a row or ask for every dead row")
     if ref is not None:
-        where, params = ("o.id = %(id)s", {"id": int(ref)}) if ref.isdigit() else ("o.message_id = %(m)s", {"m": ref})
+        # an outbox id is ASCII digits within bigint ('²' is a digit to str.isdigit); anything else is a messageId
+        is_id = ref.isascii() and ref.isdigit() and int(ref) < 2**63
+        where, params = ("o.id = %(id)s", {"id": int(ref)}) if is_id else ("o.message_id = %(m)s", {"m": ref})
     else:
         where, params = "o.status = 'dead'", {}
     rows = conn.execute(

@@ -29,8 +29,8 @@ import psycopg
 
 from subledger.core.chain import DERIVED_COLUMNS, GENESIS, chain_hash, derived_columns, entry_for_hash
 from subledger.core.errors import InvalidEvent
-from subledger.core.events import event_from_facts, format_time
-from subledger.core.lifecycle import fold
+from subledger.core.events import CanonicalEvent, event_from_facts, format_time
+from subledger.core.lifecycle import fold, transition_id
 
 FETCH = 2000
 MAX_PROBLEMS = 50
@@ -41,18 +41,26 @@ SELECT position, source, external_id, app_id, subscription_key, received_at, his
 FROM event_log ORDER BY position
 """
 HISTORY_SQL = """
-SELECT subscription_key, facts FROM event_log WHERE subscription_key IS NOT NULL ORDER BY subscription_key, position
+SELECT subscription_key, position, historical, facts FROM event_log WHERE subscription_key IS NOT NULL
+ORDER BY subscription_key, position
 """
 PROJECTIONS_SQL = "SELECT key, app_user_id, status, state, app_id, expires_at FROM subscriptions ORDER BY key"
 # The projection's columns beside `state` that readers filter on (audit resolves app users, the
 # scheduler finds due periods by status and expires_at): each must equal the state it copies.
 PROJECTION_COLUMNS = ("app_user_id", "status", "app_id", "expires_at")
-TRANSITIONS_SQL = "SELECT subscription_key, id, superseded_at IS NOT NULL FROM transitions ORDER BY subscription_key"
+# Beside which ids exist, the columns of each transition that readers use (the audit resolves a
+# subscriber and follows log_position to the causing entry) and the body fields that name them.
+TRANSITIONS_SQL = """
+SELECT subscription_key, id, superseded_at IS NOT NULL, kind, app_id, subscriber, occurred_at, log_position, historical,
+  body->>'id', body->>'kind', body->>'subscription_key', body->>'app_id', body->>'event_source', body->>'event_id',
+  body->>'occurred_at', body->>'app_user_id'
+FROM transitions ORDER BY subscription_key
+"""
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """`kind`: chain, head, or projection; `position` for the log, `subscription` for projections.
+    """`kind`: chain, head, projection or transition; `position` for the log, `subscription` otherwise.
 
     `column` names the column that disagrees when one can be named (a derived log column, or a
     projection column), so a reader of `--json` need not parse `detail`.
@@ -200,19 +208,22 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
     transitions = next(emitted, None)
     for key, rows in logged:
         try:
-            facts = [event_from_facts(f) for _, entry in rows for f in entry["events"]]
+            located = [(int(position), bool(historical), event_from_facts(f))
+                       for _, position, historical, entry in rows for f in entry["events"]]
         except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
-            facts = []
+            located = []
             result.add(Problem("projection", f"the log's facts no longer parse: {exc}", subscription=key))
+        facts = [event for _, _, event in located]
         while projection is not None and projection[0] < key:
             result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
             projection = next(projected, None)
-        ids: dict[str, bool] = {}
+        stored_transitions: list[tuple[Any, ...]] = []
         while transitions is not None and transitions[0] < key:
             transitions = next(emitted, None)
         if transitions is not None and transitions[0] == key:
-            ids = {tid: gone for _, tid, gone in transitions[1]}
+            stored_transitions = list(transitions[1])
             transitions = next(emitted, None)
+        ids = {row[1]: row[2] for row in stored_transitions}
         result.subscriptions += 1
         if progress is not None and result.subscriptions % 500 == 0:
             progress("projections", 500)
@@ -242,9 +253,62 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
         for label, found in (("missing", missing), ("not superseded", stale), ("superseded but live", revived)):
             if found:
                 result.add(Problem("projection", f"transitions {label}: {', '.join(found[:3])}", subscription=key))
+        _check_transitions(result, key, located, stored_transitions)
     while projection is not None:
         result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
         projection = next(projected, None)
+
+
+TRANSITION_COLUMNS = ("id", "kind", "subscription_key", "app_id", "subscriber", "occurred_at", "log_position",
+                      "historical")
+
+
+def _check_transitions(
+    result: Verification, key: str, located: list[tuple[int, bool, CanonicalEvent]], rows: list[tuple[Any, ...]]
+) -> None:
+    """Each stored transition must agree with the log it was derived from, column by column.
+
+    No fresh-fold comparison of the body (a transition keeps the body it was emitted with when a
+    later fact re-folds the history), only what is fixed once the causing fact is: its id is a
+    digest of (subscription, causing fact, kind); the causing fact is in this subscription's log,
+    at `log_position`, with its `occurred_at` and the entry's `historical` flag; the app user is
+    one that a fact of this subscription named, and `subscriber` is that user or `anon:<key>`.
+    """
+    if not rows:
+        return
+    origin: dict[tuple[str, str], list[tuple[int, bool, datetime]]] = {}
+    for position, historical, event in located:
+        origin.setdefault((event.source.value, event.id), []).append((position, historical, event.occurred_at))
+    users = {event.app_user_id for _, _, event in located if event.app_user_id}
+    app_id = located[0][2].app_id if located else None
+    for (_, tid, _, kind, t_app, subscriber, occurred_at, log_position, historical,
+         b_id, b_kind, b_key, b_app, b_source, b_event, b_occurred, b_user) in rows:
+        wrong: list[str] = []
+        if b_id != tid:
+            wrong.append("id")
+        if b_kind != kind:
+            wrong.append("kind")
+        if b_key != key:
+            wrong.append("subscription_key")
+        if tid != transition_id(key, b_source, b_event, kind):
+            wrong.append("id")  # the body's causing fact, or its kind, is not the one the id digests
+        if t_app != app_id or b_app != t_app:
+            wrong.append("app_id")
+        if (b_user is not None and b_user not in users) or subscriber != (b_user or f"anon:{key}"):
+            wrong.append("subscriber")
+        causes = origin.get((b_source, b_event), [])
+        if not any(c[2] == occurred_at for c in causes) or b_occurred != format_time(occurred_at):
+            wrong.append("occurred_at")
+        cause = next((c for c in causes if c[0] == log_position), None)
+        if cause is None:
+            wrong.append("log_position")
+        elif cause[1] != historical:
+            wrong.append("historical")
+        if wrong:
+            columns = sorted(set(wrong), key=TRANSITION_COLUMNS.index)
+            said = f"columns {', '.join(columns)} disagree" if len(columns) > 1 else f"column {columns[0]} disagrees"
+            result.add(Problem("transition", f"transition {tid}: {said} with the log", subscription=key,
+                               column=columns[0]))
 
 
 def sizes(conn: psycopg.Connection) -> tuple[int, int]:

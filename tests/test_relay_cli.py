@@ -71,4 +71,4 @@ def test_sink_prints_what_it_receives(tmp_path: Path) -> None:
             raise
     assert proc.returncode == 0
     assert "rc_renewal_event revenue=9.99 USD" in out and "[m-1]" in out
-    assert "received 1 distinct messages" in err
+    assert "received 1 distinct message\n" in err

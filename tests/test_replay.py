@@ -154,7 +154,7 @@ def test_cli_replay_dry_run_and_json(conn: psycopg.Connection, db_url: str, tmp_
     base = ["--config", str(config), "--database-url", db_url]
     dry = runner.invoke(cli, ["replay", "--dry-run", *base])
     assert dry.exit_code == 0, dry.output
-    assert "would change: 1 projections" in dry.stdout and "projection missing" in dry.stdout
+    assert "would change: 1 projection," in dry.stdout and "projection missing" in dry.stdout
     done = runner.invoke(cli, ["replay", "--json", *base])
     assert json.loads(done.stdout)["states"] == 1
     again = runner.invoke(cli, ["replay", "--json", *base])
