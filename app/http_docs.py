@@ -304,9 +304,14 @@ def install(app: FastAPI) -> None:
             components["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer",
                                                       "description": "The configured `api_token`"}}
             for path, operations in doc.get("paths", {}).items():
-                if path.startswith("/v1/"):
-                    for operation in operations.values():
+                for operation in operations.values():
+                    if path.startswith("/v1/"):
                         operation["security"] = [{BEARER: []}]
+                    # app.http_guard refuses NUL / lone surrogates in any path or query, before routing
+                    operation["responses"].setdefault("400", {
+                        "description": "A NUL character or a lone surrogate in the path or query string",
+                        "content": {"application/json": {"schema": _ref("Error")}},
+                    })
             app.openapi_schema = doc
         return app.openapi_schema
 
