@@ -798,7 +798,7 @@ class Relay:
             log.error(
                 "paused destination %s/%s: %s; its rows stay pending. Fix the write key or endpoint "
                 "(the destination resumes when its configuration changes) or run `subledger outbox resume`",
-                *labels, outcome.pause[1],
+                *labels, outcome.pause[1], extra={"app_id": labels[0], "destination": labels[1]},
             )
         if outcome.wait_until is not None:
             log.warning("%s/%s asked us to wait until %s", *labels, outcome.wait_until.isoformat())
