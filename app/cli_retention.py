@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+from subledger.app.wording import plural
 
 
 def prune(
@@ -37,10 +38,11 @@ def prune(
     else:
         verb = "would prune" if dry_run else "pruned"
         out.print(
-            f"{verb} {result.attempts} attempts, {result.delivered} delivered bodies (their messageIds are kept), "
-            f"{result.duplicate_receipts} duplicate receipts, {result.destination_state} destination states",
+            f"{verb} {plural(result.attempts, 'attempt')}, {plural(result.delivered, 'delivered body')}"
+            f" (their messageIds are kept), {plural(result.duplicate_receipts, 'duplicate receipt')}, "
+            f"{plural(result.destination_state, 'destination state')}",
             highlight=False,
         )
     if not result.complete:
-        err.print("error: another prune is running on this database; try again when it is done", highlight=False)
+        err.print(f"error: stopped before the end: {result.incomplete}; run it again", highlight=False)
         raise typer.Exit(1)

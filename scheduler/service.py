@@ -215,6 +215,8 @@ class Scheduler:
             log.info("pruned %d attempts, %d delivered bodies, %d duplicate receipts, %d destination states"
                      " in %d batches", pruned.attempts, pruned.delivered, pruned.duplicate_receipts,
                      pruned.destination_state, pruned.batches)
+        if pruned.incomplete and not self._stop.is_set():
+            log.info("prune run stopped early (%s); the next run continues", pruned.incomplete)
         return pruned
 
     # -- the listener -----------------------------------------------------------------------------

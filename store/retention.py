@@ -3,24 +3,26 @@
 What goes, and why it is safe (README "Retention"):
 
 - `outbox_attempts`: attempts older than the retention are deleted, except the latest attempt of a
-  message still in the outbox (pending or dead), which `outbox list` and the timeline use to say why
-  it is waiting. Nothing decides on attempts: the relay counts them on the outbox row.
+  message still in the outbox (pending or dead), which the timeline shows as the reason it waits.
+  Nothing decides on attempts: the relay counts them on the outbox row.
 - `outbox_delivered`: a delivered message older than the retention loses its rendered body and
   keeps its row (messageId, transition, destination, times, status) as a tombstone. The row is what
   makes `replay` (`streams.existing_messages`, `writer.insert_missing`) skip a messageId that was
-  already delivered, so deleting it could send the message a second time; the body is most of the
-  row's size, and it can be rendered again from the log (`audit explain`, `replay --dry-run`).
+  already delivered, so deleting it could send the message a second time. The body is most of the
+  row's size, and what it rendered stays: the transition (`audit explain`) and the log's facts.
 - `duplicate_receipts`: receipts older than the retention are deleted (through a SECURITY DEFINER
   function, migration 0005: the app role may only add receipts); the audit counts only what is kept.
 - `destination_state`: only rows of destinations no longer configured, not paused, whose last
   rate-limit wait ended before the retention. A pause (manual or after a 401/403/404) is never
-  pruned: only `subledger outbox resume` lifts it. A configured destination's row is never touched.
+  pruned: it ends as a pause does (`outbox resume`, or a changed key). A configured destination's
+  row is never touched.
 
 Every batch is its own short transaction with a `lock_timeout`, so pruning never holds a lock for
-long and never queues behind the relay or an ingest: a batch that cannot have its rows at once
-fails, and the next run picks up where this one stopped. One pruner runs at a time per database
-(an advisory lock), whichever processes schedule it. Each table's `retention_watermarks` row says
-that nothing older than `pruned_before` is kept; the audit timeline shows it.
+long and never queues behind the relay or an ingest: a batch that cannot have its rows within
+the timeout rolls back and ends the run, and the next run picks up where this one stopped. One
+pruner runs at a time per database (an advisory lock), whichever processes schedule it. Each
+table's `retention_watermarks` row says that nothing older than `pruned_before` is kept; the
+audit timeline shows it.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Pruned:
     duplicate_receipts: int = 0
     destination_state: int = 0
     batches: int = 0
-    complete: bool = True  # False: stopped early, or another pruner held the lock
+    complete: bool = True
+    incomplete: str | None = None  # why a run stopped short: the next run carries on
     cutoffs: dict[str, datetime] = field(default_factory=dict)
 
     @property
@@ -178,28 +181,36 @@ def prune(
         conn.commit()
         return result
     if not _try_lock(conn):
-        result.complete = False
+        result.complete, result.incomplete = False, "another prune is running on this database"
         return result
-    try:
-        def halted() -> bool:
-            return stop is not None and stop.is_set()
 
-        done = {
-            ATTEMPTS: _prune_attempts(conn, result, retention.batch, halted),
-            DELIVERED: _prune_delivered(conn, result, retention.batch, halted),
-            DUPLICATES: _prune_duplicates(conn, result, retention.batch, halted),
-        }
+    def halted() -> bool:
+        return stop is not None and stop.is_set()
+
+    done: dict[str, bool] = {}
+    try:
+        done[ATTEMPTS] = _prune_attempts(conn, result, retention.batch, halted)
+        done[DELIVERED] = _prune_delivered(conn, result, retention.batch, halted)
+        done[DUPLICATES] = _prune_duplicates(conn, result, retention.batch, halted)
         if pairs:
             _prune_destinations(conn, result, retention.batch, params, halted)
+    except psycopg.errors.LockNotAvailable:
+        # A row the relay or an ingest holds: give way (the batch rolled back), go on next run.
+        result.incomplete = "a row was locked by another transaction"
+    try:
         removed = {ATTEMPTS: result.attempts, DELIVERED: result.delivered, DUPLICATES: result.duplicate_receipts}
         with conn.transaction():
-            for name, finished in done.items():
-                if finished:  # the promise "nothing older is kept" holds only after a whole pass
-                    conn.execute(WATERMARK_SQL, (name, result.cutoffs[name], now, removed[name]))
-        result.complete = all(done.values()) and not halted()
+            for name, count in removed.items():
+                # "nothing older is kept" holds only after a whole pass; the count always adds up
+                finished = done.get(name, False)
+                if finished or count:
+                    conn.execute(WATERMARK_SQL, (name, result.cutoffs[name] if finished else EPOCH, now, count))
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (PRUNE_LOCK,))
         conn.commit()
+    if result.incomplete is None and (halted() or not all(done.values())):
+        result.incomplete = "stopped"
+    result.complete = result.incomplete is None
     return result
 
 
