@@ -14,11 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.cli import app as cli
+from subledger.app.http import create_app
 from subledger.app.worker import build_relay, build_scheduler
 from subledger.core.errors import ConfigError
 from subledger.core.events import parse_event
@@ -253,6 +255,12 @@ def test_timeline_and_explain_report_pruned_detail(aged: Any, db_url: str) -> No
     explained = runner.invoke(cli, ["audit", "explain", ids["old"][0], *base], terminal_width=200)
     assert explained.exit_code == 0, explained.output
     assert "body pruned" in explained.output
+
+    config = settings_module.from_dict({"api_token": "t"})
+    with TestClient(create_app(build(config, database_url=db_url, clock=lambda: now))) as client:
+        answer = client.get(f"/v1/audit/timeline/{old_user}", headers={"Authorization": "Bearer t"})
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()["pruned_before"]) == {retention.ATTEMPTS, retention.DELIVERED}
 
 
 def test_prune_cli_dry_run_counts_then_prunes_and_replay_sends_nothing(aged: Any, db_url: str) -> None:
