@@ -80,8 +80,13 @@ def verify(
                 # The chain walk, then the projection walk: each advances its own task.
                 tasks = {"chain": bar.add_task("chain", total=entries or None),
                          "projections": bar.add_task("projections", total=projections or None,
-                                                     unit="subscriptions")}
-                result = run_verify(conn, progress=lambda stage, n: bar.advance(tasks[stage], n))
+                                                     unit="subscriptions", start=False)}
+
+                def advance(stage: str, n: int) -> None:
+                    bar.start_task(tasks[stage])  # a stage's clock starts with its first step
+                    bar.advance(tasks[stage], n)
+
+                result = run_verify(conn, progress=advance)
         else:
             result = run_verify(conn)
     if as_json:

@@ -39,7 +39,9 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        elapsed, unit = task.elapsed or 0.0, task.fields.get("unit", self.unit)
+        # a finished task keeps the rate it finished at (rich's elapsed would keep growing)
+        elapsed = (task.finished_time if task.finished else task.elapsed) or 0.0
+        unit = task.fields.get("unit", self.unit)
         if elapsed < 0.2:
             return Text(f"- {unit}/s")
         return Text(f"{_count(task) / elapsed:,.0f} {unit}/s")
