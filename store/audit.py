@@ -57,11 +57,11 @@ DELIVERIES_SQL = """
 WITH m AS (
   SELECT o.message_id, o.transition_id, o.destination, o.app_id, o.subscriber, o.body->0->>'event' AS event,
     o.status, o.attempts, o.created_at, o.available_at, NULL::timestamptz AS delivered_at,
-    o.last_status, o.last_error
+    o.last_status, o.last_error, o.lease_owner, o.lease_until
   FROM outbox o WHERE o.transition_id = ANY(%(ids)s)
   UNION ALL
   SELECT d.message_id, d.transition_id, d.destination, d.app_id, d.subscriber, d.body->0->>'event',
-    'delivered', d.attempts, d.created_at, NULL, d.delivered_at, d.status_code, NULL
+    'delivered', d.attempts, d.created_at, NULL, d.delivered_at, d.status_code, NULL, NULL, NULL
   FROM outbox_delivered d WHERE d.transition_id = ANY(%(ids)s)
 )
 SELECT m.*, a.attempted_at AS last_attempt_at, a.outcome AS last_outcome, a.status_code AS last_attempt_status,
@@ -132,6 +132,9 @@ class Delivery:
     last_outcome: str | None
     last_attempt_status: int | None
     last_response: str | None
+    lease_owner: str | None = None
+    """The relay (host:pid:random) holding the row right now, and until when; None when not claimed."""
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
