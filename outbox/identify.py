@@ -23,8 +23,8 @@ import psycopg
 from subledger.core.events import Environment
 from subledger.core.lifecycle import SubscriptionState
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
-from subledger.outbox import writer
 from subledger.core.sources.revenuecat import TransferLinks
+from subledger.outbox import writer
 from subledger.store import identity, lookups, projections, streams
 
 LINK_PREFIX = "link:"

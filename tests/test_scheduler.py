@@ -150,7 +150,8 @@ def test_an_expiration_inferred_for_old_history_is_history(db_url: str) -> None:
         "price": "4.99", "currency": "USD", "expires_at": (now - timedelta(days=10)).isoformat(),
     }
     recent = {**old, "id": "p-new", "subscription_id": "new1", "app_user_id": "u-new",
-              "occurred_at": (now - timedelta(days=2)).isoformat(), "expires_at": (now - timedelta(hours=30)).isoformat()}
+              "occurred_at": (now - timedelta(days=2)).isoformat(),
+              "expires_at": (now - timedelta(hours=30)).isoformat()}
     _ingest_one(db_url, settings, old)
     _ingest_one(db_url, settings, recent)
     assert infer_expirations(db_url, _policy(settings), grace_by_app(settings.apps), now) == 2
@@ -175,7 +176,7 @@ def test_inferred_expiration_id_names_the_period_end() -> None:
                               started=True, expires_at=end)
     event = inferred_expiration(state, end + timedelta(hours=25), timedelta(hours=24))
     assert event is not None and event.occurred_at == end
-    digest = hashlib.sha256("app/app_store/s1\x1f2026-01-31T12:00:00.000000Z".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(b"app/app_store/s1\x1f2026-01-31T12:00:00.000000Z").hexdigest()[:32]
     assert event.id == f"expire:2026-01-31T12:00:00.000000Z:{digest}"
     assert inferred_expiration(state, end + timedelta(hours=23), timedelta(hours=24)) is None
 
