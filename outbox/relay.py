@@ -118,6 +118,7 @@ def routes_from(apps: Mapping[str, Any]) -> dict[tuple[str, str], Route]:
 
 
 MIN_LEASE = timedelta(seconds=1)
+_FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def default_owner() -> str:
@@ -194,8 +195,9 @@ class _Outcome:
     """The request probed a failing destination: a failure is the destination's, not the rows'."""
     failure: tuple[str, datetime] | None = None
     """The destination failed (reason, the time it asked to wait until): back it off."""
-    answered: bool = False
-    """The destination answered (anything but a failure): it is up."""
+    answered: datetime | None = None
+    """When the request the destination answered (anything but a failure) was sent: it is up. A
+    request sent before an outage started (by another relay) says nothing about its end."""
     started_failing: int | None = None
     recovered: tuple[float, int, int] | None = None
     """After `_record`: the outage (seconds, failed requests) and the backlog it left."""
@@ -262,7 +264,7 @@ RETURNING failures
 RECOVERED = """
 UPDATE destination_state s SET failing_since = NULL, failures = 0, failing_reason = NULL, probe_at = NULL
 FROM (SELECT app_id, destination, failing_since, failures FROM destination_state
-      WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since IS NOT NULL FOR UPDATE) old
+      WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since <= %(sent)s FOR UPDATE) old
 WHERE s.app_id = old.app_id AND s.destination = old.destination
 RETURNING old.failing_since, old.failures,
   (SELECT count(*) FROM outbox o WHERE o.app_id = %(app)s AND o.destination = %(dest)s AND o.status = 'pending')
@@ -565,6 +567,7 @@ class Relay:
             outcome.release.extend(rows)
             return
         messages = [m for row in rows for m in row.messages]
+        sent = self.clock()
         response = self.client.post(
             route.endpoint, key, messages, gzip_body=route.gzip, timeout=route.timeout_seconds
         )
@@ -578,6 +581,11 @@ class Relay:
         metrics.REQUESTS.labels(route.app_id, route.destination, _kind(verdict, response)).inc()
         for row in rows:
             row.tries += 1
+        if destination_failed(verdict):
+            assert isinstance(verdict, RetryAt)
+            outcome.failure, outcome.answered = (verdict.reason, verdict.at), None
+        else:
+            outcome.failure, outcome.answered = None, sent
         self._apply(route, key, rows, response, verdict, now, outcome, stats)
 
     def _apply(
@@ -597,11 +605,6 @@ class Relay:
         def attempt(row: Row, what: str) -> None:
             outcome.attempts.append((row.message_id, now, status, what, text))
 
-        if destination_failed(verdict):
-            assert isinstance(verdict, RetryAt)
-            outcome.failure, outcome.answered = (verdict.reason, verdict.at), False
-        else:
-            outcome.failure, outcome.answered = None, True
         if isinstance(verdict, Delivered):
             outcome.delivered_status = verdict.status
             for row in rows:
@@ -763,8 +766,11 @@ class Relay:
             )
             if failures == 1:
                 outcome.started_failing = 1
-        elif outcome.answered:
-            ended = conn.execute(RECOVERED, where).fetchone()
+        elif outcome.answered is not None:
+            # A probe is sent only while the destination fails, so its answer always ends the outage
+            # (whatever the clocks of the relays say); another request's, if sent after it began.
+            sent = _FAR_FUTURE if outcome.probe else outcome.answered
+            ended = conn.execute(RECOVERED, {**where, "sent": sent}).fetchone()
             if ended is not None:
                 since, failures, backlog = ended
                 outcome.recovered = (max((now - since).total_seconds(), 0.0), int(failures), int(backlog))
