@@ -6,8 +6,10 @@
   at once on a notification. NOTIFY is a hint only (sent after commit, lost on a dropped connection):
   the interval still polls, and the listener checks its connection every `listener_check` seconds,
   reconnecting and waking the relay when it had to (a notification may have been missed meanwhile).
-- Lease expiry and the retry sweep need no job of their own: a claim takes any pending row whose
-  `available_at` and lease have passed.
+- Lease expiry, the retry sweep and a failing destination's probes need no job of their own: a
+  claim takes any pending row whose `available_at` and lease (10 s, renewed by the relay while it
+  works) have passed, and one probe row of a failing destination once its `probe_at` has; the
+  1 s interval makes a probe at most a second late.
 - The expiration job (lifecycle rule 6) logs an inferred expiration for live subscriptions whose
   period ended more than the app's grace ago, through the normal ingest transaction.
 - The prune job (`[retention]`, hourly) bounds the delivery tables in small batches
