@@ -13,6 +13,8 @@ every hash ever written valid: the hash format never changed.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -83,3 +85,49 @@ def derived_columns(facts: dict[str, Any]) -> tuple[str, str | None, str | None,
         None if first is None else first.get("environment", "production"),
         min((parse_time(e["occurred_at"], "occurred_at") for e in events), default=None),
     )
+
+
+# orjson writes a float of magnitude >= 1e16 with an exponent ("1e+16"); jsonb keeps the number's
+# value, not its spelling, and gives it back as "10000000000000000", which parses as an int. It has
+# no negative zero either. The append hashed the float's spelling, so a reader of jsonb must try it.
+_FLOAT_WITH_EXPONENT = 10**16
+MAX_RESPELLINGS = 10
+
+
+def respellings(facts: Any) -> Iterator[Any]:
+    """The facts as the append may have hashed them, where jsonb rewrote how a number is spelt.
+
+    Yields nothing when no number is ambiguous (the common case: one hash is the whole check);
+    otherwise every combination of the ambiguous numbers read back as the float they may have
+    been (at most 2**MAX_RESPELLINGS). Only the spelling changes, never a value, so accepting a
+    respelling that matches the hash accepts no edit.
+    """
+    paths: list[tuple[tuple[Any, ...], float]] = []
+
+    def walk(value: Any, path: tuple[Any, ...]) -> None:
+        if len(paths) >= MAX_RESPELLINGS:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, (*path, k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, (*path, i))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _FLOAT_WITH_EXPONENT:
+            if float(value) == value:
+                paths.append((path, float(value)))
+        elif isinstance(value, float) and value == 0.0:
+            paths.append((path, -value))
+
+    walk(facts, ())
+    for chosen in itertools.product((False, True), repeat=len(paths)):
+        if not any(chosen):
+            continue
+        respelt = orjson.loads(orjson.dumps(facts))
+        for (path, replacement), take in zip(paths, chosen, strict=True):
+            if take:
+                target = respelt
+                for step in path[:-1]:
+                    target = target[step]
+                target[path[-1]] = replacement
+        yield respelt

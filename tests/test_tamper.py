@@ -217,3 +217,55 @@ def test_projection_columns_readers_filter_on_are_compared(ledger: psycopg.Conne
     assert not result.ok and result.first_bad_position is None
     assert {(p.subscription, p.column) for p in result.problems} == {
         (key, "expires_at"), (f"{APP}/other/s2", "app_id")}
+
+
+def _transition(conn: psycopg.Connection, sub: str) -> tuple[str, int]:
+    row = conn.execute("SELECT id, log_position FROM transitions WHERE subscription_key = %s ORDER BY log_position "
+                       "LIMIT 1", (f"{APP}/other/{sub}",)).fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
+@pytest.mark.parametrize(
+    ("edit", "column"),
+    [
+        ("subscriber = 'mallory'", "subscriber"),
+        ("subscriber = 'mallory', body = jsonb_set(body, '{app_user_id}', '\"mallory\"')", "subscriber"),
+        ("subscriber = 'user-s2', body = jsonb_set(body, '{app_user_id}', '\"user-s2\"')", "subscriber"),
+        ("kind = 'renewal'", "kind"),
+        ("kind = 'renewal', body = jsonb_set(body, '{kind}', '\"renewal\"')", "kind"),
+        ("log_position = 2", "log_position"),
+        ("historical = NOT historical", "historical"),
+        ("occurred_at = occurred_at - interval '1 day'", "occurred_at"),
+        ("app_id = 'elsewhere'", "app_id"),
+        ("body = jsonb_set(body, '{event_id}', '\"a-2\"')", "id"),
+    ],
+)
+def test_transition_columns_readers_use_are_checked(ledger: psycopg.Connection, edit: str, column: str) -> None:
+    """Transitions have no trigger (the app role may update them): the audit resolves a subscriber
+    by `transitions.subscriber` and follows `log_position` to the causing entry."""
+    tid, _ = _transition(ledger, "s1")
+    ledger.execute(f"UPDATE transitions SET {edit} WHERE id = %s", (tid,))  # type: ignore[arg-type]
+    ledger.commit()
+    result = verify(ledger)
+    assert not result.ok
+    named = [p for p in result.problems if p.kind == "transition"]
+    assert [(p.subscription, p.column) for p in named] == [(f"{APP}/other/s1", column)], result.problems
+    assert tid in named[0].detail
+
+
+def test_numbers_jsonb_respells_still_verify(conn: psycopg.Connection) -> None:
+    """jsonb gives a float of 1e16 or more back without its exponent, and has no -0.0: the append
+    hashed the float's spelling, so verify tries it before calling the entry changed."""
+    now = _now()
+    weird: list[Any] = [1e16, 1.2345678901234568e17, -0.0, [0.0, 3e17], 2.5e-10]
+    ingest(conn, [_item(f"n-{i}", f"n{i}", now - timedelta(hours=1), attributes={"x": v})
+                  for i, v in enumerate(weird)], POLICY, now)
+    assert conn.execute("SELECT facts->'events'->0->'attributes'->>'x' FROM event_log WHERE position = 1"
+                        ).fetchone() == ("10000000000000000",)
+    result = verify(conn)
+    assert result.ok, result.problems
+    # a respelling never excuses a changed value
+    _set(conn, psycopg.sql.SQL("UPDATE event_log SET facts = jsonb_set(facts, '{events,0,attributes,x}', "
+                               "'10000000000000001') WHERE position = 1 RETURNING 1"), ())
+    assert verify(conn).first_bad_position == 1
