@@ -1,7 +1,8 @@
 """Logging for long-running commands: JSON lines for machines, plain text for a terminal.
 
-A record's ids (`message_id`, `transition_id`, `log_position`, `app_id`, `destination`), passed
-as `extra=`, become top-level keys, so a log search finds every line about one message.
+A record's ids (`message_id`, `transition_id`, `log_position`, `app_id`, `destination`, and the
+`error_id` a 503 or 500 body gives the client), passed as `extra=`, become top-level keys, so a log
+search finds every line about one message or one refused request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-IDS = ("message_id", "transition_id", "log_position", "app_id", "destination", "subscription_key")
+IDS = ("message_id", "transition_id", "log_position", "app_id", "destination", "subscription_key", "error_id")
 
 
 class JsonFormatter(logging.Formatter):

@@ -9,6 +9,7 @@ package is needed), which it stops and starts under load.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.cli import app as cli
 from subledger.app.http import create_app
+from subledger.app.logs import JsonFormatter
 from subledger.store import migrate
 from subledger.store.db import with_database
 
@@ -309,8 +311,9 @@ def test_a_database_error_is_a_503_with_an_id_and_no_sql_text(
     assert reply.status_code == 503 and reply.headers["retry-after"].isdigit()
     assert reply.json() == {"error": "database error", "error_id": reply.json()["error_id"]}
     assert "outbox" not in ready.text and ready.status_code == 503 and ready.json()["status"] == "unavailable"
-    logged = [r.getMessage() for r in caplog.records if reply.json()["error_id"] in r.getMessage()]
-    assert logged and "outbox" in logged[0]  # the operator still gets the detail
+    logged = [r for r in caplog.records if reply.json()["error_id"] in r.getMessage()]
+    assert logged and "outbox" in logged[0].getMessage()  # the operator still gets the detail
+    assert json.loads(JsonFormatter().format(logged[0]))["error_id"] == reply.json()["error_id"]  # a log key
 
 
 def test_default_database_timeout_is_bounded() -> None:
