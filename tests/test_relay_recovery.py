@@ -273,8 +273,11 @@ def test_a_renewed_lease_keeps_a_slow_request_to_its_relay(db_url: str) -> None:
         settings = settings_for(fake.url, timeout_seconds=6.0)
         transitions = ingest_events(db_url, settings, lifecycle(1) + lifecycle(2))
 
+        in_flight = threading.Event()
+
         def slow_first(request: Request) -> None:
             if request.number == 1:
+                in_flight.set()
                 time.sleep(3.5)  # three and a half leases
             return None
 
@@ -285,6 +288,7 @@ def test_a_renewed_lease_keeps_a_slow_request_to_its_relay(db_url: str) -> None:
         try:
             working = threading.Thread(target=holder.run_pass)
             working.start()
+            assert in_flight.wait(5)  # the holder has claimed the rows and is sending them
             claimed_by_other = 0
             renewed: list[bool] = []
             started = time.monotonic()
