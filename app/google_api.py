@@ -39,7 +39,7 @@ from prometheus_client import Counter
 
 from subledger.app.settings import GoogleSourceSettings
 from subledger.core import safejson
-from subledger.core.errors import BadSignature, PayloadRejected
+from subledger.core.errors import BadSignature, InvalidEvent, PayloadRejected
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import google as google_source
@@ -148,6 +148,10 @@ class PlayApi:
             if status == 200:
                 try:  # Google's answer is held to the same limits as a body we receive (core.safejson)
                     body = safejson.loads(response.content)
+                except (InvalidEvent, safejson.TooDeep) as exc:  # a value no store can hold: retrying won't help
+                    FETCHES.labels(self.app_id, resource, "client_error").inc()
+                    raise InvalidEvent(f"the Play Developer API's answer {exc.reason}",
+                                       f"{resource}.{exc.field}" if exc.field else resource) from None
                 except PayloadRejected:
                     body = None
                 if isinstance(body, dict):

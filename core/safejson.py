@@ -78,7 +78,7 @@ def number_problem(value: int | float) -> str | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "must be a finite number (NaN and Infinity are refused)"
-        if not -_LIMIT_FLOAT <= value < _LIMIT_FLOAT:
+        if not -_LIMIT_FLOAT < value < _LIMIT_FLOAT:  # exclusive: -2^63 - 1 decodes to the float -2^63
             return "number out of range: -2^63 <= n < 2^63"
         return None
     if not MIN_INT <= value <= MAX_INT:
@@ -97,51 +97,66 @@ def _cut(path: str) -> str:
     return path if len(path) <= 60 else path[:60] + "…"
 
 
+# A node's place is a link (parent link, key) built as the walk descends; the path text is only
+# written for the node that broke a limit, so a clean document costs one tuple per node.
+_Link = tuple[Any, str | int] | None
+
+
+def _path(prefix: str, link: _Link) -> str:
+    parts: list[str | int] = []
+    while link is not None:
+        link, part = link
+        parts.append(part)
+    where = prefix
+    for part in reversed(parts):
+        where = _join(where, part)
+    return _cut(where)
+
+
 def find_problem(
     value: Any, *, max_depth: int = MAX_DEPTH, max_text: int | None = None, max_key: int | None = None,
     path: str = "",
 ) -> tuple[str, str] | None:
     """The first (path, reason) of a value breaking a limit, or None. Iterative: depth costs no stack."""
-    stack: list[tuple[Any, int, str]] = [(value, 0, path)]
+    stack: list[tuple[Any, int, _Link]] = [(value, 0, None)]
     while stack:
-        item, depth, where = stack.pop()
+        item, depth, link = stack.pop()
         kind = type(item)
+        problem: str | None = None
         if kind is str:
             problem = text_problem(item)
             if problem is None and max_text is not None and len(item) > max_text:
                 problem = f"longer than {max_text} characters"
-            if problem is not None:
-                return where, problem
         elif kind is dict:
             if depth >= max_depth:
-                return _cut(where), f"nested deeper than {max_depth} levels"
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    return where, "object keys must be strings"
-                problem = text_problem(key)
-                if problem is None and max_key is not None and len(key) > max_key:
-                    problem = f"longer than {max_key} characters"
-                if problem is not None:
-                    return _join(where, key), f"key {problem}"
-                stack.append((child, depth + 1, _join(where, key)))
+                problem = f"nested deeper than {max_depth} levels (the JSON nesting limit)"
+            else:
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return _path(path, link), "object keys must be strings"
+                    bad = text_problem(key)
+                    if bad is None and max_key is not None and len(key) > max_key:
+                        bad = f"longer than {max_key} characters"
+                    if bad is not None:
+                        return _path(path, (link, key)), f"key {bad}"
+                    stack.append((child, depth + 1, (link, key)))
         elif kind is list:
             if depth >= max_depth:
-                return _cut(where), f"nested deeper than {max_depth} levels"
-            stack.extend((child, depth + 1, _join(where, i)) for i, child in enumerate(item))
+                problem = f"nested deeper than {max_depth} levels (the JSON nesting limit)"
+            else:
+                stack.extend((child, depth + 1, (link, i)) for i, child in enumerate(item))
         elif kind is bool or item is None:
             continue
         elif kind is int or kind is float:
             problem = number_problem(item)
-            if problem is not None:
-                return where, problem
         elif kind is _Marked:
-            return where, item.reason
+            problem = item.reason
         elif isinstance(item, str):  # a StrEnum member of a fact
             problem = text_problem(item)
-            if problem is not None:
-                return where, problem
         else:
-            return where, f"not a JSON value ({kind.__name__})"
+            problem = f"not a JSON value ({kind.__name__})"
+        if problem is not None:
+            return _path(path, link), problem
     return None
 
 
@@ -168,8 +183,12 @@ def _mark_constant(text: str) -> Any:
 _LENIENT = json.JSONDecoder(parse_int=_mark_int, parse_float=_mark_float, parse_constant=_mark_constant)
 
 
+class TooDeep(MalformedPayload):
+    """A document nested deeper than MAX_DEPTH: refused however it continues."""
+
+
 def _depth_error(what: str | None) -> MalformedPayload:
-    return MalformedPayload(f"JSON nested deeper than {MAX_DEPTH} levels", what)
+    return TooDeep(f"nested deeper than {MAX_DEPTH} levels (the JSON nesting limit)", what)
 
 
 def _decode(data: bytes | str, what: str | None) -> Any:
@@ -199,7 +218,7 @@ def raise_problem(problem: tuple[str, str] | None, prefix: str | None = None) ->
         return
     where, reason = problem
     if reason.startswith("nested deeper"):
-        raise MalformedPayload(reason, _field(prefix, where))
+        raise TooDeep(reason, _field(prefix, where))
     raise InvalidEvent(reason, _field(prefix, where))
 
 

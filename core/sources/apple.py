@@ -253,7 +253,7 @@ def _time(value: Any, name: str) -> datetime:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidEvent("must be UNIX milliseconds", name)
     if not 0 <= value <= _MAX_MS:
-        raise InvalidEvent(f"out of range: {value}", name)
+        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", name)
     return _EPOCH + timedelta(milliseconds=value)
 
 
