@@ -22,7 +22,7 @@ from rich.table import Table
 
 from subledger.app.wording import plural
 from subledger.core.errors import StoreError
-from subledger.core.events import Environment, EventType, Source
+from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 
 audit_app = typer.Typer(
     help="Audit the log: subscriber timelines, state at a time, why a message exists, exports, stats.",
@@ -87,7 +87,13 @@ def parse_when(text: str, name: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise fail(f"{name}: not a time: {text!r} (try 2026-11-28T12:00:00Z)") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:  # `0001-01-01T00:00:00+14:00` overflows in UTC; the range is the one events may name
+        instant = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:
+        instant = None
+    if instant is None or not EARLIEST_TIME <= instant < LATEST_TIME:
+        raise fail(f"{name}: {TIME_RANGE}")
+    return instant
 
 
 def print_json(data: Any) -> None:

@@ -643,3 +643,15 @@ def test_cli_ingest_names_every_hostile_line_and_stores_the_rest(db_url: str, co
     with psycopg.connect(db_url) as c:
         row = c.execute("SELECT count(*) FROM event_log").fetchone()
     assert row is not None and row[0] == 3
+
+
+def test_cli_audit_times_that_overflow_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from subledger.app.cli_audit import parse_when
+
+    for text in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2300-01-01"):
+        with pytest.raises(typer.Exit):
+            parse_when(text, "--since")
+        assert "--since: out of range" in capsys.readouterr().err
+    assert parse_when("2026-01-01T00:00:00+01:00", "--since") == datetime(2025, 12, 31, 23, tzinfo=UTC)
