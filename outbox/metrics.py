@@ -2,7 +2,7 @@
 
 Counters live in the process that relays (`serve`, `relay`); the gauges of outbox depth, dead
 letters, oldest pending age and paused destinations are read from the database at scrape time
-(app/http.py), so they are right whichever process did the work.
+(app/http/health.py), so they are right whichever process did the work.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Hostile input: never a 5xx, never a traceback, nothing half-stored (issue 9, item 2).
 
 Each case below answered 500 (or 503, or a 200 with a broken stream) before `core.safejson`, the
-time range of `core.events` and the path/query guard of `app.http_guard`. The property tests feed
+time range of `core.events` and the path/query guard of `app.http.guard`. The property tests feed
 generated hostile bodies to every write endpoint, with the hostile value placed in a mapped field
 behind a valid signature (Apple JWS signed by the test chain, Stripe-Signature, RevenueCat's
 Authorization, a Play push whose state the fake Google API answers), and assert: no 5xx, a JSON

@@ -170,7 +170,7 @@ def test_apple_refusals(client: TestClient, db_url: str) -> None:
 
 
 def test_status_codes_per_refusal() -> None:
-    from subledger.app.http_webhooks import status_for
+    from subledger.app.http.webhooks import status_for
     from subledger.app.sources import UnknownApp
     from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload
 

@@ -16,7 +16,7 @@ nothing:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,9 +27,10 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
 from subledger.app import google_api
-from subledger.app import http_docs as docs
 from subledger.app.bootstrap import Services
 from subledger.app.google_api import GoogleCredentialsRefused
+from subledger.app.http import docs
+from subledger.app.http.common import read_body
 from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
 from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
 from subledger.core.sources import Notification, refuse_unstorable
@@ -40,7 +41,6 @@ from subledger.store.db import translate_errors
 
 log = logging.getLogger("subledger.webhooks")
 WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
-BodyReader = Callable[[Request], Awaitable[bytes]]
 WEBHOOK_OK = docs.ok(docs.WEBHOOK_RESULT, "Accepted (`new`) or repeated (`duplicate`): the store stops retrying")
 
 
@@ -98,7 +98,7 @@ def accepted(outcome: Outcome, notification: Notification) -> JSONResponse:
 
 
 def webhook_router(
-    services: Services, pool: ConnectionPool, read_body: BodyReader, sources: Sources | None = None
+    services: Services, pool: ConnectionPool, sources: Sources | None = None
 ) -> APIRouter:
     """The webhook endpoints over the service's pool; builds (and so validates) the adapters once."""
     adapters = sources if sources is not None else build_sources(services.settings)

@@ -307,7 +307,7 @@ def install(app: FastAPI) -> None:
                 for operation in operations.values():
                     if path.startswith("/v1/"):
                         operation["security"] = [{BEARER: []}]
-                    # app.http_guard refuses NUL / lone surrogates in any path or query, before routing
+                    # app.http.guard refuses NUL / lone surrogates in any path or query, before routing
                     operation["responses"].setdefault("400", {
                         "description": "A NUL character or a lone surrogate in the path or query string",
                         "content": {"application/json": {"schema": _ref("Error")}},

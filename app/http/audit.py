@@ -16,9 +16,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator
 
-from subledger.app import http_docs as docs
-from subledger.app.auth import require_token
-from subledger.app.http import ApiError
+from subledger.app.http import docs
+from subledger.app.http.common import ApiError, now_of, pool_of, require_token
 from subledger.app.wording import one_of
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 from subledger.store import audit
@@ -26,6 +25,7 @@ from subledger.store.db import translate_errors
 
 _END = object()
 router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(require_token)])
+
 
 def _in_range(value: datetime | None) -> datetime | None:
     """A query time in UTC, inside the range events may name: `0001-01-01T00:00:00+14:00` is before
@@ -56,18 +56,10 @@ def document(value: Any) -> JSONResponse:
     return JSONResponse(audit.jsonable(value))
 
 
-def _pool(request: Request) -> Any:
-    return request.app.state.pool
-
-
-def _now(request: Request) -> datetime:
-    return request.app.state.services.clock()  # type: ignore[no-any-return]
-
-
 @router.get("/timeline/{subscriber:path}", summary="Log entries, transitions and deliveries of a subscriber",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_timeline(subscriber: str, request: Request) -> JSONResponse:
-    with translate_errors(), _pool(request).connection() as conn:
+    with translate_errors(), pool_of(request).connection() as conn:
         found = audit.timeline(conn, subscriber)
     if not found.subscriptions:
         raise ApiError(404, f"no subscription found for {subscriber!r}")
@@ -77,8 +69,8 @@ def get_timeline(subscriber: str, request: Request) -> JSONResponse:
 @router.get("/state/{subscription:path}", summary="A subscription's state folded from the log up to a time",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSONResponse:
-    when = utc(at) or _now(request)
-    with translate_errors(), _pool(request).connection() as conn:
+    when = utc(at) or now_of(request)
+    with translate_errors(), pool_of(request).connection() as conn:
         found = audit.state_at(conn, subscription, when)
     if found is None:
         raise ApiError(404, f"the log holds no facts for subscription {subscription!r}")
@@ -88,7 +80,7 @@ def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSON
 @router.get("/explain/{ref}", summary="Causing log entry → transition → messages → attempts",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_explain(ref: str, request: Request) -> JSONResponse:
-    with translate_errors(), _pool(request).connection() as conn:
+    with translate_errors(), pool_of(request).connection() as conn:
         found = audit.explain(conn, ref)
     if found is None:
         raise ApiError(404, f"no transition or message {ref!r}")
@@ -115,7 +107,7 @@ def get_events(
             raise ApiError(422, f"{name}: {reason}", field=name)
     flt = audit.EventFilter(app_id=app_id, source=source, type=type, environment=environment,
                             since=utc(since), until=utc(until), subscriber=subscriber)
-    pool = _pool(request)
+    pool = pool_of(request)
 
     def lines() -> Iterator[bytes]:
         # The connection is held while the client reads; the server-side cursor keeps memory flat.
@@ -140,9 +132,9 @@ def get_events(
 @router.get("/stats", summary="Counts over a range, outbox health, delivery latency, paused destinations",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 422, 503)))
 def get_stats(request: Request, since: TimeQuery = None, until: TimeQuery = None) -> JSONResponse:
-    now = _now(request)
+    now = now_of(request)
     end = utc(until) or now
     start = utc(since) or end - timedelta(days=1)
-    with translate_errors(), _pool(request).connection() as conn:
+    with translate_errors(), pool_of(request).connection() as conn:
         found = audit.stats(conn, start, end, now)
     return document(found)

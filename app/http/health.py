@@ -1,0 +1,71 @@
+"""`/healthz`, `/readyz`, `/metrics`: is the process up, can it reach its database, what has it done.
+
+No token: a load balancer and a Prometheus scraper ask these. `/readyz` is the one that reads the
+database (a 503 when it cannot); `/metrics` serves the process counters even then.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from subledger.app.http import docs
+from subledger.app.http.common import database_refusal, pool_of, services_of
+from subledger.outbox.metrics import CONTENT_TYPE, outbox_exposition, process_exposition
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", responses=docs.ok(
+    {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}, "The process is up"))
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=docs.responses(docs.ok(docs.READY), docs.NOT_READY))
+def readyz(request: Request) -> JSONResponse:
+    try:
+        with pool_of(request).connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'),"
+                " extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) FROM outbox"
+            ).fetchone()
+            paused = conn.execute(
+                "SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused"
+            ).fetchall()
+            waiting = conn.execute(
+                "SELECT app_id, destination, retry_after FROM destination_state WHERE retry_after > now()"
+            ).fetchall()
+    except Exception as exc:  # any failure to reach the database means not ready
+        refusal, headers = database_refusal(exc, services_of(request).database_timeout)
+        return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
+    assert row is not None
+    body = {
+        "status": "degraded" if paused else "ok",
+        "pending": int(row[0]),
+        "dead": int(row[1]),
+        "oldest_pending_seconds": float(row[2] or 0),
+        "paused_destinations": [
+            {"app_id": a, "destination": d, "reason": r, "since": t.isoformat() if t else None}
+            for a, d, r, t in paused
+        ],
+        "rate_limited_destinations": [
+            {"app_id": a, "destination": d, "until": t.isoformat()} for a, d, t in waiting
+        ],
+    }
+    return JSONResponse(body, status_code=200)
+
+
+@router.get("/metrics", response_class=Response, responses=docs.METRICS_OK)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format: this process's relay counters + outbox gauges read now."""
+    services = services_of(request)
+    body = process_exposition()
+    try:
+        with pool_of(request).connection() as conn:
+            known = [(a, d) for a, app_ in services.settings.apps.items() for d in app_.destinations]
+            body += outbox_exposition(conn, known)
+    except Exception as exc:  # the counters are still worth serving without the database
+        refusal, _ = database_refusal(exc, services.database_timeout)
+        body += f"# outbox gauges unavailable: {refusal['error']} (error_id {refusal['error_id']})\n".encode()
+    return Response(body, media_type=CONTENT_TYPE)
