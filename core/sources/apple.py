@@ -25,7 +25,7 @@ import base64
 import binascii
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
@@ -43,7 +43,6 @@ from cryptography import x509
 from subledger.core import events, safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload, PayloadRejected
 from subledger.core.events import (
-    LATEST_TIME,
     EventType,
     PeriodType,
     Reason,
@@ -53,14 +52,12 @@ from subledger.core.events import (
     parse_event,
 )
 from subledger.core.sources import Notification
-from subledger.core.sources.payload import fact_value
+from subledger.core.sources.payload import as_str, delivery_id, fact_id, fact_value, unix_time, unix_time_or_none
 
 PRODUCTION = "Production"
 SANDBOX = "Sandbox"
 ACCEPTABLE_ENVIRONMENTS = frozenset({PRODUCTION, SANDBOX})
 AUTO_RENEWABLE = "Auto-Renewable Subscription"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
 T = TypeVar("T")
 
 
@@ -183,7 +180,7 @@ def parse_notification(body: bytes, config: AppleConfig) -> Notification:
 def unverified_bundle_id(body: bytes) -> str | None:
     """The bundle id the body *claims*, to route a shared endpoint to an app's config. Not trusted."""
     try:
-        return _text_or_none(_section(_peek(_signed_payload(body), "signedPayload")).get("bundleId"))
+        return as_str(_section(_peek(_signed_payload(body), "signedPayload")).get("bundleId"))
     except MalformedPayload:
         return None
 
@@ -242,23 +239,6 @@ def _claimed_environment(claims: Mapping[str, Any]) -> str:
     if not isinstance(environment, str):
         raise MalformedPayload("notification names no environment", "data.environment")
     return environment
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _time(value: Any, name: str) -> datetime:
-    """Apple's UNIX milliseconds → aware UTC datetime (exact, no float rounding)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidEvent("must be UNIX milliseconds", name)
-    if not 0 <= value <= _MAX_MS:
-        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", name)
-    return _EPOCH + timedelta(milliseconds=value)
-
-
-def _maybe_time(value: Any, name: str) -> datetime | None:
-    return None if value is None else _time(value, name)
 
 
 def _milliunits(value: Any, name: str) -> Decimal | None:
@@ -351,17 +331,12 @@ class _Mapping:
         self.config = config
         self.decoded = decoded
         self.environment = "sandbox" if environment == SANDBOX else "production"
-        uuid = decoded.notificationUUID
-        if not isinstance(uuid, str) or not uuid.strip():
-            raise InvalidEvent("is required", "notificationUUID")
-        if len(uuid) > 200:
-            raise InvalidEvent("longer than 200 characters", "notificationUUID")
-        self.external_id = uuid
+        self.external_id = delivery_id(decoded.notificationUUID, "notificationUUID")
         self.type = decoded.rawNotificationType or ""
         self.subtype = decoded.rawSubtype or ""
         kind = f"{self.type or 'UNKNOWN'}/{self.subtype}" if self.subtype else (self.type or "UNKNOWN")
         self.kind = kind[:200]
-        self.signed_at = _time(decoded.signedDate, "signedDate")
+        self.signed_at = unix_time(decoded.signedDate, "signedDate")
         data = decoded.data
         self.txn: JWSTransactionDecodedPayload | None = None
         self.renewal: JWSRenewalInfoDecodedPayload | None = None
@@ -434,7 +409,7 @@ class _Mapping:
             grace = self.renewal.gracePeriodExpiresDate if self.renewal is not None else None
             extra = {}
             if grace is not None:
-                extra["grace_period_expires_at"] = format_time(_time(grace, "gracePeriodExpiresDate"))
+                extra["grace_period_expires_at"] = format_time(unix_time(grace, "gracePeriodExpiresDate"))
             self._status(EventType.BILLING_ISSUE, attributes=extra)
 
     def on_grace_period_expired(self) -> None:
@@ -456,7 +431,7 @@ class _Mapping:
         price = _milliunits(txn.price, "price")
         if price is not None and txn.rawRevocationType == "REFUND_PRORATED" and txn.revocationPercentage:
             price = price * Decimal(txn.revocationPercentage) / Decimal(100000)
-        when = _maybe_time(txn.revocationDate, "revocationDate") or self.signed_at
+        when = unix_time_or_none(txn.revocationDate, "revocationDate") or self.signed_at
         attributes: dict[str, Any] = {}
         if txn.rawRevocationReason is not None:
             attributes["revocation_reason"] = txn.rawRevocationReason
@@ -480,13 +455,13 @@ class _Mapping:
     def on_revoke(self) -> None:
         txn = self._require_txn()
         if self._is_subscription():
-            when = _maybe_time(txn.revocationDate, "revocationDate") or self.signed_at
+            when = unix_time_or_none(txn.revocationDate, "revocationDate") or self.signed_at
             self._add(EventType.EXPIRATION, when, reason=Reason.UNKNOWN, product_id=txn.productId)
 
     def on_did_change_renewal_pref(self) -> None:
         if self.subtype == "UPGRADE":
             txn = self._require_txn()
-            when = _time(txn.purchaseDate, "purchaseDate")
+            when = unix_time(txn.purchaseDate, "purchaseDate")
             # The upgrade takes effect now and starts a new, charged period: state both facts at the
             # same instant so the change sorts first (ids: uuid < uuid#1).
             self._add(EventType.PRODUCT_CHANGE, when, new_product_id=txn.productId)
@@ -506,7 +481,7 @@ class _Mapping:
 
     def on_renewal_extended(self) -> None:
         txn = self._require_txn()
-        self._status(EventType.EXTENDED, expires_at=_maybe_time(txn.expiresDate, "expiresDate"))
+        self._status(EventType.EXTENDED, expires_at=unix_time_or_none(txn.expiresDate, "expiresDate"))
 
     def on_one_time_charge(self) -> None:
         self._require_txn()
@@ -550,12 +525,12 @@ class _Mapping:
         price = _milliunits(txn.price, "price")
         self._add(
             kind,
-            when or _maybe_time(txn.purchaseDate, "purchaseDate") or self.signed_at,
+            when or unix_time_or_none(txn.purchaseDate, "purchaseDate") or self.signed_at,
             product_id=txn.productId,
             period_type=_period_type(txn) if kind is not EventType.ONE_TIME_PURCHASE else PeriodType.NORMAL,
             price=price,
             currency=txn.currency if price is not None else None,
-            expires_at=_maybe_time(txn.expiresDate, "expiresDate"),
+            expires_at=unix_time_or_none(txn.expiresDate, "expiresDate"),
             transaction_id=txn.transactionId,
         )
 
@@ -563,7 +538,7 @@ class _Mapping:
         """A fact about the subscription's state, dated when Apple signed the notification."""
         if self.txn is not None:
             fields.setdefault("product_id", self.txn.productId)
-            fields.setdefault("expires_at", _maybe_time(self.txn.expiresDate, "expiresDate"))
+            fields.setdefault("expires_at", unix_time_or_none(self.txn.expiresDate, "expiresDate"))
         self._add(kind, self.signed_at, **fields)
 
     def _add(self, kind: EventType, when: datetime, **fields: Any) -> None:
@@ -572,7 +547,7 @@ class _Mapping:
             raise InvalidEvent(f"is required for {self.type}", "originalTransactionId")
         index = len(self.facts)
         facts: dict[str, Any] = {
-            "id": self.external_id if index == 0 else f"{self.external_id}#{index}",
+            "id": fact_id(self.external_id, index),
             "source": Source.APPLE.value,
             "app_id": self.config.app_id,
             "type": kind.value,

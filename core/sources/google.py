@@ -35,15 +35,13 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from subledger.core import safejson
+from subledger.core import events, safejson
 from subledger.core.errors import ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
-    LATEST_TIME,
-    CanonicalEvent,
     EventType,
     PeriodType,
     Reason,
@@ -54,10 +52,17 @@ from subledger.core.events import (
     parse_time,
 )
 from subledger.core.sources import Notification
-from subledger.core.sources.payload import as_dict, as_int, as_str, dig, fact_value
+from subledger.core.sources.payload import (
+    as_dict,
+    as_int,
+    as_str,
+    country_code,
+    dig,
+    fact_id,
+    fact_value,
+    unix_time,
+)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
 MAX_TOKEN = 450  # a subscription id is at most 500 characters; Play tokens are far shorter
 
 SUBSCRIPTION_TYPES = {
@@ -83,7 +88,6 @@ SUBSCRIPTION_TYPES = {
 ONE_TIME_TYPES = {1: "ONE_TIME_PRODUCT_PURCHASED", 2: "ONE_TIME_PRODUCT_CANCELED"}
 # Subscription notifications that state a fact, so they need the subscription's state fetched.
 FACT_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 17, 18})
-CHARGE_TYPES = frozenset({1, 2, 4})
 CANCEL_REASON = {
     "userInitiatedCancellation": Reason.UNSUBSCRIBE,
     "systemInitiatedCancellation": Reason.BILLING_ERROR,
@@ -237,7 +241,7 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
         raise MalformedPayload("is required (not a DeveloperNotification)", "packageName")
     if len(package) > 200:
         raise InvalidEvent("longer than 200 characters", "packageName")
-    event_time = _millis(notification.get("eventTimeMillis"), "eventTimeMillis")
+    event_time = unix_time(notification.get("eventTimeMillis"), "eventTimeMillis", text=True)  # int64 as a string
     if message_id is not None and (len(message_id) > 200 or "\x00" in message_id):
         raise InvalidEvent("longer than 200 characters or contains NUL", "message.messageId")
     external_id = message_id or "rtdn:" + hashlib.sha256(
@@ -326,16 +330,7 @@ def map_push(
 
 def stream_key(app_id: str, subscription_id: str) -> str:
     """The subscription key a Play subscription's events get (for stored-only notifications)."""
-    probe = CanonicalEvent(
-        id="-",
-        source=Source.GOOGLE,
-        app_id=app_id,
-        type=EventType.EXTENDED,
-        occurred_at=_EPOCH,
-        subscription_id=subscription_id,
-        store=Store.PLAY_STORE,
-    )
-    return str(probe.subscription_key)
+    return events.stream_key(app_id, Store.PLAY_STORE, subscription_id)
 
 
 class _Mapping:
@@ -611,8 +606,7 @@ class _Mapping:
         return "production"
 
     def _country(self) -> str | None:
-        region = as_str(self.sub.get("regionCode")) or as_str(self.product.get("regionCode"))
-        return region if region is not None and re.fullmatch(r"[A-Za-z]{2}", region) else None
+        return country_code(as_str(self.sub.get("regionCode")) or as_str(self.product.get("regionCode")))
 
     def _add(self, kind: EventType, **fields: Any) -> None:
         one_time = kind is EventType.ONE_TIME_PURCHASE
@@ -620,7 +614,7 @@ class _Mapping:
             raise InvalidEvent(f"is required for {self.push.kind}", "purchaseToken")
         index = len(self.facts)
         facts: dict[str, Any] = {
-            "id": self.push.external_id if index == 0 else f"{self.push.external_id}#{index}",
+            "id": fact_id(self.push.external_id, index),
             "source": Source.GOOGLE.value,
             "app_id": self.config.app_id,
             "type": kind.value,
@@ -656,10 +650,6 @@ def _json_object(raw: bytes, name: str) -> dict[str, Any]:
     return obj
 
 
-
-
-
-
 def _line_item(subscription: Mapping[str, Any]) -> dict[str, Any]:
     items = subscription.get("lineItems")
     if isinstance(items, list):
@@ -691,16 +681,6 @@ def _token(value: Any, name: str) -> str:
     if "\x00" in token:
         raise InvalidEvent("must not contain NUL", name)
     return token
-
-
-def _millis(value: Any, name: str) -> datetime:
-    """`eventTimeMillis`: int64 milliseconds, sent as a JSON string (or a number)."""
-    millis = as_int(value)
-    if millis is None and isinstance(value, str) and value.isdigit() and len(value) <= 15:
-        millis = int(value)
-    if millis is None or not 0 <= millis <= _MAX_MS:
-        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", name)
-    return _EPOCH + timedelta(milliseconds=millis)
 
 
 def _maybe_time(value: Any) -> datetime | None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from subledger.core import safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
-    LATEST_TIME,
     EventType,
     PeriodType,
     Reason,
@@ -38,10 +37,7 @@ from subledger.core.events import (
     parse_event,
 )
 from subledger.core.sources import Notification
-from subledger.core.sources.payload import as_str
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = int((LATEST_TIME - _EPOCH).total_seconds()) * 1000 - 1  # the canonical range (core.events)
+from subledger.core.sources.payload import as_str, country_code, delivery_id, fact_id, unix_time, unix_time_or_none
 
 STORES = {
     "APP_STORE": Store.APP_STORE,
@@ -145,27 +141,20 @@ def _event(body: bytes) -> dict[str, Any]:
 
 
 def _event_id(event: Mapping[str, Any]) -> str:
-    event_id = event.get("id")
-    if not isinstance(event_id, str) or not event_id.strip():
-        raise InvalidEvent("is required", "event.id")
-    if len(event_id) > 200:
-        raise InvalidEvent("longer than 200 characters", "event.id")
-    return event_id
+    return delivery_id(event.get("id"), "event.id")
 
 
 def _ids(value: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
-
 def _time(value: Any, name: str) -> datetime:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_MS:
-        raise InvalidEvent("must be UNIX milliseconds before 2200-01-01 (the accepted range)", f"event.{name}")
-    return _EPOCH + timedelta(milliseconds=value)
+    """An epoch-milliseconds field of the event; errors name it as sent (`event.<name>`)."""
+    return unix_time(value, f"event.{name}")
 
 
 def _maybe_time(value: Any, name: str) -> datetime | None:
-    return None if value is None else _time(value, name)
+    return unix_time_or_none(value, f"event.{name}")
 
 
 def _number(value: Any, name: str) -> Decimal | None:
@@ -180,13 +169,6 @@ def _number(value: Any, name: str) -> Decimal | None:
     if not number.is_finite():
         raise InvalidEvent(f"not a finite number: {value!r}", f"event.{name}")
     return number
-
-
-def _country(value: Any) -> str | None:
-    """Optional and only informative: a malformed country is dropped, not a reason to refuse."""
-    if isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha():
-        return value.upper()
-    return None
 
 
 class _Mapping:
@@ -308,7 +290,7 @@ class _Mapping:
         store = STORES.get(as_str(event.get("store")) or "", Store.OTHER)
         environment = "sandbox" if event.get("environment") == "SANDBOX" else "production"
         facts: dict[str, Any] = {
-            "id": self.external_id if not self.facts else f"{self.external_id}#{len(self.facts)}",
+            "id": fact_id(self.external_id, len(self.facts)),
             "source": Source.REVENUECAT.value,
             "app_id": self.app_id,
             "type": kind.value,
@@ -319,7 +301,7 @@ class _Mapping:
             "environment": environment,
             "product_id": as_str(event.get("product_id")),
             "transaction_id": as_str(event.get("transaction_id")),
-            "country_code": _country(event.get("country_code")),
+            "country_code": country_code(event.get("country_code")),
             "reason": None if reason is None else reason.value,
         }
         period = PERIOD_TYPES.get(as_str(event.get("period_type")) or "")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -36,7 +36,6 @@ import stripe as stripe_sdk
 from subledger.core import events, safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
-    LATEST_TIME,
     EventType,
     PeriodType,
     Reason,
@@ -46,12 +45,20 @@ from subledger.core.events import (
     parse_event,
 )
 from subledger.core.sources import Notification
-from subledger.core.sources.payload import as_dict, as_int, as_list, as_str, dig, fact_value
+from subledger.core.sources.payload import (
+    as_dict,
+    as_int,
+    as_list,
+    as_str,
+    delivery_id,
+    dig,
+    fact_id,
+    fact_value,
+    unix_time,
+)
 
 BASIL = "2025-03-31"
 DEFAULT_TOLERANCE = 300
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_SECONDS = int((LATEST_TIME - _EPOCH).total_seconds()) - 1  # the canonical range (core.events)
 
 # Stripe's currency exponents (docs.stripe.com/currencies): the rest use two decimals.
 ZERO_DECIMAL = frozenset(
@@ -176,11 +183,6 @@ def _header_timestamp(header: str) -> int:
 # --- tolerant readers: hostile JSON must yield None, never an exception ----------------------
 
 
-
-
-
-
-
 def _ref(value: Any) -> str | None:
     """A Stripe reference: an id string, or an expanded object carrying `id`."""
     return as_str(value) or as_str(as_dict(value).get("id"))
@@ -190,16 +192,12 @@ def _first(*values: str | None) -> str | None:
     return next((v for v in values if v), None)
 
 
-def _time(value: Any, name: str) -> datetime:
-    seconds = as_int(value)
-    if seconds is None or not 0 <= seconds <= _MAX_SECONDS:
-        raise InvalidEvent("must be UNIX seconds before 2200-01-01 (the accepted range)", name)
-    return _EPOCH + timedelta(seconds=seconds)
-
-
 def _maybe_time(value: Any) -> datetime | None:
-    seconds = as_int(value)
-    return None if seconds is None or not 0 <= seconds <= _MAX_SECONDS else _EPOCH + timedelta(seconds=seconds)
+    """An optional period end or trial end: anything but a valid UNIX-seconds time is None (not refused)."""
+    try:
+        return unix_time(value, "-", unit="seconds")
+    except InvalidEvent:
+        return None
 
 
 def amount(minor: Any, currency: str | None, name: str) -> Decimal | None:
@@ -300,11 +298,7 @@ class _Mapping:
             raise MalformedPayload("a Stripe event must be a JSON object")
         if event.get("object") != "event":
             raise MalformedPayload("not a Stripe v1 event (object must be 'event')", "object")
-        event_id = event.get("id")
-        if not isinstance(event_id, str) or not event_id.strip():
-            raise InvalidEvent("is required", "id")
-        if len(event_id) > 200:
-            raise InvalidEvent("longer than 200 characters", "id")
+        event_id = delivery_id(event.get("id"), "id")
         kind = event.get("type")
         if not isinstance(kind, str) or not kind:
             raise InvalidEvent("is required", "type")
@@ -317,7 +311,7 @@ class _Mapping:
         self.kind = kind[:200]
         self.obj: dict[str, Any] = obj
         self.previous = as_dict(dig(event, "data", "previous_attributes"))
-        self.created = _time(event.get("created"), "created")
+        self.created = unix_time(event.get("created"), "created", unit="seconds")
         self.basil = is_basil(event.get("api_version"))
         live = event.get("livemode")
         self.environment = "production" if live is True else "sandbox"
@@ -565,7 +559,7 @@ class _Mapping:
     def _add(self, kind: EventType, **fields: Any) -> None:
         index = len(self.facts)
         facts: dict[str, Any] = {
-            "id": self.external_id if index == 0 else f"{self.external_id}#{index}",
+            "id": fact_id(self.external_id, index),
             "source": Source.STRIPE.value,
             "app_id": self.config.app_id,
             "type": kind.value,
