@@ -13,6 +13,7 @@ from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.samples_loader import ingest_samples, sample_apps
 from subledger.app.wording import plural
+from subledger.core.lifecycle import subscriber_id
 from subledger.store import migrate
 from subledger.store.db import recreate_database, resolve_url
 
@@ -107,21 +108,20 @@ def _where(url: str) -> str:
 
 
 def print_timelines(console: Console, conn: psycopg.Connection) -> None:
-    subscribers = conn.execute(
-        "SELECT DISTINCT coalesce(app_user_id, 'anon:' || key) FROM subscriptions ORDER BY 1"
-    ).fetchall()
-    for (subscriber,) in subscribers:
+    keys_of: dict[str, list[str]] = {}
+    for app_user_id, key in conn.execute("SELECT app_user_id, key FROM subscriptions ORDER BY key"):
+        keys_of.setdefault(subscriber_id(app_user_id, key), []).append(key)
+    for subscriber in sorted(keys_of):
         table = Table(title=f"subscriber {subscriber}", title_justify="left", show_lines=False)
         for column in ("occurred_at", "what", "detail"):
             table.add_column(column)
         rows: list[tuple[Any, str, str]] = []
         for occurred, kind, source, external_id in conn.execute(
             """
-            SELECT l.occurred_at, l.kind, l.source, l.external_id FROM event_log l
-            JOIN subscriptions s ON s.key = l.subscription_key
-            WHERE coalesce(s.app_user_id, 'anon:' || s.key) = %s ORDER BY l.position
+            SELECT occurred_at, kind, source, external_id FROM event_log
+            WHERE subscription_key = ANY(%s) ORDER BY position
             """,
-            (subscriber,),
+            (keys_of[subscriber],),
         ):
             # A stored-only entry (no facts, e.g. Stripe's $0 trial invoice) has no occurrence time:
             # show it where it arrived, next to the entry logged before it.

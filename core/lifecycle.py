@@ -96,6 +96,27 @@ def transition_id(subscription: str, source: str, event_id: str, kind: str) -> s
     return "tr_" + digest[:32]
 
 
+ANONYMOUS_PREFIX = "anon:"
+
+
+def anonymous_id(subscription_key: str) -> str:
+    """The stable anonymous id of a subscription whose app user is not known (yet): `anon:<key>`."""
+    return ANONYMOUS_PREFIX + subscription_key
+
+
+def subscriber_id(app_user_id: str | None, subscription_key: str) -> str:
+    """Who Segment attributes a subscription's messages to: the app user, else its anonymous id.
+
+    The one statement of the rule: transitions, identity links, verification and audit lookups all
+    name a subscriber this way, so a message, its audit trail and a re-fold agree on who it was."""
+    return app_user_id if app_user_id else anonymous_id(subscription_key)
+
+
+def anonymous_key(subscriber: str) -> str | None:
+    """The subscription key an `anon:<key>` subscriber names; None for any other name."""
+    return subscriber[len(ANONYMOUS_PREFIX):] if subscriber.startswith(ANONYMOUS_PREFIX) else None
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriptionState:
     """The projection of one subscription. Status is derived, so it can never disagree with the flags."""
@@ -241,7 +262,7 @@ class Transition:
     @property
     def subscriber(self) -> str:
         """Who Segment attributes this to: the app user, else a stable anonymous id."""
-        return self.app_user_id if self.app_user_id else f"anon:{self.subscription_key}"
+        return subscriber_id(self.app_user_id, self.subscription_key)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready; enum members stay as they are (they are `str`), None values are left out."""

@@ -21,7 +21,7 @@ from datetime import datetime
 import psycopg
 
 from subledger.core.events import Environment
-from subledger.core.lifecycle import SubscriptionState
+from subledger.core.lifecycle import SubscriptionState, anonymous_id
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
 from subledger.core.sources.revenuecat import TransferLinks
 from subledger.outbox import writer
@@ -43,7 +43,7 @@ def identify_rows(
     state: SubscriptionState, app_user_id: str, destinations: Sequence[Destination], now: datetime
 ) -> list[writer.OutboxRow]:
     """One identify per destination that takes this subscription's environment."""
-    anonymous = f"anon:{state.key}"
+    anonymous = anonymous_id(state.key)
     aliases = list(dict.fromkeys(i for i in (anonymous, state.app_user_id, app_user_id) if i))
     traits: dict[str, object] = {"aliases": aliases, "last_seen_app_user_id": app_user_id}
     if state.status is not None:

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from subledger.core.events import format_time
-from subledger.core.lifecycle import SubscriptionState, Transition, fold
+from subledger.core.lifecycle import SubscriptionState, Transition, anonymous_key, fold
 from subledger.store import retention
 from subledger.store.log import history
 
@@ -151,8 +151,8 @@ class Timeline:
 
 def resolve(conn: psycopg.Connection, who: str) -> list[str]:
     """The subscription keys `who` names (an app user id, a subscription key or an anon: subscriber)."""
-    if who.startswith("anon:"):
-        who_key = who[len("anon:"):]
+    who_key = anonymous_key(who)
+    if who_key is not None:
         rows = conn.execute(RESOLVE_SQL, {"who": who_key}).fetchall()
         rows += conn.execute(RESOLVE_SQL, {"who": who}).fetchall()
     else:

@@ -32,7 +32,7 @@ from psycopg.types.json import set_json_loads
 from subledger.core.chain import DERIVED_COLUMNS, GENESIS, chain_hash, derived_columns, entry_for_hash, respellings
 from subledger.core.errors import InvalidEvent
 from subledger.core.events import CanonicalEvent, event_from_facts, format_time
-from subledger.core.lifecycle import TransitionKind, fold, transition_id
+from subledger.core.lifecycle import TransitionKind, fold, subscriber_id, transition_id
 
 FETCH = 2000
 MAX_PROBLEMS = 50
@@ -303,7 +303,7 @@ def _check_transitions(
             wrong.append("kind" if changed_kind else "id")
         if t_app != app_id or b_app != t_app:
             wrong.append("app_id")
-        if (b_user is not None and b_user not in users) or subscriber != (b_user or f"anon:{key}"):
+        if (b_user is not None and b_user not in users) or subscriber != subscriber_id(b_user, key):
             wrong.append("subscriber")
         causes = origin.get((b_source, b_event), [])
         if not any(c[2] == occurred_at for c in causes) or b_occurred != format_time(occurred_at):
