@@ -14,6 +14,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import Any
 
+from subledger.core.errors import MissingRate
 from subledger.core.events import Environment, Store
 from subledger.core.lifecycle import REVENUE_KINDS, Transition, TransitionKind
 
@@ -82,10 +83,6 @@ class Destination:
         if transition.environment is Environment.SANDBOX and not self.send_sandbox:
             return False
         return not (historical and not self.publish_historical)
-
-
-class MissingRate(ValueError):
-    """Raised when currency conversion is configured but the rates table lacks the currency."""
 
 
 def message_id_base(transition_id: str, destination: str) -> str:

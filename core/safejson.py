@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from subledger.core.errors import InvalidEvent, MalformedPayload
+from subledger.core.errors import InvalidEvent, MalformedPayload, TooDeep
 
 MAX_DEPTH = 64
 MIN_INT = -(2**63)
@@ -181,10 +181,6 @@ def _mark_constant(text: str) -> Any:
 
 
 _LENIENT = json.JSONDecoder(parse_int=_mark_int, parse_float=_mark_float, parse_constant=_mark_constant)
-
-
-class TooDeep(MalformedPayload):
-    """A document nested deeper than MAX_DEPTH: refused however it continues."""
 
 
 def _depth_error(what: str | None) -> MalformedPayload:

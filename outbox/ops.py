@@ -17,6 +17,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
+from subledger.core.errors import NotFound, UnknownTarget
 from subledger.core.lifecycle import Transition
 from subledger.outbox import relay, writer
 from subledger.outbox.ingest import IngestPolicy
@@ -39,14 +40,6 @@ def list_rows(
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(LIST_SQL, {"status": status, "app": app_id, "limit": limit})
         return cur.fetchall()
-
-
-class NotFound(LookupError):
-    """No outbox row matches; `delivered` says when the message was already delivered."""
-
-    def __init__(self, ref: str, delivered: bool) -> None:
-        super().__init__(f"message {ref!r} was already delivered" if delivered else f"no outbox row {ref!r}")
-        self.delivered = delivered
 
 
 @dataclass
@@ -159,10 +152,6 @@ def known_destinations(conn: psycopg.Connection, policy: IngestPolicy, app_id: s
     ).fetchall()
     names.update(r[0] for r in rows)
     return sorted(names)
-
-
-class UnknownTarget(LookupError):
-    """An app or destination that neither the configuration nor the database knows: nothing is stored."""
 
 
 def _held_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:

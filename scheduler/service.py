@@ -32,6 +32,8 @@ from typing import Any
 
 import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from subledger.core.errors import StoreError
@@ -39,7 +41,7 @@ from subledger.core.lifecycle import SubscriptionState, inferred_expiration
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.outbox.relay import Relay
-from subledger.outbox.writer import OUTBOX_CHANNEL
+from subledger.store import outbox as outbox_sql
 from subledger.store import retention
 from subledger.store.db import connect
 from subledger.store.retention import Pruned, Retention
@@ -146,7 +148,7 @@ class Scheduler:
         """Stop taking work; wait for a running pass to record its outcome."""
         self._stop.set()
         self._wake.set()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(SchedulerNotRunningError):  # stopped before (or without) start()
             self._scheduler.shutdown(wait=True)
         if self._listener is not None:
             self._listener.join(timeout=timeout)
@@ -166,11 +168,16 @@ class Scheduler:
             self._wake.set()
             if self._stop.is_set() or self._running:
                 return  # the running pass sees the flag and drains again
-        with contextlib.suppress(Exception):
+        # not started yet, or shut down meanwhile: the interval (or nobody) runs the relay
+        with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
             self._scheduler.modify_job("relay", next_run_time=datetime.now(UTC))
 
     def _on_error(self, event: JobExecutionEvent) -> None:
-        log.error("job %s failed: %s", event.job_id, event.exception)
+        """A database failure is one line (the next run retries); anything else is a bug: traceback."""
+        if isinstance(event.exception, StoreError):
+            log.warning("job %s failed (%s); the next run retries", event.job_id, event.exception)
+        else:
+            log.error("job %s failed", event.job_id, exc_info=event.exception)
 
     # -- jobs -------------------------------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     self.relay.drain(self._stop)
-                except psycopg.Error as exc:
+                except StoreError as exc:
                     log.warning("relay pass failed (%s); the next run reconnects", exc)
                     return
                 with self._running_lock:
@@ -210,7 +217,7 @@ class Scheduler:
             with connect(self.database_url) as conn:
                 pruned = retention.prune(conn, self.retention, self.clock(), configured=configured,
                                          stop=self._stop)
-        except (psycopg.Error, StoreError) as exc:
+        except StoreError as exc:
             log.warning("prune run failed (%s); the next run continues", exc)
             return None
         if pruned.total:
@@ -228,29 +235,32 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 conn = connect(self.database_url, autocommit=True)
-            except Exception as exc:
+            except Exception as exc:  # kept alive whatever happens: the relay's wake-ups depend on it
                 self.listener_healthy = False
                 log.warning("listener cannot connect (%s); retrying in %.1f s, the relay polls meanwhile",
-                            exc, backoff)
+                            exc, backoff, exc_info=None if isinstance(exc, StoreError) else exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             self._listen_conn = conn
             try:
-                conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                outbox_sql.listen(conn)
                 self.listener_healthy = True
                 backoff = 0.5
                 self.wake()  # anything committed while we were not listening
                 self._listen_on(conn)
-            except psycopg.Error as exc:
+            except StoreError as exc:
                 if not self._stop.is_set():
                     self.listener_reconnects += 1
                     log.warning("listener connection lost (%s); reconnecting", exc)
+            except Exception:  # a bug: say where, and keep listening (the relay's wake-ups depend on it)
+                self.listener_reconnects += 1
+                log.exception("listener failed; reconnecting")
+                self._stop.wait(backoff)
             finally:
                 self.listener_healthy = False
                 self._listen_conn = None
-                with contextlib.suppress(Exception):
-                    conn.close()
+                conn.close()  # psycopg's close never raises, even on a lost connection
 
     def _listen_on(self, conn: psycopg.Connection) -> None:
         last_check = time.monotonic()
@@ -258,7 +268,7 @@ class Scheduler:
             for _ in conn.notifies(timeout=0.5, stop_after=1):
                 self.wake()
             if time.monotonic() - last_check >= self.config.listener_check:
-                conn.execute("SELECT 1")  # raises on a dead connection: reconnect, then wake
+                outbox_sql.check_listener(conn)  # raises on a dead connection: reconnect, then wake
                 last_check = time.monotonic()
                 self.wake()  # the ≤ 5 s poll fallback, whatever the interval says
 

@@ -1,7 +1,16 @@
 """Where the database is: a URL the operator gives, or an embedded PostgreSQL in the data directory.
 
 The embedded server (`pgserver`) is started on first use and left running, so later commands
-reuse it instead of paying its start-up again. Driver errors are translated here, at one door.
+reuse it instead of paying its start-up again.
+
+Driver errors are translated here, at one door: every connection subledger opens (`connect`,
+`Pool`) is a `Connection` whose cursors, commits, transactions and notifications raise subledger's
+tree (`translate`, pinned by tests/test_errors.py), so store functions raise StoreErrors without
+each remembering to, and no layer above store/ imports psycopg's errors. Inside store/, code that
+reacts to one failure (a locked row) on a connection it did not open wraps the statement in
+`translate_errors()` and catches the subledger type. A driver error our own code caused (a cursor
+used wrongly: psycopg's client-side ProgrammingError/InterfaceError) is a bug, not a database
+failure, and is left as it is so it surfaces as one (a 500 with its traceback logged).
 """
 
 from __future__ import annotations
@@ -11,15 +20,26 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import psycopg
 import psycopg.sql
+from psycopg import errors as pg
+from psycopg.rows import Row
 from psycopg_pool import ConnectionPool
 
-from subledger.core.errors import Conflict, StoreError, StoreUnavailable
+from subledger.core.errors import (
+    Conflict,
+    Locked,
+    PermissionDenied,
+    SchemaNotCurrent,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+    ValueRefused,
+)
 
 DEFAULT_DATA_DIR = ".subledger"
 # How long a caller waits for the database (a pooled connection, or a new connection) before it is
@@ -107,9 +127,13 @@ def connect_failure(exc: BaseException, url: str) -> str:
     return f"cannot connect to the database at {display_url(url)}: {reason}"
 
 
-def connect(url: str, *, autocommit: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+            translated: bool = True) -> psycopg.Connection:
+    """A connection raising subledger's tree (`Connection`); `translated=False` gives psycopg's own,
+    for SQLAlchemy (Alembic), which must see driver errors to wrap them."""
+    kind: type[psycopg.Connection] = Connection if translated else psycopg.Connection
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=max(1, round(timeout)))
+        conn = kind.connect(url, autocommit=autocommit, connect_timeout=max(1, round(timeout)))
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(connect_failure(exc, url)) from exc
     # A crashed client must never pin locks or the vacuum horizon for long.
@@ -141,7 +165,7 @@ class Pool(ConnectionPool[psycopg.Connection]):
         self._health = threading.Lock()
         pool = self
 
-        class Watched(psycopg.Connection):  # type: ignore[type-arg]
+        class Watched(Connection[Any]):
             """Records whether the pool's last attempt to connect succeeded."""
 
             @classmethod
@@ -178,21 +202,152 @@ class Pool(ConnectionPool[psycopg.Connection]):
         wait = self.timeout if timeout is None else timeout
         if self.down_since is not None:
             wait = min(wait, DOWN_WAIT_SECONDS)
-        return super().getconn(wait)
+        return _translated(lambda: super(Pool, self).getconn(wait))  # PoolTimeout: StoreUnavailable
+
+
+# -- the door: driver errors onto subledger's tree ------------------------------------------------
+
+# SQLSTATEs named by class (the first two characters) or in full; checked before psycopg's classes.
+_SCHEMA_STATES = frozenset({"42P01", "42703", "42883", "42704"})  # undefined table/column/function/object
+_LOST_STATES = frozenset({"25P03", "57P01", "57P02", "57P03"})  # idle timeout, admin/crash shutdown, starting
+
+
+def translate(exc: psycopg.Error) -> StoreError:
+    """The one mapping from a driver error to subledger's tree (table in tests/test_errors.py).
+
+    Transient (a retry may pass): Conflict (unique/serialization/deadlock), StoreUnavailable (no
+    connection, connection lost, server shutting down, pool exhausted, out of resources),
+    StoreTimeout (statement cancelled), Locked (lock_timeout). Permanent: PermissionDenied,
+    SchemaNotCurrent, ValueRefused, and StoreError for everything else. Duplicates are values
+    elsewhere, never exceptions; this is only for what the database refused.
+    """
+    text = _one_line(exc)
+    state = exc.sqlstate or ""
+    if isinstance(exc, pg.UniqueViolation | pg.SerializationFailure | pg.DeadlockDetected):
+        return Conflict(text)
+    if isinstance(exc, pg.LockNotAvailable):
+        return Locked(f"a row is locked by another transaction: {text}")
+    if isinstance(exc, pg.QueryCanceled):
+        return StoreTimeout(f"database statement cancelled: {text}")
+    if isinstance(exc, pg.InsufficientPrivilege):
+        return PermissionDenied(text)
+    if state in _SCHEMA_STATES:
+        return SchemaNotCurrent(text)
+    if isinstance(exc, psycopg.DataError):
+        return ValueRefused(text)
+    if isinstance(exc, psycopg.OperationalError) or state in _LOST_STATES:
+        return StoreUnavailable(f"database unavailable: {text}")
+    return StoreError(text)
+
+
+def _ours(exc: psycopg.Error) -> bool:
+    """A driver error our code caused (no SQLSTATE: a closed cursor, no result to fetch, wrong
+    parameters): a bug to surface as one, not a database failure to answer 503."""
+    return exc.sqlstate is None and isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError)
 
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Map driver errors onto subledger's tree; duplicates are values elsewhere, never exceptions."""
+    """Re-raise a driver error as `translate` maps it (for connections subledger did not open)."""
     try:
         yield
-    except (psycopg.errors.UniqueViolation, psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected) as exc:
-        raise Conflict(_one_line(exc)) from exc
-    except psycopg.OperationalError as exc:
-        raise StoreUnavailable(f"database unavailable: {_one_line(exc)}") from exc
     except psycopg.Error as exc:
-        raise StoreError(_one_line(exc)) from exc
+        if _ours(exc):
+            raise
+        raise translate(exc) from exc
+
+
+T = TypeVar("T")
+
+
+def _translated(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except psycopg.Error as exc:
+        if _ours(exc):
+            raise
+        raise translate(exc) from exc
+
+
+class Cursor(psycopg.Cursor[Row]):
+    """psycopg's cursor, raising subledger's tree (client-side cursors keep every result after
+    `execute`, so fetching needs no translation)."""
+
+    __slots__ = ()
+
+    def execute(self, *args: Any, **kwargs: Any) -> Self:
+        return _translated(lambda: super(Cursor, self).execute(*args, **kwargs))
+
+    def executemany(self, *args: Any, **kwargs: Any) -> None:
+        _translated(lambda: super(Cursor, self).executemany(*args, **kwargs))
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Row]:
+        with translate_errors():
+            yield from super().stream(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def copy(self, *args: Any, **kwargs: Any) -> Iterator[psycopg.Copy]:
+        with translate_errors(), super().copy(*args, **kwargs) as copy:
+            yield copy
+
+
+class ServerCursor(psycopg.ServerCursor[Row]):
+    """A named (server-side) cursor raising subledger's tree: it reads from the server as it goes."""
+
+    __slots__ = ()
+
+    def execute(self, *args: Any, **kwargs: Any) -> Self:
+        return _translated(lambda: super(ServerCursor, self).execute(*args, **kwargs))
+
+    def fetchone(self) -> Row | None:
+        return _translated(super().fetchone)
+
+    def fetchmany(self, size: int = 0) -> list[Row]:
+        return _translated(lambda: super(ServerCursor, self).fetchmany(size))
+
+    def fetchall(self) -> list[Row]:
+        return _translated(super().fetchall)
+
+    def __next__(self) -> Row:
+        return _translated(super().__next__)
+
+    def scroll(self, value: int, mode: str = "relative") -> None:
+        _translated(lambda: super(ServerCursor, self).scroll(value, mode))
+
+    def close(self) -> None:
+        _translated(super().close)
+
+
+class Connection(psycopg.Connection[Row]):
+    """The connection every subledger process uses: statements, commits, transactions and
+    notifications raise subledger's tree, so callers above store/ catch StoreError, not psycopg."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = Cursor
+        self.server_cursor_factory = ServerCursor
+
+    # cursor() and execute() check the connection first: "the connection is closed" comes from them
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return _translated(lambda: super(Connection, self).cursor(*args, **kwargs))
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return _translated(lambda: super(Connection, self).execute(*args, **kwargs))
+
+    def commit(self) -> None:
+        _translated(super().commit)
+
+    def rollback(self) -> None:
+        _translated(super().rollback)
+
+    @contextlib.contextmanager
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[psycopg.Transaction]:
+        with translate_errors(), super().transaction(*args, **kwargs) as tx:
+            yield tx
+
+    def notifies(self, *args: Any, **kwargs: Any) -> Generator[psycopg.Notify, None, None]:
+        with translate_errors():
+            yield from super().notifies(*args, **kwargs)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -18,16 +18,12 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, exc, pool
 
-from subledger.core.errors import StoreError, StoreUnavailable
-from subledger.store.db import DEFAULT_TIMEOUT_SECONDS, connect, display_url, normalize_url
+from subledger.core.errors import SchemaNotCurrent, StoreError, StoreUnavailable
+from subledger.store.db import DEFAULT_TIMEOUT_SECONDS, connect, display_url, normalize_url, translate_errors
 
 # Two processes migrating one database at once must not both run a revision.
 MIGRATION_LOCK = 0x5B1ED6E5
 UPGRADE = "run `subledger db upgrade`"
-
-
-class SchemaNotCurrent(StoreError):
-    """Raised when the database's schema is not the revision this subledger needs."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,10 @@ class Schema:
 def _engine(url: str, timeout: float) -> Engine:
     conninfo = normalize_url(url)
     # StoreUnavailable from connect() is no DBAPI error, so SQLAlchemy lets it through unwrapped:
-    # an unreachable database is one line, not a 134-line traceback.
-    return create_engine("postgresql+psycopg://", creator=lambda: connect(conninfo, timeout=timeout),
+    # an unreachable database is one line, not a 134-line traceback. The connection itself is
+    # psycopg's own (untranslated): SQLAlchemy must see driver errors to wrap them (DBAPIError).
+    return create_engine("postgresql+psycopg://",
+                         creator=lambda: connect(conninfo, timeout=timeout, translated=False),
                          poolclass=pool.NullPool)
 
 
@@ -127,26 +125,28 @@ def _migration_error(orig: BaseException | None, url: str) -> StoreError:
 def inspect(conn: psycopg.Connection) -> Schema:
     """Read the schema's revision and whether this role may migrate it; leaves no transaction open."""
     try:
-        role, exists, may_migrate = conn.execute(
-            """
-            SELECT current_user, c.oid IS NOT NULL,
-                   CASE WHEN c.oid IS NOT NULL THEN pg_has_role(current_user, c.relowner, 'USAGE')
-                        ELSE has_schema_privilege(current_user, 'public', 'CREATE') END
-            FROM (SELECT to_regclass('public.alembic_version') AS oid) t
-            LEFT JOIN pg_class c ON c.oid = t.oid
-            """
-        ).fetchone() or ("?", False, False)
-        revision: str | None = None
-        readable = True
-        if exists:
-            if conn.execute("SELECT has_table_privilege(current_user, 'public.alembic_version', 'SELECT')"
-                            ).fetchone() == (True,):
-                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                revision = row[0] if row else None
-            else:
-                readable = False
-    except psycopg.OperationalError as error:
-        raise StoreUnavailable(f"the database failed while reading the schema revision: {error}") from error
+        with translate_errors():
+            role, exists, may_migrate = conn.execute(
+                """
+                SELECT current_user, c.oid IS NOT NULL,
+                       CASE WHEN c.oid IS NOT NULL THEN pg_has_role(current_user, c.relowner, 'USAGE')
+                            ELSE has_schema_privilege(current_user, 'public', 'CREATE') END
+                FROM (SELECT to_regclass('public.alembic_version') AS oid) t
+                LEFT JOIN pg_class c ON c.oid = t.oid
+                """
+            ).fetchone() or ("?", False, False)
+            revision: str | None = None
+            readable = True
+            if exists:
+                if conn.execute("SELECT has_table_privilege(current_user, 'public.alembic_version', 'SELECT')"
+                                ).fetchone() == (True,):
+                    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                    revision = row[0] if row else None
+                else:
+                    readable = False
+    except StoreUnavailable as error:
+        detail = error.__cause__ if error.__cause__ is not None else error
+        raise StoreUnavailable(f"the database failed while reading the schema revision: {detail}") from error
     finally:
         if not conn.autocommit:
             conn.rollback()

@@ -35,6 +35,9 @@ from typing import Any
 
 import psycopg
 
+from subledger.core.errors import Locked
+from subledger.store.db import translate_errors
+
 PRUNE_LOCK = 0x5B1ED6E6  # the migration lock is 0x5B1ED6E5
 LOCK_TIMEOUT = "2s"
 ATTEMPTS = "outbox_attempts"
@@ -189,12 +192,13 @@ def prune(
 
     done: dict[str, bool] = {}
     try:
-        done[ATTEMPTS] = _prune_attempts(conn, result, retention.batch, halted)
-        done[DELIVERED] = _prune_delivered(conn, result, retention.batch, halted)
-        done[DUPLICATES] = _prune_duplicates(conn, result, retention.batch, halted)
-        if pairs:
-            _prune_destinations(conn, result, retention.batch, params, halted)
-    except psycopg.errors.LockNotAvailable:
+        with translate_errors():  # the caller's connection may be psycopg's own
+            done[ATTEMPTS] = _prune_attempts(conn, result, retention.batch, halted)
+            done[DELIVERED] = _prune_delivered(conn, result, retention.batch, halted)
+            done[DUPLICATES] = _prune_duplicates(conn, result, retention.batch, halted)
+            if pairs:
+                _prune_destinations(conn, result, retention.batch, params, halted)
+    except Locked:
         # A row the relay or an ingest holds: give way (the batch rolled back), go on next run.
         result.incomplete = "a row was locked by another transaction"
     try:
