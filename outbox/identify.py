@@ -24,8 +24,8 @@ from subledger.core.events import Environment
 from subledger.core.lifecycle import SubscriptionState, anonymous_id
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
 from subledger.core.sources.revenuecat import TransferLinks
-from subledger.outbox import writer
 from subledger.store import identity, lookups, projections, streams
+from subledger.store import outbox as outbox_sql
 
 LINK_PREFIX = "link:"
 
@@ -41,14 +41,14 @@ def message_id(subscription_key: str, app_user_id: str, destination: str) -> str
 
 def identify_rows(
     state: SubscriptionState, app_user_id: str, destinations: Sequence[Destination], now: datetime
-) -> list[writer.OutboxRow]:
+) -> list[outbox_sql.OutboxRow]:
     """One identify per destination that takes this subscription's environment."""
     anonymous = anonymous_id(state.key)
     aliases = list(dict.fromkeys(i for i in (anonymous, state.app_user_id, app_user_id) if i))
     traits: dict[str, object] = {"aliases": aliases, "last_seen_app_user_id": app_user_id}
     if state.status is not None:
         traits["subscription_status"] = state.status.value
-    rows: list[writer.OutboxRow] = []
+    rows: list[outbox_sql.OutboxRow] = []
     for dest in destinations:
         if state.environment is Environment.SANDBOX and not dest.send_sandbox:
             continue
@@ -66,7 +66,7 @@ def identify_rows(
         }
         if not state.app_user_id:
             body["anonymousId"] = anonymous  # both ids in one call: Segment merges the two profiles
-        rows.append(writer.OutboxRow(mid, link_id(state.key), dest.name, state.app_id, app_user_id, [body], now))
+        rows.append(outbox_sql.OutboxRow(mid, link_id(state.key), dest.name, state.app_id, app_user_id, [body], now))
     return rows
 
 
@@ -84,7 +84,7 @@ def send_link_identify(
         return []
     rows = identify_rows(state, app_user_id, destinations, now)
     present = streams.existing_messages(conn, [r.message_id for r in rows])
-    writer.insert_missing(conn, rows, now)
+    outbox_sql.insert_missing(conn, rows, now)
     return [r.message_id for r in rows if r.message_id not in present]
 
 

@@ -30,6 +30,7 @@ from subledger.core.sources import Notification
 from subledger.outbox import writer
 from subledger.store import batch as batch_sql
 from subledger.store import log, projections
+from subledger.store import outbox as outbox_sql
 from subledger.store.db import translate_errors
 
 DEFAULT_HORIZON = timedelta(hours=72)
@@ -63,7 +64,7 @@ class IngestPolicy:
         now: datetime,
         linked_user: str | None = None,
         destinations: tuple[Destination, ...] | None = None,
-    ) -> list[writer.OutboxRow]:
+    ) -> list[outbox_sql.OutboxRow]:
         """The outbox rows of `transition` (for every configured destination unless named), due per `due_at`."""
         return writer.rows_for(
             transition,
@@ -96,7 +97,7 @@ class _Batch:
 
     states: dict[str, tuple[SubscriptionState, int]] = field(default_factory=dict)
     transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
-    outbox: list[writer.OutboxRow] = field(default_factory=list)
+    outbox: list[outbox_sql.OutboxRow] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     by_position: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
 
@@ -149,13 +150,13 @@ def ingest(
         if fail_at:
             fail_at("after_derive")
         projections.mark_superseded(conn, batch.superseded, now)
-        writer.withdraw(conn, batch.superseded, now)
+        outbox_sql.withdraw(conn, batch.superseded, now)
         if small:
             batch_sql.write_all(conn, log_writes, batch.states.values(), batch.transitions, batch.outbox, now)
         else:
             projections.save_states(conn, batch.states.values(), now)
             projections.insert_transitions(conn, batch.transitions, now, copy=True)
-            writer.insert(conn, batch.outbox, now, copy=True)
+            outbox_sql.insert(conn, batch.outbox, now, copy=True)
         if fail_at:
             fail_at("before_commit")
     if notify and batch.outbox:
@@ -182,7 +183,7 @@ def _is_history(notification: Notification, now: datetime, horizon: timedelta) -
 def wake_relay(conn: psycopg.Connection) -> None:
     """NOTIFY after commit: a hint only; the relay also polls, so a lost one only delays."""
     with translate_errors(), conn.transaction():
-        conn.execute(f"NOTIFY {writer.OUTBOX_CHANNEL}")
+        outbox_sql.notify(conn)
 
 
 def _derive(
@@ -226,5 +227,5 @@ def _derive(
 
 def _rows(
     transition: Transition, historical: bool, policy: IngestPolicy, now: datetime, linked_user: str | None = None
-) -> list[writer.OutboxRow]:
+) -> list[outbox_sql.OutboxRow]:
     return policy.rows_for(transition, historical=historical, now=now, linked_user=linked_user)

@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 
 from subledger.core.lifecycle import SubscriptionState, Transition, fold, reconcile
-from subledger.outbox import writer
 from subledger.outbox.ingest import IngestPolicy
 from subledger.store import identity, projections, streams
+from subledger.store import outbox as outbox_sql
 from subledger.store.db import translate_errors
 from subledger.store.log import LoggedEvent
 
@@ -135,7 +135,7 @@ class _Writes:
     transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     revived: list[str] = field(default_factory=list)
-    rows: list[tuple[str, writer.OutboxRow]] = field(default_factory=list)  # (subscription key, row)
+    rows: list[tuple[str, outbox_sql.OutboxRow]] = field(default_factory=list)  # (subscription key, row)
 
 
 def _rebuild(
@@ -160,9 +160,9 @@ def _rebuild(
         projections.save_states(conn, writes.states, now)
         projections.insert_transitions(conn, writes.transitions, now, copy=False)
         projections.mark_superseded(conn, writes.superseded, now)
-        writer.withdraw(conn, writes.superseded, now)
+        outbox_sql.withdraw(conn, writes.superseded, now)
         projections.revive(conn, writes.revived)
-        writer.insert_missing(conn, [r for _, r in missing], now)
+        outbox_sql.insert_missing(conn, [r for _, r in missing], now)
     return list(changes.values())
 
 

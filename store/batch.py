@@ -20,6 +20,7 @@ import psycopg
 
 from subledger.core.lifecycle import SubscriptionState, Transition
 from subledger.store import log
+from subledger.store.outbox import OutboxRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,7 @@ def write_all(
     log_writes: log.LogWrites,
     states: Iterable[tuple[SubscriptionState, int]],
     transitions: Sequence[tuple[Transition, int, bool]],
-    outbox_rows: Sequence[Any],
+    outbox_rows: Sequence[OutboxRow],
     now: datetime,
 ) -> None:
     """Everything in one statement with one JSON parameter: one cheap dump for the client, one parse
@@ -121,7 +122,7 @@ def write_all(
         ],
         "outbox": [
             {"m": r.message_id, "t": r.transition_id, "d": r.destination, "a": r.app_id, "sb": r.subscriber,
-             "b": r.body, "st": "dead" if r.dead_reason else "pending", "av": r.available_at, "le": r.dead_reason}
+             "b": r.body, "st": r.status, "av": r.available_at, "le": r.dead_reason}
             for r in outbox_rows
         ],
     }
