@@ -84,10 +84,6 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def sqlalchemy_url(url: str) -> str:
-    return "postgresql+psycopg://" + normalize_url(url)[len("postgresql://") :]
-
-
 def display_url(url: str) -> str:
     """The URL as an operator may see it in a terminal or a log: the password is masked."""
     from psycopg.conninfo import conninfo_to_dict
