@@ -63,6 +63,7 @@ from subledger.core.delivery import (
     next_probe,
     plan,
 )
+from subledger.core.errors import StoreError
 from subledger.outbox import metrics
 from subledger.outbox.segment import Response, SegmentClient, oversize_verdict
 from subledger.store.db import connect
@@ -320,14 +321,14 @@ class Relay:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(StoreError):
                 self._conn.close()
             self._conn = None
 
     def close(self) -> None:
         self._drop_connection()
         if self._hb_conn is not None:
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(StoreError):
                 self._hb_conn.close()
             self._hb_conn = None
         self.client.close()
@@ -345,10 +346,10 @@ class Relay:
         while not done.wait(interval):
             try:
                 self.renew_lease()
-            except psycopg.Error as exc:
+            except StoreError as exc:
                 log.warning("could not renew the lease of %d rows (%s); retrying", len(self._held), exc)
                 if self._hb_conn is not None:
-                    with contextlib.suppress(psycopg.Error):
+                    with contextlib.suppress(StoreError):
                         self._hb_conn.close()
                 self._hb_conn = None
 
@@ -375,7 +376,7 @@ class Relay:
         with self._lock:
             try:
                 return self._run_pass()
-            except psycopg.Error:
+            except StoreError:
                 self._drop_connection()  # reconnect next pass; leased rows come back after the lease
                 raise
 
