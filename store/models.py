@@ -13,7 +13,7 @@ What a model cannot say stays in the migrations alone: the plpgsql functions (`s
 append-only, the `subledger_app` role and its grants, and the seed row of `log_head`.
 
 Read-side code may query through these models; the hot write path stays on psycopg (COPY and the
-ingest CTE in store/batch.py), so importing this module is never on the way of an ingest.
+one-statement batch writes), which neither maps rows to objects nor pays for the ORM.
 
 Python-side types follow the columns: `jsonb` is `Any` (an object or an array), timestamps are aware
 `datetime`s, `bytea` is `bytes`. A nullable column is `X | None`; a column the database fills (a
