@@ -23,6 +23,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from subledger.app.bootstrap import Services
+from subledger.app.stream_ingest import Summary, ingest_stream
+
 DEMO_APP = "com.example.fitness"
 STRIPE_DEMO_APP = "com.example.fitness.web"
 DEMO_APP_APPLE_ID = 1234567890
@@ -81,18 +86,15 @@ def sample_apps(destinations: dict[str, Any], directory: Path | None = None) -> 
     }
 
 
-def ingest_samples(services: Any, console: Any = None) -> list[tuple[str, Any]]:
+def ingest_samples(services: Services, console: Console | None = None) -> list[tuple[str, Summary]]:
     """Ingest every bundled sample through `subledger ingest`'s code path; (name, Summary) each.
 
     With a rich `console`, prints one line per sample as the demo shows it."""
-    from subledger.app.cli import ingest_stream
-
     results = []
     for sample in SAMPLES:
         data = _package().joinpath(sample.name).read_bytes()
         summary = ingest_stream(
-            services, io.BytesIO(data), sample.name, historical=False, progress=False,
-            fmt=sample.fmt, app_id=sample.app_id,
+            services, io.BytesIO(data), sample.name, historical=False, fmt=sample.fmt, app_id=sample.app_id,
         )
         results.append((sample.name, summary))
         if console is not None:

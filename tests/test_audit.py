@@ -209,7 +209,7 @@ def test_http_mirrors_the_queries(client: TestClient) -> None:
 def test_cli_json_and_tables(ledger: psycopg.Connection, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 
-    from subledger.app import cli_audit
+    from subledger.app.cli import audit as cli_audit
 
     monkeypatch.setattr(cli_audit, "out", Console(width=250))
     runner = CliRunner()

@@ -648,7 +648,7 @@ def test_cli_ingest_names_every_hostile_line_and_stores_the_rest(db_url: str, co
 def test_cli_audit_times_that_overflow_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
-    from subledger.app.cli_audit import parse_when
+    from subledger.app.cli.common import parse_when
 
     for text in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2300-01-01"):
         with pytest.raises(typer.Exit):

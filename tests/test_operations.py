@@ -321,7 +321,7 @@ def _terminal() -> Console:
 
 
 def test_ingest_progress_counts_events_and_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from subledger.app import cli as cli_module
+    from subledger.app.cli import ingest as cli_module
 
     console = _terminal()
     monkeypatch.setattr(cli_module, "err", console)
@@ -338,7 +338,7 @@ def test_ingest_progress_counts_events_and_rate(tmp_path: Path, monkeypatch: pyt
 
 
 def test_verify_shows_progress_on_a_terminal_only(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from subledger.app import cli_maintenance
+    from subledger.app.cli import maintenance as cli_maintenance
 
     settings = settings_for("http://127.0.0.1:9")
     ingest_events(db_url, settings, lifecycle(1))

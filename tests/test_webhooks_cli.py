@@ -26,7 +26,7 @@ from webhooks_support import (
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
-from subledger.app.cli import ingest_stream
+from subledger.app.stream_ingest import ingest_stream
 from subledger.core.errors import ConfigError
 
 STRIPE_SAMPLE = resources.files("subledger.app.samples").joinpath("stripe_lifecycle.ndjson").read_bytes()
@@ -43,13 +43,13 @@ def transitions(db_url: str) -> list[str]:
 
 def test_stripe_capture_is_trusted_and_stored_verbatim(db_url: str, tmp_path: Path) -> None:
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(STRIPE_SAMPLE), "s.ndjson",
-                            historical=False, progress=False, fmt="stripe")
+                            historical=False, progress=None, fmt="stripe")
     lines = [line for line in STRIPE_SAMPLE.splitlines() if line.strip()]
     assert (summary.new, summary.rejected, summary.transitions) == (len(lines), 0, 5)
     assert [raw for _, _, raw in log_rows(db_url)] == lines
     assert transitions(db_url) == ["trial_started", "trial_converted", "renewal", "cancellation", "expiration"]
     again = ingest_stream(services(db_url, tmp_path), io.BytesIO(STRIPE_SAMPLE), "s.ndjson",
-                          historical=False, progress=False, fmt="stripe", app_id=STRIPE_APP)
+                          historical=False, progress=None, fmt="stripe", app_id=STRIPE_APP)
     assert (again.new, again.duplicate) == (0, len(lines))
 
 
@@ -64,7 +64,7 @@ def test_stripe_capture_links_a_basil_refund_within_one_file(db_url: str, tmp_pa
     ]
     data = ("\n".join(lines) + "\n").encode()
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "s.ndjson", historical=False,
-                            progress=False, fmt="stripe")
+                            progress=None, fmt="stripe")
     assert (summary.new, summary.transitions) == (3, 2)  # the renewal, then the refund's cancellation
     assert sorted(transitions(db_url)) == ["cancellation", "renewal"]
 
@@ -79,7 +79,7 @@ def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path
     history_item["sendAttemptResults"] = [{"attemptDate": 1698148900000, "sendAttemptResult": "SUCCESS"}]
     data = b"\n".join([good, b"{oops", forged, other_bundle, json.dumps(history_item).encode()]) + b"\n"
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "apple.ndjson",
-                            historical=False, progress=False, fmt="apple")
+                            historical=False, progress=None, fmt="apple")
     assert (summary.new, summary.rejected) == (2, 3)
     assert summary.rejections[0].startswith("apple.ndjson:2: malformed JSON")
     assert summary.rejections[1].startswith("apple.ndjson:3: signedPayload:")
@@ -92,7 +92,7 @@ def test_apple_capture_is_verified_and_bad_lines_are_named(db_url: str, tmp_path
 def test_revenuecat_capture_goes_to_the_named_app(db_url: str, tmp_path: Path) -> None:
     data = rc_body(rc_event("INITIAL_PURCHASE", period_type="TRIAL", price=0, price_in_purchased_currency=0))
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data + b"\n"), "rc.ndjson",
-                            historical=False, progress=False, fmt="revenuecat")
+                            historical=False, progress=None, fmt="revenuecat")
     assert (summary.new, summary.rejected) == (1, 0)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT app_id FROM event_log").fetchone() == (RC_APP,)
@@ -105,7 +105,7 @@ def test_revenuecat_capture_applies_a_transfer_as_the_webhook_does(db_url: str, 
     moved = rc_event("TRANSFER", id="rc-move", transferred_from=[anon], transferred_to=["user_cli"])
     data = rc_body(bought) + b"\n" + rc_body(moved) + b"\n"
     summary = ingest_stream(services(db_url, tmp_path), io.BytesIO(data), "rc.ndjson",
-                            historical=False, progress=False, fmt="revenuecat")
+                            historical=False, progress=None, fmt="revenuecat")
     assert (summary.new, summary.rejected) == (2, 0)
     with psycopg.connect(db_url) as conn:
         linked = conn.execute("SELECT app_user_id FROM identity_links").fetchall()
@@ -118,7 +118,7 @@ def test_format_without_an_app_is_a_config_error(db_url: str, tmp_path: Path) ->
     settings = settings_module.from_dict({"apps": {"a": {}, "b": {}}})
     with pytest.raises(ConfigError) as err:
         ingest_stream(build(settings, database_url=db_url), io.BytesIO(b"{}"), "x", historical=False,
-                      progress=False, fmt="stripe")
+                      progress=None, fmt="stripe")
     assert err.value.key == "--app"
 
 

@@ -33,8 +33,8 @@ from webhooks_support import log_count, webhook_client, write_root
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
-from subledger.app.cli import ingest_stream
 from subledger.app.http import create_app
+from subledger.app.stream_ingest import ingest_stream
 from subledger.core.errors import ConfigError
 
 PATH = "/webhooks/google"
@@ -291,7 +291,7 @@ def test_captured_pushes_replay_with_stored_results_or_fetch_now(db_url: str, tm
         "order": order("GPA.1", MONTHLY, "0", phase="freeTrial"),
     }
     lines = [json.dumps(stored).encode(), body(2, "m-2"), b"{not json", body(2, "m-3")]
-    summary = ingest_stream(services, io.BytesIO(b"\n".join(lines)), "g.ndjson", historical=False, progress=False,
+    summary = ingest_stream(services, io.BytesIO(b"\n".join(lines)), "g.ndjson", historical=False, progress=None,
                             fmt="google")
     assert (summary.new, summary.rejected, summary.transitions) == (3, 1, 2)
     assert summary.rejections[0].startswith("g.ndjson:3: ")
@@ -303,5 +303,5 @@ def test_captured_pushes_replay_with_stored_results_or_fetch_now(db_url: str, tm
         kinds = [k for (k,) in conn.execute("SELECT kind FROM transitions ORDER BY log_position")]
     assert raws == [lines[0], lines[1], lines[3]]
     assert kinds == ["trial_started", "trial_converted"]
-    again = ingest_stream(services, io.BytesIO(lines[0]), "g.ndjson", historical=False, progress=False, fmt="google")
+    again = ingest_stream(services, io.BytesIO(lines[0]), "g.ndjson", historical=False, progress=None, fmt="google")
     assert (again.new, again.duplicate) == (0, 1)

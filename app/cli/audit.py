@@ -7,103 +7,35 @@ Every command prints a readable table, or with `--json` the same data as JSON (t
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
-import psycopg
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from subledger.app.cli.common import (
+    ConfigOption,
+    DatabaseOption,
+    JsonOption,
+    connection,
+    err,
+    fail,
+    out,
+    parse_when,
+    print_json,
+    shown_time,
+)
 from subledger.app.wording import plural
-from subledger.core.errors import StoreError
-from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
+from subledger.core.events import Environment, EventType, Source
+from subledger.store import audit
 
 audit_app = typer.Typer(
     help="Audit the log: subscriber timelines, state at a time, why a message exists, exports, stats.",
     no_args_is_help=True,
 )
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)  # a line stays one line when piped
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
-]
-DatabaseOption = Annotated[
-    str | None,
-    typer.Option("--database-url", help="PostgreSQL URL (default: $SUBLEDGER_DATABASE_URL, else embedded)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    from rich.markup import escape
-
-    # One line whatever the width (no wrapping when piped); the message is text, never markup.
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def services_for(config: Path | None, database_url: str | None) -> Any:
-    from subledger.app.cli import _services  # late: cli.py registers this module at import
-
-    return _services(config, database_url)
-
-
-@contextmanager
-def connection(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, psycopg.Connection]]:
-    """Services and a connection; database errors become one clear error line and exit code 2.
-
-    These commands read or repair the ledger and never migrate: a schema that is not current is
-    refused up front (`run subledger db upgrade`), not met as raw SQL errors halfway through."""
-    from subledger.store.db import connect, translate_errors
-    from subledger.store.migrate import require_current
-
-    services = services_for(config, database_url)
-    try:
-        with translate_errors():
-            conn = connect(services.database_url, timeout=services.database_timeout)
-            try:
-                require_current(conn)
-                yield services, conn
-            finally:
-                conn.close()
-    except StoreError as exc:
-        raise fail(str(exc)) from None
-
-
-def parse_when(text: str, name: str) -> datetime:
-    """RFC 3339, or a bare date / date-time read as UTC: what an operator types at a prompt."""
-    value = text.strip().replace("z", "Z")
-    if value.endswith("Z"):
-        value = value[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise fail(f"{name}: not a time: {text!r} (try 2026-11-28T12:00:00Z)") from None
-    try:  # `0001-01-01T00:00:00+14:00` overflows in UTC; the range is the one events may name
-        instant = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    except OverflowError:
-        instant = None
-    if instant is None or not EARLIEST_TIME <= instant < LATEST_TIME:
-        raise fail(f"{name}: {TIME_RANGE}")
-    return instant
-
-
-def print_json(data: Any) -> None:
-    from subledger.store.audit import jsonable
-
-    print(json.dumps(jsonable(data), indent=2, ensure_ascii=False))
-
-
-def _t(value: datetime | None) -> str:
-    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @audit_app.command("timeline")
@@ -114,8 +46,6 @@ def timeline(
     database_url: DatabaseOption = None,
 ) -> None:
     """Every log entry, transition (superseded ones marked) and delivery of a subscriber."""
-    from subledger.store import audit
-
     with connection(config, database_url) as (_, conn):
         found = audit.timeline(conn, subscriber)
     if not found.subscriptions:
@@ -128,8 +58,9 @@ def timeline(
     for col in ("pos", "source", "id", "type", "occurred", "received", "dup", "hist"):
         entries.add_column(col)
     for e in found.entries:
-        entries.add_row(str(e.position), e.source, e.external_id, e.kind, _t(e.occurred_at), _t(e.received_at),
-                        str(e.duplicates) if e.duplicates else "", "yes" if e.historical else "")
+        entries.add_row(str(e.position), e.source, e.external_id, e.kind, shown_time(e.occurred_at),
+                        shown_time(e.received_at), str(e.duplicates) if e.duplicates else "",
+                        "yes" if e.historical else "")
     out.print(entries)
     transitions = Table(title="transitions", title_justify="left")
     transitions.add_column("transition", no_wrap=True)
@@ -137,7 +68,7 @@ def timeline(
         transitions.add_column(col)
     for t in found.transitions:
         note = "SUPERSEDED" if t.superseded else ("historical" if t.historical else "")
-        transitions.add_row(t.id, t.kind, _t(t.occurred_at), f"#{t.log_position} {t.event_source}:{t.event_id}",
+        transitions.add_row(t.id, t.kind, shown_time(t.occurred_at), f"#{t.log_position} {t.event_source}:{t.event_id}",
                             t.subscriber, note)
     out.print(transitions)
     deliveries = Table(title="deliveries", title_justify="left")
@@ -148,9 +79,9 @@ def timeline(
         last = d.last_response or d.last_error or ""
         if d.last_attempt_status is not None:
             last = f"{d.last_attempt_status} {last}".strip()
-        lease = f"{d.lease_owner} until {_t(d.lease_until)}" if d.lease_owner else ""
+        lease = f"{d.lease_owner} until {shown_time(d.lease_until)}" if d.lease_owner else ""
         deliveries.add_row(d.message_id, d.event or "", d.destination, d.status, str(d.attempts),
-                           _t(d.delivered_at or d.created_at), lease, last[:60])
+                           shown_time(d.delivered_at or d.created_at), lease, last[:60])
     out.print(deliveries)
     for line in pruned_notes(found.pruned_before):
         out.print(f"[yellow]note[/yellow] {line}", highlight=False)
@@ -165,7 +96,7 @@ PRUNED_WHAT = {
 
 def pruned_notes(pruned_before: dict[str, datetime]) -> list[str]:
     """The timeline's retention notes (README "Retention"): older detail is pruned, not lost."""
-    return [PRUNED_WHAT.get(name, name + " before {} pruned").format(_t(before) + " UTC")
+    return [PRUNED_WHAT.get(name, name + " before {} pruned").format(shown_time(before) + " UTC")
             for name, before in sorted(pruned_before.items())]
 
 
@@ -178,8 +109,6 @@ def state(
     database_url: DatabaseOption = None,
 ) -> None:
     """The subscription's state folded from the log up to TIME (default: now)."""
-    from subledger.store import audit
-
     when = parse_when(at, "--at") if at else datetime.now(UTC)
     with connection(config, database_url) as (_, conn):
         found = audit.state_at(conn, subscription, when)
@@ -188,7 +117,7 @@ def state(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{subscription}[/bold] at {_t(when)} UTC: {plural(found.events_applied, 'fact')} folded",
+    out.print(f"[bold]{subscription}[/bold] at {shown_time(when)} UTC: {plural(found.events_applied, 'fact')} folded",
               highlight=False)
     if found.state is None:
         out.print("nothing had happened yet")
@@ -210,8 +139,6 @@ def explain(
     database_url: DatabaseOption = None,
 ) -> None:
     """Causing log entry → transition → rendered message(s) → delivery attempts."""
-    from subledger.store import audit
-
     with connection(config, database_url) as (_, conn):
         found = audit.explain(conn, transition)
     if found is None:
@@ -222,18 +149,19 @@ def explain(
     t, e = found.transition, found.entry
     if e is not None:
         out.print(f"[bold]log entry #{e['position']}[/bold] {e['source']}:{e['external_id']} ({e['kind']}), "
-                  f"occurred {_t(e['occurred_at'])}, received {_t(e['received_at'])}, "
+                  f"occurred {shown_time(e['occurred_at'])}, received {shown_time(e['received_at'])}, "
                   f"{e['duplicates']} duplicate deliveries, hash {bytes(e['hash']).hex()[:16]}…", highlight=False)
     if found.fact is not None:
         out.print("  fact: " + json.dumps(found.fact, ensure_ascii=False, sort_keys=True), highlight=False,
                   markup=False)
-    state = "SUPERSEDED at " + _t(t["superseded_at"]) if found.superseded else "live"
+    state = "SUPERSEDED at " + shown_time(t["superseded_at"]) if found.superseded else "live"
     out.print(f"[bold]transition[/bold] {t['id']} {t['kind']} for {t['subscriber']} ({state}"
               f"{', historical' if t['historical'] else ''})", highlight=False)
     for m in found.messages:
         if m["body"] is None:  # a tombstone: pruned after its retention, kept so it is never sent again
             out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: delivered "
-                      f"{_t(m['delivered_at'])}, body pruned ({plural(m['attempts'], 'attempt')})", highlight=False)
+                      f"{shown_time(m['delivered_at'])}, body pruned ({plural(m['attempts'], 'attempt')})",
+                      highlight=False)
             continue
         track = m["body"][0]
         out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
@@ -242,7 +170,7 @@ def explain(
     if not found.messages:
         out.print("no message: no destination accepts it (historical, sandbox, event name off) or it was withdrawn")
     for a in found.attempts:
-        out.print(f"[bold]attempt[/bold] {_t(a['attempted_at'])} {a['message_id']} {a['outcome']} "
+        out.print(f"[bold]attempt[/bold] {shown_time(a['attempted_at'])} {a['message_id']} {a['outcome']} "
                   f"{a['status_code'] or ''} {(a['response'] or '')[:80]}", highlight=False)
 
 
@@ -261,8 +189,6 @@ def events(
     database_url: DatabaseOption = None,
 ) -> None:
     """Export matching log entries as NDJSON on stdout, in log order, in constant memory."""
-    from subledger.store import audit
-
     flt = audit.EventFilter(
         app_id=app_id, source=source and source.value, type=type_ and type_.value,
         environment=environment and environment.value,
@@ -279,8 +205,6 @@ def events(
                 count += 1
         stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if sys.stderr.isatty():
@@ -296,8 +220,6 @@ def stats(
     database_url: DatabaseOption = None,
 ) -> None:
     """Counts over a range (log by source/app/environment, transitions by kind), outbox health, latency."""
-    from subledger.store import audit
-
     now = datetime.now(UTC)
     end = parse_when(until, "--until") if until else now
     start = parse_when(since, "--since") if since else end - timedelta(days=1)
@@ -306,7 +228,7 @@ def stats(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{_t(start)} → {_t(end)} UTC[/bold]", highlight=False)
+    out.print(f"[bold]{shown_time(start)} → {shown_time(end)} UTC[/bold]", highlight=False)
     log = Table(title="log entries received", title_justify="left")
     for col in ("source", "app", "environment", "entries"):
         log.add_column(col)
@@ -326,5 +248,5 @@ def stats(
     out.print(f"outbox: {found.pending} pending (oldest {oldest}), {found.dead} dead; "
               f"{found.delivered} delivered in range, latency {pct}", highlight=False)
     for p in found.paused:
-        out.print(f"[yellow]paused[/yellow] {p['app_id']}/{p['destination']} since {_t(p['paused_at'])}: "
+        out.print(f"[yellow]paused[/yellow] {p['app_id']}/{p['destination']} since {shown_time(p['paused_at'])}: "
                   f"{p['paused_reason'] or 'manual'}", highlight=False)

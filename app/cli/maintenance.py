@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+from subledger.app.cli.common import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+from subledger.app.progress import counting
 from subledger.app.wording import plural
+from subledger.outbox.ingest import wake_relay
+from subledger.outbox.replay import replay as run_replay
+from subledger.outbox.replay import total_subscriptions
+from subledger.store.verify import sizes
+from subledger.store.verify import verify as run_verify
 
 
 def replay(
@@ -22,15 +28,9 @@ def replay(
     database_url: DatabaseOption = None,
 ) -> None:
     """Rebuild projections, transitions and missing outbox rows from the log (never a second messageId)."""
-    from subledger.outbox.ingest import wake_relay
-    from subledger.outbox.replay import replay as run_replay
-    from subledger.outbox.replay import total_subscriptions
-
     with connection(config, database_url) as (services, conn):
         show = sys.stderr.isatty() and not as_json and subscription is None
         if show:
-            from subledger.app.progress import counting
-
             total = total_subscriptions(conn)
             conn.commit()
             with counting(err, "replaying", "subscriptions") as bar:
@@ -68,13 +68,8 @@ def verify(
     database_url: DatabaseOption = None,
 ) -> None:
     """Walk the hash chain and compare every projection with a fresh fold; exit 1 naming the first bad entry."""
-    from subledger.store.verify import sizes
-    from subledger.store.verify import verify as run_verify
-
     with connection(config, database_url) as (_, conn):
         if sys.stderr.isatty() and not as_json:
-            from subledger.app.progress import counting
-
             entries, projections = sizes(conn)
             with counting(err, "verifying", "log entries") as bar:
                 # The chain walk, then the projection walk: each advances its own task.

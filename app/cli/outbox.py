@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, fail, out, print_json
+from subledger.app.cli.common import (
+    ConfigOption,
+    DatabaseOption,
+    JsonOption,
+    connection,
+    fail,
+    out,
+    print_json,
+    shown_time,
+)
 from subledger.app.wording import plural
+from subledger.outbox import ops
+from subledger.outbox.ingest import wake_relay
 
 outbox_app = typer.Typer(help="Outbox operations: list, retry, pause, resume.", no_args_is_help=True)
 
@@ -19,10 +29,6 @@ outbox_app = typer.Typer(help="Outbox operations: list, retry, pause, resume.", 
 class RowStatus(StrEnum):
     PENDING = "pending"
     DEAD = "dead"
-
-
-def _t(value: datetime | None) -> str:
-    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @outbox_app.command("list")
@@ -35,8 +41,6 @@ def list_rows(
     database_url: DatabaseOption = None,
 ) -> None:
     """Rows waiting in the outbox (delivered ones have left it; see `audit timeline`)."""
-    from subledger.outbox import ops
-
     with connection(config, database_url) as (_, conn):
         rows = ops.list_rows(conn, status=None if status is None else status.value, app_id=app_id, limit=limit)
     if as_json:
@@ -48,8 +52,8 @@ def list_rows(
         table.add_column(col)
     for r in rows:  # a lease shows which relay holds the row now (host:pid:random) and until when
         table.add_row(str(r["id"]), r["message_id"], r["event"] or "", f"{r['app_id']}/{r['destination']}",
-                      r["subscriber"], r["status"], str(r["attempts"]), _t(r["available_at"]),
-                      r["lease_owner"] or "", _t(r["lease_until"]), (r["last_error"] or "")[:60])
+                      r["subscriber"], r["status"], str(r["attempts"]), shown_time(r["available_at"]),
+                      r["lease_owner"] or "", shown_time(r["lease_until"]), (r["last_error"] or "")[:60])
     out.print(table)
     out.print(plural(len(rows), "row"), highlight=False)
 
@@ -63,9 +67,6 @@ def retry(
     database_url: DatabaseOption = None,
 ) -> None:
     """Make a row (or every dead row) due now, keeping its messageId; never-sent rows are re-rendered."""
-    from subledger.outbox import ops
-    from subledger.outbox.ingest import wake_relay
-
     if (ref is None) == (not dead):
         raise fail("name one row (ID or messageId) or pass --dead, not both")
     with connection(config, database_url) as (services, conn):
@@ -94,8 +95,6 @@ def pause(
     database_url: DatabaseOption = None,
 ) -> None:
     """Stop sending to an app's destination(s); rows stay pending until `outbox resume`."""
-    from subledger.outbox import ops
-
     with connection(config, database_url) as (services, conn), conn.transaction():
         try:
             names = ops.targets(conn, services.policy, app_id, destination)
@@ -113,9 +112,6 @@ def resume(
     database_url: DatabaseOption = None,
 ) -> None:
     """Resume sending (also lifts a rate-limit wait)."""
-    from subledger.outbox import ops
-    from subledger.outbox.ingest import wake_relay
-
     with connection(config, database_url) as (services, conn):
         with conn.transaction():
             try:

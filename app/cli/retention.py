@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
-from subledger.app.cli_audit import ConfigOption, DatabaseOption, JsonOption, connection, err, out
+from subledger.app.cli.common import ConfigOption, DatabaseOption, JsonOption, connection, err, out
 from subledger.app.wording import plural
+from subledger.store import retention
 
 
 def prune(
@@ -22,8 +23,6 @@ def prune(
     database_url: DatabaseOption = None,
 ) -> None:
     """Prune delivery detail older than `[retention]` in small batches (the event log is never pruned)."""
-    from subledger.store import retention
-
     with connection(config, database_url) as (services, conn):
         settings = services.settings
         configured = {(app_id, name) for app_id, app in settings.apps.items() for name in app.destinations}

@@ -1,0 +1,117 @@
+"""What every `subledger` command shares: the consoles, the options, one-line errors, services and connections.
+
+Defined once so that every command spells `--config` and `--database-url` the same way, refuses
+in the same one line (`error: ...`, exit 2), and opens the database the same way. Command modules
+import this one; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from subledger.app import settings as settings_module
+from subledger.app.bootstrap import Services, build
+from subledger.core.errors import ConfigError, StoreError
+from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE
+from subledger.store import migrate
+from subledger.store.audit import jsonable
+from subledger.store.db import connect
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # a line stays one line when piped
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
+]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database-url", help="PostgreSQL URL (default: $SUBLEDGER_DATABASE_URL, else embedded)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+MigrateOption = Annotated[
+    bool | None,
+    typer.Option("--migrate/--no-migrate", help="At start, migrate a schema that is behind: --migrate always "
+                 "tries, --no-migrate never does; default (setting `migrate`): only when this role owns the schema."),
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: <message>` and return the Exit to raise (`raise fail(...) from None`)."""
+    # One line whatever the width (no wrapping when piped); the message is text, never markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def services_for(config: Path | None, database_url: str | None) -> Services:
+    """Settings loaded and services built, or one error line (a config or database URL problem)."""
+    try:
+        loaded = settings_module.load(config)
+        return build(loaded, database_url=database_url)
+    except (ConfigError, StoreError) as exc:
+        raise fail(str(exc)) from None
+
+
+def prepare_schema(services: Services, migrate_flag: bool | None) -> None:
+    """serve/relay/ingest: run on a current schema; migrate only when allowed or told to (one line if not)."""
+    chosen = services.settings.migrate if migrate_flag is None else migrate_flag
+    try:
+        done = migrate.prepare(services.database_url, migrate=chosen, timeout=services.database_timeout)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if "migrated" in done:
+        err.print(done, highlight=False)
+
+
+@contextmanager
+def connection(config: Path | None, database_url: str | None) -> Iterator[tuple[Services, psycopg.Connection]]:
+    """Services and a connection; database errors become one clear error line and exit code 2.
+
+    These commands read or repair the ledger and never migrate: a schema that is not current is
+    refused up front (`run subledger db upgrade`), not met as raw SQL errors halfway through."""
+    services = services_for(config, database_url)
+    try:
+        conn = connect(services.database_url, timeout=services.database_timeout)
+        try:
+            migrate.require_current(conn)
+            yield services, conn
+        finally:
+            conn.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+
+
+def parse_when(text: str, name: str) -> datetime:
+    """RFC 3339, or a bare date / date-time read as UTC: what an operator types at a prompt."""
+    value = text.strip().replace("z", "Z")
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{name}: not a time: {text!r} (try 2026-11-28T12:00:00Z)") from None
+    try:  # `0001-01-01T00:00:00+14:00` overflows in UTC; the range is the one events may name
+        instant = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:
+        instant = None
+    if instant is None or not EARLIEST_TIME <= instant < LATEST_TIME:
+        raise fail(f"{name}: {TIME_RANGE}")
+    return instant
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(jsonable(data), indent=2, ensure_ascii=False))
+
+
+def shown_time(value: datetime | None) -> str:
+    """A time in a table cell: UTC, to the second; nothing for none."""
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,165 @@
+"""A stream of events into the ledger: canonical NDJSON/JSON, or captured store bodies, in batches of 1,000.
+
+The use case behind `subledger ingest` and the demo's samples (which is why it is not in the CLI:
+the demo calls it as the CLI does). Each line is validated as `POST /v1/events` (canonical) or a
+webhook (captured bodies) validates it; a refused line is counted and named, the others are
+ingested one transaction per batch, so memory stays constant whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+import psycopg
+
+from subledger.app.bootstrap import Services
+from subledger.app.canonical import Rejection, to_incoming
+from subledger.app.reader import Item, read_items
+from subledger.core.errors import ConfigError
+from subledger.core.sources import revenuecat as rc_source
+from subledger.outbox.identify import apply_transfer
+from subledger.outbox.ingest import Incoming, ingest, wake_relay
+from subledger.store.db import connect
+
+BATCH = 1000
+MAX_REJECTIONS_SHOWN = 20
+T = TypeVar("T")
+# Wraps the items read from the stream (to show progress, say) and yields them unchanged.
+Watch = Callable[[Iterator[Item], IO[bytes]], Iterator[Item]]
+
+
+@dataclass
+class Summary:
+    new: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    transitions: int = 0
+    rejections: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "new": self.new,
+            "duplicate": self.duplicate,
+            "rejected": self.rejected,
+            "transitions": self.transitions,
+            "rejections": self.rejections,
+        }
+
+
+def ingest_stream(
+    services: Services, stream: IO[bytes], name: str, *, historical: bool = False, progress: Watch | None = None,
+    fmt: str = "canonical", app_id: str | None = None,
+) -> Summary:
+    """Stream, validate and ingest in batches of 1,000, one transaction each.
+
+    `fmt` other than canonical: one captured store body per line, through the webhooks' adapters.
+    `progress` sees every item read (the CLI draws a bar with it on a terminal)."""
+    # deferred: the store adapters load Apple's library and google-auth (seconds), only for captured bodies
+    from subledger.app.google_api import GoogleLinks
+    from subledger.app.sources import StripeLinks, build_sources, captured_incoming
+
+    summary = Summary()
+    sources = None if fmt == "canonical" else build_sources(services.settings)
+    if sources is not None and fmt not in ("apple", "google"):
+        app_id = app_id or sources.default_app(fmt)  # type: ignore[arg-type]
+        if app_id is None:
+            raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
+    conn = connect(services.database_url, timeout=services.database_timeout)
+    links = StripeLinks(conn, app_id) if fmt == "stripe" and app_id else None
+    google_links = None
+    if sources is not None and fmt == "google":
+        google_links = {g.config.app_id: GoogleLinks(conn, g.config.app_id) for g in sources.google.values()}
+
+    def flush(batch: list[Incoming]) -> None:
+        if not batch:
+            return
+        for outcome in ingest(conn, batch, services.policy, services.clock()):
+            if outcome.result == "new":
+                summary.new += 1
+                summary.transitions += len(outcome.transitions)
+            else:
+                summary.duplicate += 1
+        if fmt == "revenuecat":
+            _apply_transfers(conn, services, batch)
+        batch.clear()
+
+    def reject(line: int, reason: str) -> None:
+        summary.rejected += 1
+        if len(summary.rejections) < MAX_REJECTIONS_SHOWN:
+            summary.rejections.append(f"{name}:{line}: {reason}")
+
+    def checked_items() -> Iterator[tuple[int, Incoming | Rejection | str]]:
+        read = read_items(stream)
+        for item in read if progress is None else progress(read, stream):
+            if item.error:
+                yield item.line, item.error
+            elif sources is None:
+                yield item.line, to_incoming(item.value, item.raw, services.settings, historical=historical)
+            else:
+                yield item.line, captured_incoming(
+                    sources, fmt, item.raw, services.settings,  # type: ignore[arg-type]
+                    app_id=app_id, links=links, historical=historical, google_links=google_links,
+                )
+
+    # Canonical input is parsed on a second thread: it runs while this one waits for the
+    # database. Captured Stripe bodies look things up on `conn`, so they stay on this thread.
+    items = in_background(checked_items()) if sources is None else checked_items()
+    batch: list[Incoming] = []
+    try:
+        for line, checked in items:
+            if isinstance(checked, str):
+                reject(line, checked)
+            elif isinstance(checked, Rejection):
+                where = f"{checked.field}: " if checked.field else ""
+                reject(line, where + checked.reason)
+            else:
+                batch.append(checked)
+                if len(batch) >= BATCH:
+                    flush(batch)
+        flush(batch)
+    finally:
+        conn.close()
+    return summary
+
+
+def _apply_transfers(conn: psycopg.Connection, services: Services, batch: list[Incoming]) -> None:
+    """A captured RevenueCat TRANSFER links identities as the webhook does, after its batch committed."""
+    sent: list[str] = []
+    for item in batch:
+        if item.notification.kind == "TRANSFER" and (moved := rc_source.transfer_links(item.raw)) is not None:
+            app_id = item.notification.app_id
+            sent += apply_transfer(conn, app_id, moved, services.policy.destinations_for(app_id), services.clock())
+    if sent:
+        wake_relay(conn)
+
+
+def in_background(items: Iterator[T], *, depth: int = 2 * BATCH) -> Iterator[T]:
+    """Produce `items` on a daemon thread into a bounded queue (memory stays constant)."""
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put(item)
+        except BaseException as exc:  # handed to the consumer below
+            failure.append(exc)
+        finally:
+            box.put(done)
+
+    threading.Thread(target=produce, name="ingest-parse", daemon=True).start()
+    try:
+        while (item := box.get()) is not done:
+            yield item
+    finally:
+        stop.set()
+    if failure:
+        raise failure[0]
