@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from subledger.store.retention import Retention
 
 SEGMENT_US = "https://api.segment.io"
-SEGMENT_EU = "https://events.eu1.segmentapis.com"
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -90,7 +89,6 @@ class DestinationSettings(_Strict):
         return value
 
 
-APPLE_ENVIRONMENTS = ("Production", "Sandbox")
 AppleEnvironment = Literal["Production", "Sandbox"]
 
 
@@ -343,27 +341,22 @@ def _check_grace(parsed: FileSettings) -> None:
             )
 
 
-def _check_sources(apps: dict[str, AppSettings]) -> None:
+def check_routing_keys(apps: dict[str, AppSettings]) -> None:
     """Cross-app rules a single model cannot see: one app per Apple bundle id and per Play package
-    name (the routing keys)."""
-    owners: dict[str, str] = {}
-    for app_id, app in apps.items():
-        if app.apple is None:
-            continue
-        bundle = app.apple.bundle_id or app_id
-        if bundle in owners:
-            raise ConfigError(f"apps.{_key(app_id)}.apple.bundle_id",
-                              f"{bundle!r} is already the bundle id of app {owners[bundle]!r}")
-        owners[bundle] = app_id
-    packages: dict[str, str] = {}
-    for app_id, app in apps.items():
-        if app.google is None:
-            continue
-        package = app.google.package_name or app_id
-        if package in packages:
-            raise ConfigError(f"apps.{_key(app_id)}.google.package_name",
-                              f"{package!r} is already the package name of app {packages[package]!r}")
-        packages[package] = app_id
+    name (the routing keys). The one implementation: `load` applies it, and `build_sources` again
+    for settings assembled without `load` (a `model_copy`), so a body is never routed by a key two
+    apps claim."""
+    for source, field, what in (("apple", "bundle_id", "bundle id"), ("google", "package_name", "package name")):
+        owners: dict[str, str] = {}
+        for app_id, app in apps.items():
+            section = getattr(app, source)
+            if section is None:
+                continue
+            routing_key: str = getattr(section, field) or app_id  # default: the app's key
+            if routing_key in owners:
+                raise ConfigError(f"apps.{_key(app_id)}.{source}.{field}",
+                                  f"{routing_key!r} is already the {what} of app {owners[routing_key]!r}")
+            owners[routing_key] = app_id
 
 
 def _key(k: str) -> str:
@@ -426,7 +419,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         if loc and loc[-1] == "[key]":  # a mapping's key is wrong, not its value
             loc, reason = loc[:-1], f"is not a valid key; {reason}"
         raise ConfigError(_loc(loc) or "(top level)", reason) from None
-    _check_sources(parsed.apps)
+    check_routing_keys(parsed.apps)
     _check_grace(parsed)
     return Settings(
         api_token=(env.api_token if env else None) or parsed.api_token,

@@ -17,9 +17,9 @@ from typing import Literal
 import psycopg
 
 from subledger.app.canonical import Rejection
-from subledger.app.google_api import GoogleLinks, GoogleSource, GoogleUnavailable, split_capture
-from subledger.app.settings import Settings, read_certificate
-from subledger.core.errors import BadSignature, ConfigError, PayloadRejected, StoreError
+from subledger.app.google_api import GoogleLinks, GoogleSource, split_capture
+from subledger.app.settings import Settings, check_routing_keys, read_certificate
+from subledger.core.errors import BadSignature, ConfigError, PayloadRejected, SourceUnavailable, StoreError, UnknownApp
 from subledger.core.sources import Notification, refuse_unstorable
 from subledger.core.sources import apple as apple_source
 from subledger.core.sources import google as google_source
@@ -30,11 +30,6 @@ from subledger.store import lookups
 
 log = logging.getLogger("subledger.ingest")
 Format = Literal["canonical", "apple", "stripe", "revenuecat", "google"]
-FORMATS: tuple[Format, ...] = ("canonical", "apple", "stripe", "revenuecat", "google")
-
-
-class UnknownApp(PayloadRejected):
-    """The request names an app that has no credentials for this source (HTTP 404)."""
 
 
 def _key(app_id: str) -> str:
@@ -159,14 +154,12 @@ def build_sources(settings: Settings) -> Sources:
     stripe_by_app: dict[str, stripe_source.StripeConfig] = {}
     rc_by_app: dict[str, rc_source.RevenueCatConfig] = {}
     google_by_package: dict[str, GoogleSource] = {}
+    check_routing_keys(settings.apps)  # one app per bundle id / package name
     for app_id, app in settings.apps.items():
         try:
             if app.apple is not None:
                 a = app.apple
                 bundle = a.bundle_id or app_id
-                if bundle in apple_by_bundle:
-                    other = apple_by_bundle[bundle].config.app_id
-                    raise ConfigError("apple.bundle_id", f"{bundle!r} is already the bundle id of app {other!r}")
                 roots = []
                 for index, path in enumerate(a.root_certificates):
                     try:
@@ -293,9 +286,9 @@ def google_captured(
             app_links = links[adapter.config.app_id] = GoogleLinks(conn, adapter.config.app_id)
         notification = adapter.notification(push, chain=app_links, fetched=stored)
         refuse_unstorable(notification)
-    except PayloadRejected as exc:  # GoogleCredentialsRefused included
+    except PayloadRejected as exc:  # CredentialsRefused included
         return Rejection(exc.field, exc.reason)
-    except GoogleUnavailable as exc:
+    except SourceUnavailable as exc:
         return Rejection(None, f"{exc}; ingest the file again later (repeats are duplicates)")
     except (StoreError, ConfigError):
         raise
