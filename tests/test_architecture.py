@@ -1,15 +1,16 @@
 """The dependency direction (product.md, style.md): app → scheduler → outbox → store → core.
 
 `core` imports none of the other layers and no I/O library, and reads no clock; `store` imports
-neither `outbox` nor `app`; nothing but `app` imports `app`. Checked on the source with `ast`, so a
-lazy import inside a function counts as much as one at the top of a module.
+neither `outbox` nor `app`; nothing but `app` imports `app`; and no module of the project imports
+itself back through others (no import cycle, inside a layer as much as across). Checked on the
+source with `ast`, so a lazy import inside a function counts as much as one at the top of a module.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,161 @@ def test_nothing_imports_the_bare_folder_names() -> None:
     assert found == []
 
 
+# -- no import cycles -----------------------------------------------------------------------------
+
+FOLDERS = (*LAYERS, "migrations")
+
+
+def module_of(path: Path) -> str:
+    """The installed name of a source file: app/cli/__init__.py → subledger.app.cli."""
+    package = package_of(path)
+    return package if path.name == "__init__.py" else f"{package}.{path.stem}"
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_of(path): path for folder in FOLDERS for path in sources(folder)}
+
+
+def project_imports(source: str, module: str, package: str, known: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """The project modules a source imports (top level or inside a function), as (line, module).
+
+    `from pkg import name` is an import of `pkg.name` when that is a module, else of `pkg`; a name
+    is resolved to the longest known module it starts with. A module's own package is not an edge:
+    Python runs a package's `__init__` before any of its modules, which is no dependency of theirs.
+    """
+    names = set(known)
+    own = {".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1)}
+
+    def longest(name: str) -> str | None:
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in names:
+                return ".".join(parts[:n])
+        return None
+
+    here = package.split(".")
+    for node in ast.walk(ast.parse(source)):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                parent = ".".join([*base, node.module] if node.module else base)
+            else:
+                parent = node.module or ""
+            targets = [f"{parent}.{alias.name}" if f"{parent}.{alias.name}" in names else parent
+                       for alias in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            targets = [node.args[0].value]
+        for target in targets:
+            found = longest(target)
+            if found is not None and found != module and found not in own:
+                yield node.lineno, found
+
+
+def import_graph(files: Mapping[str, tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """module → {imported module: first line}, from {module: (source, package)}."""
+    graph: dict[str, dict[str, int]] = {}
+    for module, (source, package) in files.items():
+        edges = graph.setdefault(module, {})
+        for line, target in project_imports(source, module, package, files):
+            edges.setdefault(target, line)
+    return graph
+
+
+def cycles(graph: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan), each as the
+    list of modules around it, starting from the smallest name; [] when the graph has none."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def visit(start: str) -> None:  # iterative: a deep import chain must not hit the recursion limit
+        work = [(start, iter(sorted(graph.get(start, {}))))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, {})))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(component)
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    found = []
+    for component in components:
+        first = min(component)
+        # the shortest way back to `first` inside the component (breadth first)
+        previous: dict[str, str] = {}
+        frontier = [first]
+        while frontier and first not in previous:
+            following = []
+            for node in frontier:
+                for child in sorted(graph.get(node, {})):
+                    if child in component and child not in previous:
+                        previous[child] = node
+                        following.append(child)
+            frontier = following
+        path = [first]
+        node = previous[first]
+        while node != first:
+            path.append(node)
+            node = previous[node]
+        found.append([first, *reversed(path[1:])])
+    return sorted(found)
+
+
+def describe(cycle: list[str], graph: Mapping[str, Mapping[str, int]], paths: Mapping[str, Path]) -> str:
+    """`a (a.py:3) → b (b.py:9) → a`: each step names the file and line of the import."""
+    steps = []
+    for here, there in zip(cycle, [*cycle[1:], cycle[0]], strict=True):
+        where = paths[here].relative_to(ROOT) if here in paths else here
+        steps.append(f"{here} ({where}:{graph[here][there]} imports {there})")
+    return " → ".join(steps)
+
+
+def test_no_import_cycles() -> None:
+    """Among all the project's modules, module-level and function-level imports alike; a cycle
+    is reported with every import that closes it, so the fix is where the message points."""
+    paths = project_modules()
+    files = {module: (path.read_text(encoding="utf-8"), package_of(path)) for module, path in paths.items()}
+    graph = import_graph(files)
+    assert [describe(cycle, graph, paths) for cycle in cycles(graph)] == []
+
+
 CLOCK_TEXT = ("datetime.now(", "time.time(", "utcnow(", "date.today(", "time.monotonic(", "perf_counter(")
 CLOCK_CALLS = {"now", "utcnow", "today", "time", "monotonic", "perf_counter", "time_ns"}
 CLOCK_OWNERS = {"datetime", "date", "time"}
@@ -193,3 +349,34 @@ def test_the_checker_sees_relative_lazy_and_dynamic_imports() -> None:
     assert package_of(ROOT / "core" / "__init__.py") == "subledger.core"
     assert package_of(ROOT / "core" / "sources" / "apple.py") == "subledger.core.sources"
     assert sources("core")  # the walk finds the files it is meant to guard
+
+
+def test_the_cycle_checker_finds_and_reports_a_cycle() -> None:
+    files = {
+        "subledger.app.cli": ("from subledger.app.cli import audit\n", "subledger.app.cli"),
+        "subledger.app.cli.audit": ("from subledger.app.cli import common\n", "subledger.app.cli"),
+        "subledger.app.cli.common": ("def f():\n    from subledger.app.cli.outbox import x\n", "subledger.app.cli"),
+        "subledger.app.cli.outbox": ("from .audit import connection\nimport subledger.app.cli\n", "subledger.app.cli"),
+        "subledger.app.http": ("from subledger.app.http import docs\n", "subledger.app.http"),
+        "subledger.app.http.docs": ("from subledger.app.http import common\n", "subledger.app.http"),
+        "subledger.app.http.common": ("import json\nfrom subledger.store.db import connect\n", "subledger.app.http"),
+        "subledger.store.db": ("import importlib\nimportlib.import_module('subledger.store.db')\n", "subledger.store"),
+    }
+    graph = import_graph(files)
+    # `from pkg import module` names the module, not the package; a module's own package is no edge
+    assert graph["subledger.app.http"] == {"subledger.app.http.docs": 1}
+    assert graph["subledger.app.http.docs"] == {"subledger.app.http.common": 1}
+    assert graph["subledger.app.cli.outbox"] == {"subledger.app.cli.audit": 1}  # relative; own package dropped
+    assert graph["subledger.app.cli.common"] == {"subledger.app.cli.outbox": 2}  # inside a function counts
+    assert graph["subledger.store.db"] == {}  # itself: no edge
+    found = cycles(graph)
+    assert found == [["subledger.app.cli.audit", "subledger.app.cli.common", "subledger.app.cli.outbox"]]
+    paths = {m: ROOT / "app" / "x.py" for m in files}
+    assert describe(found[0], graph, paths) == (
+        "subledger.app.cli.audit (app/x.py:1 imports subledger.app.cli.common) → "
+        "subledger.app.cli.common (app/x.py:2 imports subledger.app.cli.outbox) → "
+        "subledger.app.cli.outbox (app/x.py:1 imports subledger.app.cli.audit)"
+    )
+    graph["subledger.app.cli.common"] = {}
+    assert cycles(graph) == []
+    assert len(project_modules()) > 50 and "subledger.app.cli" in project_modules()  # the walk finds them
