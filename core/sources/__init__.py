@@ -6,10 +6,12 @@ more canonical facts it states. Zero facts means "stored only" (informational or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from subledger.core.errors import InvalidEvent
-from subledger.core.events import CanonicalEvent, Source
+from subledger.core.events import CanonicalEvent, Source, parse_event
 from subledger.core.safejson import find_problem, text_problem
 
 
@@ -34,6 +36,30 @@ class Notification:
             kind=event.type.value,
             events=(event,),
             subscription_key=event.subscription_key,
+        )
+
+    @classmethod
+    def from_facts(
+        cls,
+        source: Source,
+        external_id: str,
+        app_id: str,
+        kind: str,
+        facts: Iterable[dict[str, Any]],
+        *,
+        stored_key: str | None = None,
+    ) -> Notification:
+        """An adapter's result: its facts held to the canonical contract (`parse_event`), and the
+        stream the raw entry belongs to: the first fact's, else `stored_key` (the subscription a
+        stored-only delivery names, when it names one)."""
+        events = tuple(parse_event(f, default_source=source) for f in facts)
+        return cls(
+            source=source,
+            external_id=external_id,
+            app_id=app_id,
+            kind=kind,
+            events=events,
+            subscription_key=events[0].subscription_key if events else stored_key,
         )
 
     def key(self) -> str | None:

@@ -41,7 +41,14 @@ from appstoreserverlibrary.signed_data_verifier import (
 from cryptography import x509
 
 from subledger.core import events, safejson
-from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload, PayloadRejected
+from subledger.core.errors import (
+    BadSignature,
+    ConfigError,
+    InvalidEvent,
+    MalformedPayload,
+    PayloadRejected,
+    SignatureUncheckable,
+)
 from subledger.core.events import (
     EventType,
     PeriodType,
@@ -49,7 +56,6 @@ from subledger.core.events import (
     Source,
     Store,
     format_time,
-    parse_event,
 )
 from subledger.core.sources import Notification
 from subledger.core.sources.payload import as_str, delivery_id, fact_id, fact_value, unix_time, unix_time_or_none
@@ -164,7 +170,7 @@ class AppleAdapter:
             return BadSignature("signed data is for another environment", "environment")
         if status == VerificationStatus.RETRYABLE_VERIFICATION_FAILURE:
             # Only with online checks on: OCSP could not be reached. Apple retries any 4xx/5xx answer.
-            return BadSignature("online certificate (OCSP) check could not complete; transient", name)
+            return SignatureUncheckable("online certificate (OCSP) check could not complete; transient", name)
         if status == VerificationStatus.INVALID_CHAIN_LENGTH:
             return BadSignature("x5c must hold exactly 3 certificates", name)
         if status == VerificationStatus.INVALID_CERTIFICATE:
@@ -365,17 +371,11 @@ class _Mapping:
         handler = self.HANDLERS.get(self.type)
         if handler is not None:
             handler(self)
-        events = tuple(parse_event(f, default_source=Source.APPLE) for f in self.facts)
-        key = None
-        if not events and self.subscription_id and self._is_subscription():
-            key = stream_key(self.config.app_id, self.subscription_id)
-        return Notification(
-            source=Source.APPLE,
-            external_id=self.external_id,
-            app_id=self.config.app_id,
-            kind=self.kind,
-            events=events,
-            subscription_key=key if not events else events[0].subscription_key,
+        stored = None
+        if self.subscription_id and self._is_subscription():
+            stored = stream_key(self.config.app_id, self.subscription_id)
+        return Notification.from_facts(
+            Source.APPLE, self.external_id, self.config.app_id, self.kind, self.facts, stored_key=stored
         )
 
     # -- handlers (named after notificationType) --

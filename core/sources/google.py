@@ -48,7 +48,6 @@ from subledger.core.events import (
     Source,
     Store,
     format_time,
-    parse_event,
     parse_time,
 )
 from subledger.core.sources import Notification
@@ -367,17 +366,9 @@ class _Mapping:
             self.on_one_time()
         elif push.family == "subscription":
             self.subscription_id = self._known_subscription()
-        events = tuple(parse_event(f, default_source=Source.GOOGLE) for f in self.facts)
-        key = events[0].subscription_key if events else None
-        if key is None and self.subscription_id:
-            key = stream_key(self.config.app_id, self.subscription_id)
-        return Notification(
-            source=Source.GOOGLE,
-            external_id=push.external_id,
-            app_id=self.config.app_id,
-            kind=self.kind[:200],
-            events=events,
-            subscription_key=key,
+        stored = stream_key(self.config.app_id, self.subscription_id) if self.subscription_id else None
+        return Notification.from_facts(
+            Source.GOOGLE, push.external_id, self.config.app_id, self.kind[:200], self.facts, stored_key=stored
         )
 
     # -- subscription notifications --

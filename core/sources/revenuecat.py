@@ -34,7 +34,6 @@ from subledger.core.events import (
     Source,
     Store,
     format_time,
-    parse_event,
 )
 from subledger.core.sources import Notification
 from subledger.core.sources.payload import as_str, country_code, delivery_id, fact_id, unix_time, unix_time_or_none
@@ -190,15 +189,7 @@ class _Mapping:
         handler = self.HANDLERS.get(self.kind)
         if handler is not None:
             handler(self)
-        events = tuple(parse_event(f, default_source=Source.REVENUECAT) for f in self.facts)
-        return Notification(
-            source=Source.REVENUECAT,
-            external_id=self.external_id,
-            app_id=self.app_id,
-            kind=self.kind,
-            events=events,
-            subscription_key=events[0].subscription_key if events else None,
-        )
+        return Notification.from_facts(Source.REVENUECAT, self.external_id, self.app_id, self.kind, self.facts)
 
     # -- handlers (named after RevenueCat's type) --
 

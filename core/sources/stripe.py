@@ -42,7 +42,6 @@ from subledger.core.events import (
     Source,
     Store,
     format_time,
-    parse_event,
 )
 from subledger.core.sources import Notification
 from subledger.core.sources.payload import (
@@ -326,17 +325,9 @@ class _Mapping:
             handler(self)
         else:
             self._locate()
-        events = tuple(parse_event(f, default_source=Source.STRIPE) for f in self.facts)
-        key = events[0].subscription_key if events else None
-        if not events and self.subscription_id:
-            key = stream_key(self.config.app_id, self.subscription_id)
-        return Notification(
-            source=Source.STRIPE,
-            external_id=self.external_id,
-            app_id=self.config.app_id,
-            kind=self.kind,
-            events=events,
-            subscription_key=key,
+        stored = stream_key(self.config.app_id, self.subscription_id) if self.subscription_id else None
+        return Notification.from_facts(
+            Source.STRIPE, self.external_id, self.config.app_id, self.kind, self.facts, stored_key=stored
         )
 
     def _locate(self) -> None:
