@@ -28,13 +28,13 @@ from subledger.core.lifecycle import (
 from subledger.core.render import Destination
 from subledger.core.sources import Notification
 from subledger.outbox import writer
-from subledger.store import batch as batch_sql
-from subledger.store import log, projections
+from subledger.store import log, projections, unit_of_work
 from subledger.store import outbox as outbox_sql
-from subledger.store.db import translate_errors
+from subledger.store.unit_of_work import SMALL_BATCH, UnitOfWork
+
+__all__ = ["SMALL_BATCH", "Incoming", "IngestPolicy", "Outcome", "ingest", "wake_relay"]
 
 DEFAULT_HORIZON = timedelta(hours=72)
-SMALL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,6 @@ class Outcome:
     transitions: tuple[str, ...] = ()
 
 
-@dataclass
-class _Batch:
-    """Per-transaction scratch space, so each table is written once per batch."""
-
-    states: dict[str, tuple[SubscriptionState, int]] = field(default_factory=dict)
-    transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
-    outbox: list[outbox_sql.OutboxRow] = field(default_factory=list)
-    superseded: list[str] = field(default_factory=list)
-    by_position: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
-
-
 FailureHook = Callable[[str], None]
 
 
@@ -114,13 +103,14 @@ def ingest(
     fail_at: FailureHook | None = None,
     notify: bool = True,
 ) -> list[Outcome]:
-    """Append, fold, render and enqueue `items` in one transaction; return one outcome per item."""
-    batch = _Batch()
-    # Small batches (a webhook, an API call) are BEGIN, two statements and COMMIT; big ones (file
-    # imports) COPY each table. (A psycopg pipeline measured slower here: four statements leave it
-    # little to save and its bookkeeping costs more client CPU than the round trips it spares.)
-    small = len(items) <= SMALL_BATCH
-    with translate_errors(), conn.transaction():
+    """Append, fold, render and enqueue `items` in one transaction; return one outcome per item.
+
+    The rows are staged in a unit of work (store/unit_of_work.py): a small batch (a webhook, an API
+    call) is then BEGIN, two statements and COMMIT, a big one (a file import) COPYs each table.
+    """
+    work = UnitOfWork(now)
+    by_position: dict[int, list[str]] = defaultdict(list)
+    with conn.transaction():
         entries = [
             log.Entry(
                 notification=item.notification,
@@ -131,14 +121,13 @@ def ingest(
             for item in items
         ]
         keys = sorted({k for item in items if (k := item.notification.key()) is not None})
-        begun = batch_sql.begin(
+        begun = unit_of_work.begin(
             conn, entries, keys,
             sorted({(i.notification.app_id, k) for i in items if (k := i.notification.key()) is not None}),
         )
         stored, links = begun.states, begun.links
         results, log_writes = log.plan(entries, begun.head)
-        if not small:
-            log.write(conn, log_writes, copy=True)
+        work.append(conn, log_writes)
         if fail_at:
             fail_at("after_log_insert")
         appended = [r for r in results if isinstance(r, log.Appended)]
@@ -146,24 +135,17 @@ def ingest(
         for event, entry in log.events_of(appended):
             by_key[event.subscription_key].append((event, entry))
         for key, pairs in by_key.items():
-            _derive(conn, key, pairs, stored.get(key), policy, now, batch, links.get(key))
+            _derive(conn, key, pairs, stored.get(key), policy, now, work, by_position, links.get(key))
         if fail_at:
             fail_at("after_derive")
-        projections.mark_superseded(conn, batch.superseded, now)
-        outbox_sql.withdraw(conn, batch.superseded, now)
-        if small:
-            batch_sql.write_all(conn, log_writes, batch.states.values(), batch.transitions, batch.outbox, now)
-        else:
-            projections.save_states(conn, batch.states.values(), now)
-            projections.insert_transitions(conn, batch.transitions, now, copy=True)
-            outbox_sql.insert(conn, batch.outbox, now, copy=True)
+        work.commit(conn)
         if fail_at:
             fail_at("before_commit")
-    if notify and batch.outbox:
+    if notify and (work.outbox or work.outbox_if_missing):
         wake_relay(conn)
     return [
         Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "new", r.position,
-                tuple(batch.by_position.get(r.position, ())))
+                tuple(by_position.get(r.position, ())))
         if isinstance(r, log.Appended)
         else Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "duplicate")
         for r in results
@@ -182,7 +164,7 @@ def _is_history(notification: Notification, now: datetime, horizon: timedelta) -
 
 def wake_relay(conn: psycopg.Connection) -> None:
     """NOTIFY after commit: a hint only; the relay also polls, so a lost one only delays."""
-    with translate_errors(), conn.transaction():
+    with conn.transaction():
         outbox_sql.notify(conn)
 
 
@@ -193,7 +175,8 @@ def _derive(
     state: SubscriptionState | None,
     policy: IngestPolicy,
     now: datetime,
-    batch: _Batch,
+    batch: UnitOfWork,
+    by_position: dict[int, list[str]],
     linked_user: str | None = None,
 ) -> None:
     events = [event for event, _ in pairs]
@@ -215,13 +198,14 @@ def _derive(
         emitted = diff.new
         new_state = refolded.state
         batch.superseded.extend(diff.superseded)
-        for transition, historical in projections.revive(conn, diff.revived):
+        batch.revived.extend(diff.revived)
+        for transition, historical in projections.emitted_bodies(conn, diff.revived).values():
             batch.outbox.extend(_rows(transition, historical, policy, now, linked_user))
-    batch.states[key] = (new_state, last_position)
+    batch.stage_state(new_state, last_position)
     for transition in emitted:
         position, historical = origin[(transition.event_source, transition.event_id)]
         batch.transitions.append((transition, position, historical))
-        batch.by_position[position].append(transition.id)
+        by_position[position].append(transition.id)
         batch.outbox.extend(_rows(transition, historical, policy, now, linked_user))
 
 

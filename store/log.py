@@ -3,12 +3,18 @@
 Appenders serialize on the chain head row, which makes positions gapless and equal to commit
 order, lets each hash cover the previous one, and turns a concurrent duplicate into a plain
 "already there" once the first writer commits.
+
+The one writer of `event_log`, `duplicate_receipts` and `log_head`: `plan` decides the rows,
+`write` puts them in by COPY (big batches) and `CTE`/`cte_data` are the same rows as parts of the
+unit of work's single statement (small batches, store/unit_of_work.py). Both encodings sit side by
+side so they cannot drift; tests/test_unit_of_work.py pins that they write the same rows.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -68,9 +74,14 @@ def facts_of(notification: Notification) -> dict[str, Any]:
 class LogWrites:
     """The rows an append adds: log entries, duplicate receipts and the chain's new head."""
 
-    rows: list[tuple[Any, ...]]
-    duplicates: list[tuple[str, str, datetime]]
-    head: tuple[int, bytes] | None
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    duplicates: list[tuple[str, str, datetime]] = field(default_factory=list)
+    head: tuple[int, bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        """How many of the batch's entries this covers (each is a new row or a receipt)."""
+        return len(self.rows) + len(self.duplicates)
 
 
 def plan(entries: Sequence[Entry], head: Head) -> tuple[list[Appended | AlreadySeen], LogWrites]:
@@ -125,6 +136,56 @@ def write(conn: psycopg.Connection, writes: LogWrites, *, copy: bool) -> None:
             "INSERT INTO duplicate_receipts (source, external_id, received_at) VALUES (%s, %s, %s)",
             writes.duplicates,
         )
+
+
+# The same writes as parts of one statement: `WITH d AS (SELECT <json> AS j), name AS (sql), ...`.
+CTE = (
+    ("new_log", """
+  INSERT INTO event_log (position, source, external_id, app_id, kind, subscription_key, app_user_id, environment,
+                         occurred_at, received_at, historical, raw, facts, hash)
+  SELECT r.p, r.s, r.e, r.a, r.k, r.sk, r.u, r.env, r.oc, r.rc, r.h, decode(r.raw, 'base64'), r.f,
+         decode(r.hs, 'hex')
+  FROM d, jsonb_to_recordset(d.j->'log') AS r(p int8, s text, e text, a text, k text, sk text, u text, env text,
+                                              oc timestamptz, rc timestamptz, h bool, raw text, f jsonb, hs text)
+"""),
+    ("new_head", """
+  UPDATE log_head SET position = (d.j->>'head_position')::int8, hash = decode(d.j->>'head_hash', 'hex')
+  FROM d WHERE d.j ? 'head_position'
+"""),
+    ("receipts", """
+  INSERT INTO duplicate_receipts (source, external_id, received_at)
+  SELECT r.s, r.e, r.rc FROM d, jsonb_to_recordset(d.j->'duplicates') AS r(s text, e text, rc timestamptz)
+"""),
+)
+
+
+def cte_data(writes: LogWrites) -> dict[str, Any]:
+    """`writes` as the keys `CTE` reads from the statement's JSON parameter."""
+    data: dict[str, Any] = {
+        "log": [
+            {"p": p, "s": s, "e": e, "a": a, "k": k, "sk": sk, "u": u, "env": env, "oc": oc, "rc": rc, "h": h,
+             "raw": base64.b64encode(raw).decode(), "f": orjson.Fragment(f), "hs": hs.hex()}
+            for p, s, e, a, k, sk, u, env, oc, rc, h, raw, f, hs in writes.rows
+        ],
+        "duplicates": [{"s": s, "e": e, "rc": rc} for s, e, rc in writes.duplicates],
+    }
+    if writes.head is not None:
+        data["head_position"] = writes.head[0]
+        data["head_hash"] = writes.head[1].hex()
+    return data
+
+
+def lock_head(conn: psycopg.Connection) -> None:
+    """Take the lock every appender takes, for a rebuild that must not interleave with an ingest."""
+    conn.execute("SELECT position FROM log_head FOR UPDATE")
+
+
+def contains(conn: psycopg.Connection, source: str, external_id: str) -> bool:
+    """Whether the log already holds the entry `(source, external_id)`."""
+    found = conn.execute(
+        "SELECT 1 FROM event_log WHERE source = %s AND external_id = %s", (source, external_id)
+    ).fetchone()
+    return found is not None
 
 
 @dataclass(frozen=True, slots=True)

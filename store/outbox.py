@@ -5,8 +5,9 @@ relay (outbox/relay.py), its lease heartbeat, the operator commands (outbox/ops.
 destination health bookkeeping share one definition of what a row's state means. Callers pass
 typed values in and get dataclasses back; no SQL text leaves this module.
 
-Driver errors leave only through the store's door (`store.db.translate_errors`): a caller catches
-subledger's own `StoreError` family, never `psycopg.Error`.
+Driver errors leave only through the store's door: the connections subledger opens
+(`store.db.connect`, `store.db.Pool`) raise its own `StoreError` family, so a caller catches those,
+never `psycopg.Error`.
 
 Two sections: the writes that create and withdraw outbox rows (owned by the ingest side) and the
 relay/operations side (claim, outcomes, leases, destination state, operator reads).
@@ -14,8 +15,7 @@ relay/operations side (claim, outcomes, leases, destination state, operator read
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 import psycopg
 
-from subledger.store.db import translate_errors
 from subledger.store.rows import write_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +67,24 @@ TYPES = ("text", "text", "text", "text", "text", "jsonb", "text", "timestamptz",
 def insert(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: datetime, *, copy: bool) -> None:
     """New messages (their transitions are new, so their messageIds are too)."""
     write_rows(conn, "outbox", COLUMNS, TYPES, [r.values(now) for r in rows], copy=copy)
+
+
+# `insert` as a part of the unit of work's one statement (small batches; see store/log.py's `CTE`).
+CTE = ("new_outbox", f"""
+  INSERT INTO outbox ({", ".join(COLUMNS)})
+  SELECT r.m, r.t, r.d, r.a, r.sb, r.b, r.st, r.av, r.le, (d.j->>'now')::timestamptz
+  FROM d, jsonb_to_recordset(d.j->'outbox')
+    AS r(m text, t text, d text, a text, sb text, b jsonb, st text, av timestamptz, le text)
+""")
+
+
+def cte_data(rows: Sequence[OutboxRow]) -> dict[str, Any]:
+    """The rows as the key `CTE` reads from the statement's JSON parameter."""
+    return {"outbox": [
+        {"m": r.message_id, "t": r.transition_id, "d": r.destination, "a": r.app_id, "sb": r.subscriber,
+         "b": r.body, "st": r.status, "av": r.available_at, "le": r.dead_reason}
+        for r in rows
+    ]}
 
 
 INSERT_MISSING_SQL = f"""
@@ -130,13 +147,6 @@ def check_listener(conn: psycopg.Connection) -> None:
 
 RouteKey = tuple[str, str]
 """(app_id, destination)."""
-
-
-@contextlib.contextmanager
-def transaction(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
-    """One short transaction through the door: a failed BEGIN or COMMIT is a `StoreError` too."""
-    with translate_errors(), conn.transaction():
-        yield conn
 
 
 def _arrays(routes: Sequence[RouteKey]) -> tuple[list[str], list[str]]:
@@ -209,11 +219,10 @@ def claim(
     each other). `probe`: claim from failing destinations instead, least recently tried first, so a
     row whose content makes the endpoint answer 500 cannot keep its destination failing."""
     apps, dests = _arrays(routes)
-    with translate_errors():
-        fetched = conn.execute(CLAIM_SQL, {
-            "apps": apps, "dests": dests, "now": now, "limit": limit, "lease_until": lease.until,
-            "owner": lease.owner, "probe": probe,
-        }).fetchall()
+    fetched = conn.execute(CLAIM_SQL, {
+        "apps": apps, "dests": dests, "now": now, "limit": limit, "lease_until": lease.until,
+        "owner": lease.owner, "probe": probe,
+    }).fetchall()
     return [
         ClaimedRow(
             id=r[0], message_id=r[1], app_id=r[2], destination=r[3], subscriber=r[4],
@@ -227,35 +236,33 @@ def claim(
 def renew_lease(conn: psycopg.Connection, ids: Sequence[int], lease: Lease) -> int:
     """Extend the lease of those of `ids` still held by `lease.owner`; returns how many were renewed.
     Rows are locked in id order, like every other writer of leased rows (no lock-order deadlock)."""
-    with translate_errors():
-        return conn.execute(
-            """
-            UPDATE outbox o SET lease_until = %(until)s
-            FROM (SELECT id FROM outbox WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s
-                  ORDER BY id FOR UPDATE) mine
-            WHERE o.id = mine.id
-            """,
-            {"until": lease.until, "ids": list(ids), "owner": lease.owner},
-        ).rowcount
+    return conn.execute(
+        """
+        UPDATE outbox o SET lease_until = %(until)s
+        FROM (SELECT id FROM outbox WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s
+              ORDER BY id FOR UPDATE) mine
+        WHERE o.id = mine.id
+        """,
+        {"until": lease.until, "ids": list(ids), "owner": lease.owner},
+    ).rowcount
 
 
 def next_due(conn: psycopg.Connection, routes: Sequence[RouteKey]) -> datetime | None:
     """When a pending row of `routes` may next be claimable (a failing destination's: its next
     probe); None when no row of an unpaused destination is pending."""
     apps, dests = _arrays(routes)
-    with translate_errors():
-        row = conn.execute(
-            """
-            WITH routes(app_id, destination) AS (SELECT * FROM unnest(%s::text[], %s::text[]))
-            SELECT min(greatest(o.available_at, coalesce(o.lease_until, o.available_at),
-                                coalesce(d.retry_after, o.available_at),
-                                CASE WHEN d.failing_since IS NOT NULL THEN d.probe_at END))
-            FROM outbox o JOIN routes r ON r.app_id = o.app_id AND r.destination = o.destination
-            LEFT JOIN destination_state d ON d.app_id = o.app_id AND d.destination = o.destination
-            WHERE o.status = 'pending' AND NOT coalesce(d.paused, false)
-            """,
-            (apps, dests),
-        ).fetchone()
+    row = conn.execute(
+        """
+        WITH routes(app_id, destination) AS (SELECT * FROM unnest(%s::text[], %s::text[]))
+        SELECT min(greatest(o.available_at, coalesce(o.lease_until, o.available_at),
+                            coalesce(d.retry_after, o.available_at),
+                            CASE WHEN d.failing_since IS NOT NULL THEN d.probe_at END))
+        FROM outbox o JOIN routes r ON r.app_id = o.app_id AND r.destination = o.destination
+        LEFT JOIN destination_state d ON d.app_id = o.app_id AND d.destination = o.destination
+        WHERE o.status = 'pending' AND NOT coalesce(d.paused, false)
+        """,
+        (apps, dests),
+    ).fetchone()
     return None if row is None else row[0]
 
 
@@ -305,15 +312,14 @@ class RetryLater:
 def record_attempts(conn: psycopg.Connection, attempts: Sequence[Attempt]) -> None:
     if not attempts:
         return
-    with translate_errors():
-        conn.execute(
-            """
-            INSERT INTO outbox_attempts (message_id, attempted_at, status_code, outcome, response)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::text[])
-            """,
-            ([a.message_id for a in attempts], [a.attempted_at for a in attempts],
-             [a.status_code for a in attempts], [a.outcome for a in attempts], [a.response for a in attempts]),
-        )
+    conn.execute(
+        """
+        INSERT INTO outbox_attempts (message_id, attempted_at, status_code, outcome, response)
+        SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::text[])
+        """,
+        ([a.message_id for a in attempts], [a.attempted_at for a in attempts],
+         [a.status_code for a in attempts], [a.outcome for a in attempts], [a.response for a in attempts]),
+    )
 
 
 def mark_delivered(conn: psycopg.Connection, rows: Sequence[Tried], now: datetime, status: int) -> None:
@@ -321,60 +327,57 @@ def mark_delivered(conn: psycopg.Connection, rows: Sequence[Tried], now: datetim
     `outbox_delivered` in one statement, so the hot table stays small."""
     if not rows:
         return
-    with translate_errors():
-        conn.execute(
-            """
-            WITH t(id, tries) AS (SELECT * FROM unnest(%(ids)s::bigint[], %(tries)s::int[])),
-            gone AS (
-              DELETE FROM outbox o USING t WHERE o.id = t.id
-              RETURNING o.*, t.tries
-            )
-            INSERT INTO outbox_delivered (message_id, transition_id, destination, app_id, subscriber,
-              body, attempts, created_at, first_attempt_at, delivered_at, status_code)
-            SELECT message_id, transition_id, destination, app_id, subscriber, body,
-              attempts + tries, created_at, first_attempt_at, %(now)s, %(status)s FROM gone
-            ON CONFLICT (message_id) DO NOTHING
-            """,
-            {"ids": [r.id for r in rows], "tries": [r.tries for r in rows], "now": now, "status": status},
+    conn.execute(
+        """
+        WITH t(id, tries) AS (SELECT * FROM unnest(%(ids)s::bigint[], %(tries)s::int[])),
+        gone AS (
+          DELETE FROM outbox o USING t WHERE o.id = t.id
+          RETURNING o.*, t.tries
         )
+        INSERT INTO outbox_delivered (message_id, transition_id, destination, app_id, subscriber,
+          body, attempts, created_at, first_attempt_at, delivered_at, status_code)
+        SELECT message_id, transition_id, destination, app_id, subscriber, body,
+          attempts + tries, created_at, first_attempt_at, %(now)s, %(status)s FROM gone
+        ON CONFLICT (message_id) DO NOTHING
+        """,
+        {"ids": [r.id for r in rows], "tries": [r.tries for r in rows], "now": now, "status": status},
+    )
 
 
 def mark_dead(conn: psycopg.Connection, rows: Sequence[DeadLetter], now: datetime, owner: str) -> None:
     """Dead-letter rows this lease holder still holds (another relay's decision is not overwritten)."""
     if not rows:
         return
-    with translate_errors():
-        conn.execute(
-            """
-            UPDATE outbox o SET status = 'dead', attempts = o.attempts + t.tries,
-              last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
-              lease_until = NULL, lease_owner = NULL
-            FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(statuses)s::int[], %(errors)s::text[])
-              AS t(id, tries, status, error)
-            WHERE o.id = t.id AND o.lease_owner = %(owner)s
-            """,
-            {"ids": [r.id for r in rows], "tries": [r.tries for r in rows],
-             "statuses": [r.status for r in rows], "errors": [r.error for r in rows], "now": now, "owner": owner},
-        )
+    conn.execute(
+        """
+        UPDATE outbox o SET status = 'dead', attempts = o.attempts + t.tries,
+          last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
+          lease_until = NULL, lease_owner = NULL
+        FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(statuses)s::int[], %(errors)s::text[])
+          AS t(id, tries, status, error)
+        WHERE o.id = t.id AND o.lease_owner = %(owner)s
+        """,
+        {"ids": [r.id for r in rows], "tries": [r.tries for r in rows],
+         "statuses": [r.status for r in rows], "errors": [r.error for r in rows], "now": now, "owner": owner},
+    )
 
 
 def schedule_retries(conn: psycopg.Connection, rows: Sequence[RetryLater], now: datetime, owner: str) -> None:
     """Give rows back to be sent again at their `at` (only while the lease is `owner`'s)."""
     if not rows:
         return
-    with translate_errors():
-        conn.execute(
-            """
-            UPDATE outbox o SET attempts = o.attempts + t.tries, available_at = t.at,
-              last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
-              lease_until = NULL, lease_owner = NULL
-            FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(ats)s::timestamptz[],
-                        %(statuses)s::int[], %(errors)s::text[]) AS t(id, tries, at, status, error)
-            WHERE o.id = t.id AND o.lease_owner = %(owner)s
-            """,
-            {"ids": [r.id for r in rows], "tries": [r.tries for r in rows], "ats": [r.at for r in rows],
-             "statuses": [r.status for r in rows], "errors": [r.error for r in rows], "now": now, "owner": owner},
-        )
+    conn.execute(
+        """
+        UPDATE outbox o SET attempts = o.attempts + t.tries, available_at = t.at,
+          last_attempt_at = %(now)s, last_status = t.status, last_error = t.error,
+          lease_until = NULL, lease_owner = NULL
+        FROM unnest(%(ids)s::bigint[], %(tries)s::int[], %(ats)s::timestamptz[],
+                    %(statuses)s::int[], %(errors)s::text[]) AS t(id, tries, at, status, error)
+        WHERE o.id = t.id AND o.lease_owner = %(owner)s
+        """,
+        {"ids": [r.id for r in rows], "tries": [r.tries for r in rows], "ats": [r.at for r in rows],
+         "statuses": [r.status for r in rows], "errors": [r.error for r in rows], "now": now, "owner": owner},
+    )
 
 
 def release(conn: psycopg.Connection, rows: Sequence[Tried], owner: str) -> None:
@@ -382,16 +385,15 @@ def release(conn: psycopg.Connection, rows: Sequence[Tried], owner: str) -> None
     claimable again at once, their own backoff unchanged."""
     if not rows:
         return
-    with translate_errors():
-        conn.execute(
-            """
-            UPDATE outbox o SET attempts = o.attempts + t.tries,
-              lease_until = NULL, lease_owner = NULL
-            FROM unnest(%s::bigint[], %s::int[]) AS t(id, tries)
-            WHERE o.id = t.id AND o.lease_owner = %s
-            """,
-            ([r.id for r in rows], [r.tries for r in rows], owner),
-        )
+    conn.execute(
+        """
+        UPDATE outbox o SET attempts = o.attempts + t.tries,
+          lease_until = NULL, lease_owner = NULL
+        FROM unnest(%s::bigint[], %s::int[]) AS t(id, tries)
+        WHERE o.id = t.id AND o.lease_owner = %s
+        """,
+        ([r.id for r in rows], [r.tries for r in rows], owner),
+    )
 
 
 # -- destination state -----------------------------------------------------------------------------
@@ -399,15 +401,14 @@ def release(conn: psycopg.Connection, rows: Sequence[Tried], owner: str) -> None
 
 def hold_destination(conn: psycopg.Connection, app_id: str, destination: str, until: datetime) -> None:
     """The destination asked us to wait (429 Retry-After): nothing of it is claimed before `until`."""
-    with translate_errors():
-        conn.execute(
-            """
-            INSERT INTO destination_state (app_id, destination, retry_after) VALUES (%s, %s, %s)
-            ON CONFLICT (app_id, destination) DO UPDATE
-              SET retry_after = greatest(destination_state.retry_after, EXCLUDED.retry_after)
-            """,
-            (app_id, destination, until),
-        )
+    conn.execute(
+        """
+        INSERT INTO destination_state (app_id, destination, retry_after) VALUES (%s, %s, %s)
+        ON CONFLICT (app_id, destination) DO UPDATE
+          SET retry_after = greatest(destination_state.retry_after, EXCLUDED.retry_after)
+        """,
+        (app_id, destination, until),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,63 +425,59 @@ def failing_destinations(
 ) -> list[FailingDestination]:
     """The failing destinations of `routes` that are neither paused nor waiting out a 429."""
     apps, dests = _arrays(routes)
-    with translate_errors():
-        rows = conn.execute(
-            """
-            SELECT s.app_id, s.destination, s.probe_at FROM destination_state s
-            JOIN unnest(%(apps)s::text[], %(dests)s::text[]) AS r(app_id, destination)
-              ON r.app_id = s.app_id AND r.destination = s.destination
-            WHERE s.failing_since IS NOT NULL AND NOT s.paused
-              AND coalesce(s.retry_after, '-infinity') <= %(now)s
-            ORDER BY 1, 2
-            """,
-            {"apps": apps, "dests": dests, "now": now},
-        ).fetchall()
+    rows = conn.execute(
+        """
+        SELECT s.app_id, s.destination, s.probe_at FROM destination_state s
+        JOIN unnest(%(apps)s::text[], %(dests)s::text[]) AS r(app_id, destination)
+          ON r.app_id = s.app_id AND r.destination = s.destination
+        WHERE s.failing_since IS NOT NULL AND NOT s.paused
+          AND coalesce(s.retry_after, '-infinity') <= %(now)s
+        ORDER BY 1, 2
+        """,
+        {"apps": apps, "dests": dests, "now": now},
+    ).fetchall()
     return [FailingDestination(a, d, p) for a, d, p in rows]
 
 
 def take_probe_slot(conn: psycopg.Connection, app_id: str, destination: str, now: datetime, until: datetime) -> bool:
     """The probe slot of a failing destination, held until `until`: one relay at a time probes, and
     a killed prober's slot runs out. False: another relay holds it (or the destination recovered)."""
-    with translate_errors():
-        taken = conn.execute(
-            """
-            UPDATE destination_state SET probe_at = %(slot)s
-            WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since IS NOT NULL
-              AND coalesce(probe_at, '-infinity') <= %(now)s
-            RETURNING 1
-            """,
-            {"slot": until, "app": app_id, "dest": destination, "now": now},
-        ).fetchone()
+    taken = conn.execute(
+        """
+        UPDATE destination_state SET probe_at = %(slot)s
+        WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since IS NOT NULL
+          AND coalesce(probe_at, '-infinity') <= %(now)s
+        RETURNING 1
+        """,
+        {"slot": until, "app": app_id, "dest": destination, "now": now},
+    ).fetchone()
     return taken is not None
 
 
 def set_probe_at(conn: psycopg.Connection, app_id: str, destination: str, at: datetime | None) -> None:
     """When the destination is probed next (also: give back an unused probe slot)."""
-    with translate_errors():
-        conn.execute(
-            "UPDATE destination_state SET probe_at = %s WHERE app_id = %s AND destination = %s",
-            (at, app_id, destination),
-        )
+    conn.execute(
+        "UPDATE destination_state SET probe_at = %s WHERE app_id = %s AND destination = %s",
+        (at, app_id, destination),
+    )
 
 
 def record_failure(conn: psycopg.Connection, app_id: str, destination: str, reason: str, now: datetime) -> int:
     """The destination failed a request (5xx, timeout, refused): it is failing from now on, if it was
     not already. Returns its consecutive failed requests (1: this outage has just begun)."""
-    with translate_errors():
-        row = conn.execute(
-            """
-            INSERT INTO destination_state (app_id, destination, failing_since, failures, failing_reason)
-            VALUES (%(app)s, %(dest)s, %(now)s, 1, %(reason)s)
-            ON CONFLICT (app_id, destination) DO UPDATE SET
-              failing_since = coalesce(destination_state.failing_since, EXCLUDED.failing_since),
-              failures = CASE WHEN destination_state.failing_since IS NULL THEN 1
-                              ELSE destination_state.failures + 1 END,
-              failing_reason = EXCLUDED.failing_reason
-            RETURNING failures
-            """,
-            {"app": app_id, "dest": destination, "now": now, "reason": reason},
-        ).fetchone()
+    row = conn.execute(
+        """
+        INSERT INTO destination_state (app_id, destination, failing_since, failures, failing_reason)
+        VALUES (%(app)s, %(dest)s, %(now)s, 1, %(reason)s)
+        ON CONFLICT (app_id, destination) DO UPDATE SET
+          failing_since = coalesce(destination_state.failing_since, EXCLUDED.failing_since),
+          failures = CASE WHEN destination_state.failing_since IS NULL THEN 1
+                          ELSE destination_state.failures + 1 END,
+          failing_reason = EXCLUDED.failing_reason
+        RETURNING failures
+        """,
+        {"app": app_id, "dest": destination, "now": now, "reason": reason},
+    ).fetchone()
     return int(row[0]) if row else 1
 
 
@@ -496,21 +493,20 @@ class Recovery:
 def record_recovery(conn: psycopg.Connection, app_id: str, destination: str, sent: datetime) -> Recovery | None:
     """The destination answered a request sent at `sent`: an outage that began by then is over.
     None when there was none (or it began after `sent`: an older answer says nothing about it)."""
-    with translate_errors():
-        row = conn.execute(
-            """
-            UPDATE destination_state s SET failing_since = NULL, failures = 0, failing_reason = NULL,
-              probe_at = NULL
-            FROM (SELECT app_id, destination, failing_since, failures FROM destination_state
-                  WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since <= %(sent)s
-                  FOR UPDATE) old
-            WHERE s.app_id = old.app_id AND s.destination = old.destination
-            RETURNING old.failing_since, old.failures,
-              (SELECT count(*) FROM outbox o
-               WHERE o.app_id = %(app)s AND o.destination = %(dest)s AND o.status = 'pending')
-            """,
-            {"app": app_id, "dest": destination, "sent": sent},
-        ).fetchone()
+    row = conn.execute(
+        """
+        UPDATE destination_state s SET failing_since = NULL, failures = 0, failing_reason = NULL,
+          probe_at = NULL
+        FROM (SELECT app_id, destination, failing_since, failures FROM destination_state
+              WHERE app_id = %(app)s AND destination = %(dest)s AND failing_since <= %(sent)s
+              FOR UPDATE) old
+        WHERE s.app_id = old.app_id AND s.destination = old.destination
+        RETURNING old.failing_since, old.failures,
+          (SELECT count(*) FROM outbox o
+           WHERE o.app_id = %(app)s AND o.destination = %(dest)s AND o.status = 'pending')
+        """,
+        {"app": app_id, "dest": destination, "sent": sent},
+    ).fetchone()
     return None if row is None else Recovery(row[0], int(row[1]), int(row[2]))
 
 
@@ -519,32 +515,30 @@ def pause_destination(
 ) -> None:
     """Stop sending to a destination; its rows stay pending. `key`: resume when the config changes
     (a route's fingerprint); None: a manual pause that stays until `resume_destinations`."""
-    with translate_errors():
-        conn.execute(
-            """
-            INSERT INTO destination_state (app_id, destination, paused, paused_reason, paused_at, paused_key)
-            VALUES (%s, %s, true, %s, %s, %s)
-            ON CONFLICT (app_id, destination) DO UPDATE SET paused = true,
-              paused_reason = EXCLUDED.paused_reason, paused_at = EXCLUDED.paused_at,
-              paused_key = EXCLUDED.paused_key
-            """,
-            (app_id, destination, reason, now, key),
-        )
+    conn.execute(
+        """
+        INSERT INTO destination_state (app_id, destination, paused, paused_reason, paused_at, paused_key)
+        VALUES (%s, %s, true, %s, %s, %s)
+        ON CONFLICT (app_id, destination) DO UPDATE SET paused = true,
+          paused_reason = EXCLUDED.paused_reason, paused_at = EXCLUDED.paused_at,
+          paused_key = EXCLUDED.paused_key
+        """,
+        (app_id, destination, reason, now, key),
+    )
 
 
 def resume_destinations(conn: psycopg.Connection, app_id: str, destination: str | None = None) -> list[RouteKey]:
     """Resume one destination of an app, or all of them; also lifts a pending rate-limit wait, and a
     failing destination is probed at once. Returns the (app_id, destination) pairs touched."""
-    with translate_errors():
-        rows = conn.execute(
-            """
-            UPDATE destination_state SET paused = false, paused_reason = NULL, paused_at = NULL,
-              paused_key = NULL, retry_after = NULL, probe_at = NULL
-            WHERE app_id = %s AND (%s::text IS NULL OR destination = %s)
-            RETURNING app_id, destination
-            """,
-            (app_id, destination, destination),
-        ).fetchall()
+    rows = conn.execute(
+        """
+        UPDATE destination_state SET paused = false, paused_reason = NULL, paused_at = NULL,
+          paused_key = NULL, retry_after = NULL, probe_at = NULL
+        WHERE app_id = %s AND (%s::text IS NULL OR destination = %s)
+        RETURNING app_id, destination
+        """,
+        (app_id, destination, destination),
+    ).fetchall()
     return [(a, d) for a, d in rows]
 
 
@@ -553,47 +547,43 @@ def resume_reconfigured(conn: psycopg.Connection, fingerprints: Mapping[RouteKey
     `fingerprints` are the current ones. A manual pause (no key) stays."""
     keys = sorted(fingerprints)
     apps, dests = _arrays(keys)
-    with translate_errors():
-        rows = conn.execute(
-            """
-            UPDATE destination_state s SET paused = false, paused_reason = NULL, paused_at = NULL,
-              paused_key = NULL
-            FROM unnest(%s::text[], %s::text[], %s::text[]) AS r(app_id, destination, fingerprint)
-            WHERE s.app_id = r.app_id AND s.destination = r.destination AND s.paused
-              AND s.paused_key IS NOT NULL AND s.paused_key <> r.fingerprint
-            RETURNING s.app_id, s.destination
-            """,
-            (apps, dests, [fingerprints[k] for k in keys]),
-        ).fetchall()
+    rows = conn.execute(
+        """
+        UPDATE destination_state s SET paused = false, paused_reason = NULL, paused_at = NULL,
+          paused_key = NULL
+        FROM unnest(%s::text[], %s::text[], %s::text[]) AS r(app_id, destination, fingerprint)
+        WHERE s.app_id = r.app_id AND s.destination = r.destination AND s.paused
+          AND s.paused_key IS NOT NULL AND s.paused_key <> r.fingerprint
+        RETURNING s.app_id, s.destination
+        """,
+        (apps, dests, [fingerprints[k] for k in keys]),
+    ).fetchall()
     return [(a, d) for a, d in rows]
 
 
 def held_destinations(conn: psycopg.Connection, app_id: str, destination: str | None = None) -> list[str]:
     """The app's destinations (or just `destination`) that are paused or waiting out a 429."""
-    with translate_errors():
-        rows = conn.execute(
-            "SELECT destination FROM destination_state WHERE app_id = %s"
-            " AND (%s::text IS NULL OR destination = %s) AND (paused OR retry_after IS NOT NULL) ORDER BY 1",
-            (app_id, destination, destination),
-        ).fetchall()
+    rows = conn.execute(
+        "SELECT destination FROM destination_state WHERE app_id = %s"
+        " AND (%s::text IS NULL OR destination = %s) AND (paused OR retry_after IS NOT NULL) ORDER BY 1",
+        (app_id, destination, destination),
+    ).fetchall()
     return [r[0] for r in rows]
 
 
 def destinations_with_rows(conn: psycopg.Connection, app_id: str) -> set[str]:
     """The app's destinations that have rows in the outbox (pending or dead)."""
-    with translate_errors():
-        rows = conn.execute("SELECT DISTINCT destination FROM outbox WHERE app_id = %s", (app_id,)).fetchall()
+    rows = conn.execute("SELECT DISTINCT destination FROM outbox WHERE app_id = %s", (app_id,)).fetchall()
     return {r[0] for r in rows}
 
 
 def stored_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:
     """The app's destinations the database knows of: with a state or with rows in the outbox."""
-    with translate_errors():
-        rows = conn.execute(
-            "SELECT destination FROM destination_state WHERE app_id = %(a)s"
-            " UNION SELECT DISTINCT destination FROM outbox WHERE app_id = %(a)s",
-            {"a": app_id},
-        ).fetchall()
+    rows = conn.execute(
+        "SELECT destination FROM destination_state WHERE app_id = %(a)s"
+        " UNION SELECT DISTINCT destination FROM outbox WHERE app_id = %(a)s",
+        {"a": app_id},
+    ).fetchall()
     return {r[0] for r in rows}
 
 
@@ -626,18 +616,17 @@ def list_rows(
     conn: psycopg.Connection, *, status: str | None = None, app_id: str | None = None, limit: int = 100
 ) -> list[ListedRow]:
     """Rows waiting in the outbox in id order, optionally of one status and one app."""
-    with translate_errors():
-        rows = conn.execute(
-            """
-            SELECT id, message_id, transition_id, app_id, destination, subscriber, body->0->>'event' AS event,
-              status, attempts, available_at, last_attempt_at, last_status, last_error, created_at, lease_owner,
-              lease_until
-            FROM outbox
-            WHERE (%(status)s::text IS NULL OR status = %(status)s) AND (%(app)s::text IS NULL OR app_id = %(app)s)
-            ORDER BY id LIMIT %(limit)s
-            """,
-            {"status": status, "app": app_id, "limit": limit},
-        ).fetchall()
+    rows = conn.execute(
+        """
+        SELECT id, message_id, transition_id, app_id, destination, subscriber, body->0->>'event' AS event,
+          status, attempts, available_at, last_attempt_at, last_status, last_error, created_at, lease_owner,
+          lease_until
+        FROM outbox
+        WHERE (%(status)s::text IS NULL OR status = %(status)s) AND (%(app)s::text IS NULL OR app_id = %(app)s)
+        ORDER BY id LIMIT %(limit)s
+        """,
+        {"status": status, "app": app_id, "limit": limit},
+    ).fetchall()
     return [ListedRow(*r) for r in rows]
 
 
@@ -671,27 +660,24 @@ def lock_for_retry(
         where, params = "o.message_id = %(m)s", {"m": message_id}
     else:
         where, params = "o.status = 'dead'", {}
-    with translate_errors():
-        rows = conn.execute(
-            "SELECT o.id, o.message_id, o.app_id, o.destination, o.attempts, o.first_attempt_at, t.body,"
-            " t.historical FROM outbox o LEFT JOIN transitions t ON t.id = o.transition_id"
-            f" WHERE {where} ORDER BY o.id FOR UPDATE OF o",
-            params,
-        ).fetchall()
+    rows = conn.execute(
+        "SELECT o.id, o.message_id, o.app_id, o.destination, o.attempts, o.first_attempt_at, t.body,"
+        " t.historical FROM outbox o LEFT JOIN transitions t ON t.id = o.transition_id"
+        f" WHERE {where} ORDER BY o.id FOR UPDATE OF o",
+        params,
+    ).fetchall()
     return [RetryCandidate(i, m, a, d, n, f, body, bool(h)) for i, m, a, d, n, f, body, h in rows]
 
 
 def was_delivered(conn: psycopg.Connection, message_id: str) -> bool:
     """The message left the outbox with a 2xx (it is in `outbox_delivered`)."""
-    with translate_errors():
-        row = conn.execute("SELECT 1 FROM outbox_delivered WHERE message_id = %s", (message_id,)).fetchone()
+    row = conn.execute("SELECT 1 FROM outbox_delivered WHERE message_id = %s", (message_id,)).fetchone()
     return row is not None
 
 
 def note_still_dead(conn: psycopg.Connection, row_id: int, reason: str) -> None:
     """A retried row that still cannot be rendered stays dead with the new reason."""
-    with translate_errors():
-        conn.execute("UPDATE outbox SET last_error = %s WHERE id = %s", (reason, row_id))
+    conn.execute("UPDATE outbox SET last_error = %s WHERE id = %s", (reason, row_id))
 
 
 def requeue(
@@ -699,13 +685,12 @@ def requeue(
 ) -> None:
     """Make a row pending again at `available_at`, unleased, with the same messageId. `body`: the
     row rendered anew (it was never sent), replacing the stored one and its render error."""
-    with translate_errors():
-        conn.execute(
-            """
-            UPDATE outbox SET status = 'pending', available_at = %(now)s, lease_until = NULL, lease_owner = NULL,
-              body = coalesce(%(body)s::jsonb, body), last_error = CASE WHEN %(body)s::jsonb IS NULL
-                THEN last_error END
-            WHERE id = %(id)s
-            """,
-            {"now": available_at, "id": row_id, "body": None if body is None else orjson.dumps(body).decode()},
-        )
+    conn.execute(
+        """
+        UPDATE outbox SET status = 'pending', available_at = %(now)s, lease_until = NULL, lease_owner = NULL,
+          body = coalesce(%(body)s::jsonb, body), last_error = CASE WHEN %(body)s::jsonb IS NULL
+            THEN last_error END
+        WHERE id = %(id)s
+        """,
+        {"now": available_at, "id": row_id, "body": None if body is None else orjson.dumps(body).decode()},
+    )

@@ -1,4 +1,10 @@
-"""Projections (a cache of the fold) and the transitions table; both rebuildable from the log."""
+"""Projections (a cache of the fold) and the transitions table; both rebuildable from the log.
+
+The one writer of `subscriptions` and `transitions`. Like store/log.py it writes each table two
+ways, side by side: row by row or by COPY (big batches, replays), and as parts of the unit of
+work's single statement (`STATES_CTE`, `TRANSITIONS_CTE`; small batches). The upsert's conflict
+rule is one constant used by both, so `last_position` only grows whichever path wrote it.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,20 @@ import psycopg
 from subledger.core.lifecycle import SubscriptionState, Transition
 from subledger.store.rows import write_rows
 
+STATE_COLUMNS = "key, app_id, app_user_id, status, expires_at, state, last_position, updated_at"
+# last_position only grows: a replay that rewrites a state never moves it back behind the log.
+UPSERT = """
+ON CONFLICT (key) DO UPDATE SET app_user_id = EXCLUDED.app_user_id, status = EXCLUDED.status,
+  expires_at = EXCLUDED.expires_at, state = EXCLUDED.state,
+  last_position = GREATEST(subscriptions.last_position, EXCLUDED.last_position),
+  updated_at = EXCLUDED.updated_at
+"""
+
 
 def save_states(
     conn: psycopg.Connection, states: Iterable[tuple[SubscriptionState, int]], now: datetime
 ) -> None:
+    """Upsert each (state, last log position) into the projection."""
     rows = [
         (
             s.key,
@@ -32,15 +48,7 @@ def save_states(
     if not rows:
         return
     conn.cursor().executemany(
-        """
-        INSERT INTO subscriptions (key, app_id, app_user_id, status, expires_at, state, last_position, updated_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-        ON CONFLICT (key) DO UPDATE SET app_user_id = EXCLUDED.app_user_id, status = EXCLUDED.status,
-          expires_at = EXCLUDED.expires_at, state = EXCLUDED.state,
-          last_position = GREATEST(subscriptions.last_position, EXCLUDED.last_position),
-          updated_at = EXCLUDED.updated_at
-        """,
-        rows,
+        f"INSERT INTO subscriptions ({STATE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s) {UPSERT}", rows
     )
 
 
@@ -76,33 +84,90 @@ def insert_transitions(
     )
 
 
-def request_states(conn: psycopg.Connection, keys: Sequence[str]) -> psycopg.Cursor[Any]:
-    """Send the lock of the batch's subscriptions; fetch with `read_states` (pipelining)."""
-    cur = conn.cursor()
-    cur.execute("SELECT key, state FROM subscriptions WHERE key = ANY(%s) ORDER BY key FOR UPDATE", (list(keys),))
-    return cur
-
-
-def read_states(cur: psycopg.Cursor[Any]) -> dict[str, SubscriptionState]:
-    return {key: SubscriptionState.from_json(state) for key, state in cur.fetchall()}
-
-
 def mark_superseded(conn: psycopg.Connection, ids: Sequence[str], now: datetime) -> None:
+    """Rule 3: emitted transitions a fresh fold no longer produces; kept, for the audit."""
     if ids:
         conn.execute("UPDATE transitions SET superseded_at = %s WHERE id = ANY(%s)", (now, list(ids)))
 
 
-def revive(conn: psycopg.Connection, ids: Sequence[str]) -> list[tuple[Transition, bool]]:
+def revive(conn: psycopg.Connection, ids: Sequence[str]) -> None:
+    """Superseded transitions a fresh fold produces again are live again (same id, same body)."""
+    if ids:
+        conn.execute("UPDATE transitions SET superseded_at = NULL WHERE id = ANY(%s)", (list(ids),))
+
+
+def emitted_bodies(conn: psycopg.Connection, ids: Sequence[str]) -> dict[str, tuple[Transition, bool]]:
+    """id → (the transition as it was emitted, historical): what a revival re-enqueues, since a
+    transition keeps the body it was first emitted with."""
     if not ids:
-        return []
-    rows = conn.execute(
-        "UPDATE transitions SET superseded_at = NULL WHERE id = ANY(%s) RETURNING body, historical",
-        (list(ids),),
-    ).fetchall()
-    return [(Transition.from_json(body), bool(historical)) for body, historical in rows]
+        return {}
+    rows = conn.execute("SELECT id, body, historical FROM transitions WHERE id = ANY(%s)", (list(ids),)).fetchall()
+    return {tid: (Transition.from_json(body), bool(historical)) for tid, body, historical in rows}
 
 
 def load_state(conn: psycopg.Connection, key: str) -> SubscriptionState | None:
     row = conn.execute("SELECT state FROM subscriptions WHERE key = %s", (key,)).fetchone()
     return None if row is None else SubscriptionState.from_json(row[0])
+
+
+def count(conn: psycopg.Connection) -> int:
+    """How many subscriptions the projection holds (a progress bar's total; the log's distinct keys
+    would cost a scan)."""
+    row = conn.execute("SELECT count(*) FROM subscriptions").fetchone()
+    return int(row[0]) if row else 0
+
+
+DUE_SQL = """
+SELECT expires_at, key, state FROM subscriptions
+WHERE status IS NOT NULL AND status NOT IN ('expired', 'expired_promotional', 'paused')
+  AND expires_at <= %(cutoff)s
+  AND (%(after_at)s::timestamptz IS NULL OR (expires_at, key) > (%(after_at)s, %(after_key)s))
+ORDER BY expires_at, key LIMIT %(limit)s
+"""
+
+
+def due_states(
+    conn: psycopg.Connection, cutoff: datetime, after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[datetime, str, SubscriptionState]]:
+    """One page of live subscriptions whose period ended before `cutoff`, in (expires_at, key) order
+    (keyset paging after `after`); the `subscriptions_due` partial index serves it."""
+    rows = conn.execute(
+        DUE_SQL,
+        {"cutoff": cutoff, "after_at": after[0] if after else None, "after_key": after[1] if after else None,
+         "limit": limit},
+    ).fetchall()
+    return [(r[0], r[1], SubscriptionState.from_json(r[2])) for r in rows]
+
+
+# The same writes as parts of the unit of work's one statement (see store/log.py's `CTE`).
+STATES_CTE = ("states", f"""
+  INSERT INTO subscriptions ({STATE_COLUMNS})
+  SELECT r.k, r.a, r.u, r.st, r.ex, r.s, r.lp, (d.j->>'now')::timestamptz
+  FROM d, jsonb_to_recordset(d.j->'states')
+    AS r(k text, a text, u text, st text, ex timestamptz, s jsonb, lp int8)
+  {UPSERT}""")
+TRANSITIONS_CTE = ("new_transitions", f"""
+  INSERT INTO transitions ({", ".join(TRANSITION_COLUMNS)})
+  SELECT r.i, r.k, r.kd, r.a, r.sb, r.oc, r.lp, r.h, (d.j->>'now')::timestamptz, r.b
+  FROM d, jsonb_to_recordset(d.j->'transitions')
+    AS r(i text, k text, kd text, a text, sb text, oc timestamptz, lp int8, h bool, b jsonb)
+""")
+
+
+def cte_data(
+    states: Iterable[tuple[SubscriptionState, int]], transitions: Iterable[tuple[Transition, int, bool]]
+) -> dict[str, Any]:
+    """The rows as the keys `STATES_CTE` and `TRANSITIONS_CTE` read from the statement's JSON."""
+    return {
+        "states": [
+            {"k": st.key, "a": st.app_id, "u": st.app_user_id, "st": st.status, "ex": st.expires_at,
+             "s": st.to_json(), "lp": position}
+            for st, position in states
+        ],
+        "transitions": [
+            {"i": t.id, "k": t.subscription_key, "kd": t.kind, "a": t.app_id, "sb": t.subscriber,
+             "oc": t.occurred_at, "lp": position, "h": historical, "b": t.to_json()}
+            for t, position, historical in transitions
+        ],
+    }
 

@@ -1,8 +1,8 @@
-"""Bulk row writes: COPY for big batches, pipelined INSERTs for small ones.
+"""Bulk row writes for the table writers: COPY, or one prepared INSERT per row.
 
-COPY is the fastest way in for thousands of rows, but it cannot run inside a pipeline and costs
-extra round trips to set up; a single webhook's handful of rows goes faster as INSERTs that share
-one round trip with the rest of its transaction.
+COPY is the fastest way in for thousands of rows but costs round trips to set up; a few rows go
+faster as INSERTs. Which one a transaction uses is the unit of work's choice
+(store/unit_of_work.py, which writes small batches as one statement instead).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-
-COPY_THRESHOLD = 64
 
 
 def write_rows(
