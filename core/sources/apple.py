@@ -179,7 +179,7 @@ class AppleAdapter:
 
 
 def parse_notification(body: bytes, config: AppleConfig) -> Notification:
-    """Convenience for one-off use (CLI); servers should keep an `AppleAdapter` per app."""
+    """Convenience for one-off use (tests, scripts); servers keep an `AppleAdapter` per app (`app.sources`)."""
     return AppleAdapter(config).parse(body)
 
 

@@ -115,7 +115,7 @@ class StripeConfig:
 
 
 def signature_header(body: bytes, secret: str, timestamp: int) -> str:
-    """The `Stripe-Signature` value Stripe would send for `body` (tests, demo, replays)."""
+    """The `Stripe-Signature` value Stripe would send for `body`: what tests and tools sign with."""
     header: str = stripe_sdk.WebhookSignature.generate_signature_header(body.decode("utf-8"), secret, timestamp)
     return header
 
