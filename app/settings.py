@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from subledger.app.wording import validation_reason
 from subledger.core.errors import ConfigError
+from subledger.core.events import is_currency_code
 from subledger.core.lifecycle import TransitionKind
 from subledger.core.render import DEFAULT_EVENT_NAMES, Commission, Destination, RevenueMode
 
@@ -84,7 +85,7 @@ class DestinationSettings(_Strict):
     @field_validator("currency")
     @classmethod
     def _currency(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Z]{3}", value):
+        if value is not None and not is_currency_code(value):
             raise ValueError("must be an ISO 4217 code such as USD")
         return value
 
@@ -98,6 +99,7 @@ def _both_apple_environments() -> list[AppleEnvironment]:
 
 def read_certificate(path: str) -> bytes:
     """A certificate file (DER, or PEM as Apple's download page also offers) → DER bytes."""
+    # deferred: cryptography's X.509 loads only for a configuration that names certificate files
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -236,6 +238,7 @@ class RetentionSettings(_Strict):
     batch_rows: int = Field(default=1000, ge=1, le=100_000)
 
     def policy(self) -> Retention:
+        # deferred: the store (psycopg) loads only when a process prunes, not for every settings load
         from subledger.store.retention import Retention
 
         return Retention(

@@ -48,6 +48,7 @@ from subledger.core.events import (
     Source,
     Store,
     format_time,
+    is_currency_code,
     parse_time,
 )
 from subledger.core.sources import Notification
@@ -687,7 +688,7 @@ def _money(money: Mapping[str, Any], name: str) -> tuple[Decimal | None, str | N
     """Google's Money `{currencyCode, units (int64 as a string), nanos}` → (amount, currency)."""
     currency = as_str(money.get("currencyCode"))
     units, nanos = money.get("units", "0"), money.get("nanos", 0)
-    if currency is None or not re.fullmatch(r"[A-Z]{3}", currency):
+    if currency is None or not is_currency_code(currency):
         return None, None
     try:
         whole = Decimal(units if isinstance(units, str | int) and not isinstance(units, bool) else "x")
