@@ -14,15 +14,15 @@ from datetime import timedelta
 from types import FrameType
 from typing import Any
 
+from subledger.app import logs
 from subledger.app.bootstrap import Services
 from subledger.core.delivery import Backoff
-from subledger.outbox.relay import Relay, RelayConfig, routes_from
+from subledger.outbox.relay import Relay, RelayConfig
+from subledger.outbox.routes import routes_from
 from subledger.scheduler.service import Scheduler, SchedulerConfig, grace_by_app
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    from subledger.app import logs
-
     logs.configure(level)
 
 
@@ -70,9 +70,7 @@ def serve_http(asgi: Any, *, host: str, port: int) -> None:
     graceful stop, so this server handles the signals without re-raising them. Its own log lines
     go through app/logs.py's formatter: JSON when stderr is not a terminal, like every other line.
     """
-    import uvicorn
-
-    from subledger.app import logs
+    import uvicorn  # deferred: the ASGI server loads only in a process that serves HTTP
 
     log = logging.getLogger("subledger")
 

@@ -30,7 +30,8 @@ from subledger.core.events import parse_event
 from subledger.core.render import message_id_base
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest, wake_relay
-from subledger.outbox.relay import Relay, RelayConfig, routes_from
+from subledger.outbox.relay import Relay, RelayConfig
+from subledger.outbox.routes import routes_from
 from subledger.outbox.sink import Sink
 
 APP = "com.bench.relay"

@@ -13,23 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
-from psycopg.rows import dict_row
 
 from subledger.core.errors import NotFound, UnknownTarget
 from subledger.core.lifecycle import Transition
-from subledger.outbox import relay, writer
 from subledger.outbox.ingest import IngestPolicy
 from subledger.store import identity
-
-LIST_SQL = """
-SELECT id, message_id, transition_id, app_id, destination, subscriber, body->0->>'event' AS event, status,
-  attempts, available_at, last_attempt_at, last_status, last_error, created_at, lease_owner, lease_until
-FROM outbox
-WHERE (%(status)s::text IS NULL OR status = %(status)s) AND (%(app)s::text IS NULL OR app_id = %(app)s)
-ORDER BY id LIMIT %(limit)s
-"""
+from subledger.store import outbox as store
+from subledger.store.outbox import OutboxRow
 
 PAUSED_BY_OPERATOR = "paused by operator"
 
@@ -37,9 +28,12 @@ PAUSED_BY_OPERATOR = "paused by operator"
 def list_rows(
     conn: psycopg.Connection, *, status: str | None = None, app_id: str | None = None, limit: int = 100
 ) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(LIST_SQL, {"status": status, "app": app_id, "limit": limit})
-        return cur.fetchall()
+    """Rows waiting in the outbox, as JSON-ready mappings (the CLI table and `GET /v1/outbox`)."""
+    return [_as_dict(row) for row in store.list_rows(conn, status=status, app_id=app_id, limit=limit)]
+
+
+def _as_dict(row: store.ListedRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in row.__dataclass_fields__}
 
 
 @dataclass
@@ -62,42 +56,27 @@ def retry(
     """Make one row (by id or messageId) or every dead row due now; inside the caller's transaction."""
     if ref is None and not dead:
         raise ValueError("name a row or ask for every dead row")
-    if ref is not None:
-        # an outbox id is ASCII digits within bigint ('²' is a digit to str.isdigit); anything else is a messageId
-        is_id = ref.isascii() and ref.isdigit() and int(ref) < 2**63
-        where, params = ("o.id = %(id)s", {"id": int(ref)}) if is_id else ("o.message_id = %(m)s", {"m": ref})
+    if ref is None:
+        rows = store.lock_for_retry(conn)
+    # an outbox id is ASCII digits within bigint ('²' is a digit to str.isdigit); anything else is a messageId
+    elif ref.isascii() and ref.isdigit() and int(ref) < 2**63:
+        rows = store.lock_for_retry(conn, row_id=int(ref))
     else:
-        where, params = "o.status = 'dead'", {}
-    rows = conn.execute(
-        f"SELECT o.id, o.message_id, o.app_id, o.destination, o.attempts, o.first_attempt_at, t.body, t.historical"
-        f" FROM outbox o LEFT JOIN transitions t ON t.id = o.transition_id WHERE {where}"
-        " ORDER BY o.id FOR UPDATE OF o",
-        params,
-    ).fetchall()
+        rows = store.lock_for_retry(conn, message_id=ref)
     if ref is not None and not rows:
-        delivered = conn.execute("SELECT 1 FROM outbox_delivered WHERE message_id = %s", (ref,)).fetchone()
-        raise NotFound(ref, delivered is not None)
+        raise NotFound(ref, store.was_delivered(conn, ref))
     result = Retried()
-    for row_id, message_id, app_id, destination, attempts, first_attempt, body, historical in rows:
-        never_sent = not attempts and first_attempt is None
-        fresh = _rerender(conn, policy, body, destination, bool(historical), now) if never_sent else None
+    for row in rows:
+        fresh = (_rerender(conn, policy, row.transition, row.destination, row.historical, now)
+                 if row.never_sent else None)
         if fresh is not None and fresh.dead_reason:
-            conn.execute("UPDATE outbox SET last_error = %s WHERE id = %s", (fresh.dead_reason, row_id))
-            result.still_dead.append((message_id, fresh.dead_reason))
+            store.note_still_dead(conn, row.id, fresh.dead_reason)
+            result.still_dead.append((row.message_id, fresh.dead_reason))
             continue
-        conn.execute(
-            """
-            UPDATE outbox SET status = 'pending', available_at = %(now)s, lease_until = NULL, lease_owner = NULL,
-              body = coalesce(%(body)s::jsonb, body), last_error = CASE WHEN %(body)s::jsonb IS NULL
-                THEN last_error END
-            WHERE id = %(id)s
-            """,
-            {"now": policy.due_at(app_id, now), "id": row_id,
-             "body": None if fresh is None else orjson.dumps(fresh.body).decode()},
-        )
-        result.requeued.append(message_id)
+        store.requeue(conn, row.id, policy.due_at(row.app_id, now), None if fresh is None else fresh.body)
+        result.requeued.append(row.message_id)
         if fresh is not None:
-            result.rerendered.append(message_id)
+            result.rerendered.append(row.message_id)
     return result
 
 
@@ -108,7 +87,7 @@ def _rerender(
     destination: str,
     historical: bool,
     now: datetime,
-) -> writer.OutboxRow | None:
+) -> OutboxRow | None:
     """The row as the current configuration renders it, or None when that is not possible."""
     if body is None:
         return None
@@ -127,44 +106,21 @@ def pause(
 ) -> list[str]:
     """Manual pause: stays until `resume`, whatever the configuration does."""
     for destination in destinations:
-        relay.pause(conn, app_id, destination, reason, now, key=None)
+        store.pause_destination(conn, app_id, destination, reason, now, key=None)
     return destinations
 
 
 def resume(conn: psycopg.Connection, app_id: str, destination: str | None = None) -> list[tuple[str, str]]:
     """Lift pauses and rate-limit waits; returns the destinations that were held."""
-    held = conn.execute(
-        "SELECT app_id, destination FROM destination_state WHERE app_id = %s"
-        " AND (%s::text IS NULL OR destination = %s) AND (paused OR retry_after IS NOT NULL) ORDER BY 2",
-        (app_id, destination, destination),
-    ).fetchall()
-    relay.resume(conn, app_id, destination)
-    return [(a, d) for a, d in held]
+    held = store.held_destinations(conn, app_id, destination)
+    store.resume_destinations(conn, app_id, destination)
+    return [(app_id, d) for d in held]
 
 
 def known_destinations(conn: psycopg.Connection, policy: IngestPolicy, app_id: str) -> list[str]:
     """The app's configured destinations plus any the database has state or rows for."""
     names = {d.name for d in policy.destinations_for(app_id)}
-    rows = conn.execute(
-        "SELECT destination FROM destination_state WHERE app_id = %(a)s"
-        " UNION SELECT DISTINCT destination FROM outbox WHERE app_id = %(a)s",
-        {"a": app_id},
-    ).fetchall()
-    names.update(r[0] for r in rows)
-    return sorted(names)
-
-
-def _held_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT destination FROM destination_state WHERE app_id = %s AND (paused OR retry_after IS NOT NULL)",
-        (app_id,),
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _pending_destinations(conn: psycopg.Connection, app_id: str) -> set[str]:
-    rows = conn.execute("SELECT DISTINCT destination FROM outbox WHERE app_id = %s", (app_id,)).fetchall()
-    return {r[0] for r in rows}
+    return sorted(names | store.stored_destinations(conn, app_id))
 
 
 def targets(
@@ -178,9 +134,9 @@ def targets(
     and storing it would turn `/readyz` "degraded" for a destination that does not exist.
     """
     configured = {d.name for d in policy.destinations_for(app_id)}
-    known = configured | _pending_destinations(conn, app_id)
+    known = configured | store.destinations_with_rows(conn, app_id)
     if resuming:
-        known |= _held_destinations(conn, app_id)
+        known |= set(store.held_destinations(conn, app_id))
     if not known:
         apps = sorted(a for a, dests in policy.destinations.items() if dests)
         hint = f"; configured apps: {', '.join(apps)}" if apps else "; no app has a destination configured"

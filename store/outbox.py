@@ -654,6 +654,7 @@ def lock_for_retry(
 ) -> list[RetryCandidate]:
     """Lock the row with `row_id`, or with `message_id`, or (neither given) every dead row, in id
     order, inside the caller's transaction."""
+    params: dict[str, int | str]
     if row_id is not None:
         where, params = "o.id = %(id)s", {"id": row_id}
     elif message_id is not None:
@@ -693,4 +694,39 @@ def requeue(
         WHERE id = %(id)s
         """,
         {"now": available_at, "id": row_id, "body": None if body is None else orjson.dumps(body).decode()},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Section: health reads (`/readyz`, the demo's last line). Owned by "app".
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What `/readyz` reports: the outbox's backlog, and the destinations not being sent to now."""
+
+    pending: int
+    dead: int
+    oldest_pending_seconds: float  # 0 when nothing is pending
+    paused: list[tuple[str, str, str | None, datetime | None]]  # app_id, destination, reason, since
+    rate_limited: list[tuple[str, str, datetime]]  # app_id, destination, until (a 429's Retry-After)
+
+
+def readiness(conn: psycopg.Connection) -> Readiness:
+    """The backlog and the held destinations, read now (the database's clock: `now()`)."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'),"
+        " extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) FROM outbox"
+    ).fetchone()
+    assert row is not None  # an aggregate always answers one row
+    paused = conn.execute(
+        "SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused"
+    ).fetchall()
+    waiting = conn.execute(
+        "SELECT app_id, destination, retry_after FROM destination_state WHERE retry_after > now()"
+    ).fetchall()
+    return Readiness(
+        pending=int(row[0]), dead=int(row[1]), oldest_pending_seconds=float(row[2] or 0),
+        paused=[(a, d, r, t) for a, d, r, t in paused], rate_limited=[(a, d, t) for a, d, t in waiting],
     )

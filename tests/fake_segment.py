@@ -20,7 +20,7 @@ from subledger.app import settings as settings_module
 from subledger.core.events import parse_event
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
-from subledger.outbox.relay import Route, routes_from
+from subledger.outbox.routes import Route, routes_from
 from subledger.outbox.sink import Reply, Request, Reset, Sink
 
 APP = "com.test.app"

@@ -23,8 +23,9 @@ from fastapi.testclient import TestClient
 from subledger.app.bootstrap import build
 from subledger.core.delivery import Backoff
 from subledger.outbox import metrics
-from subledger.outbox.relay import Relay, RelayConfig, resume
+from subledger.outbox.relay import Relay, RelayConfig
 from subledger.outbox.sink import Reply, Reset
+from subledger.store.outbox import resume_destinations
 
 FAST = RelayConfig(backoff=Backoff(0.02, 0.1), lease=timedelta(seconds=30))
 
@@ -171,7 +172,7 @@ def test_manual_resume(db_url: str) -> None:
         relay.drain_all(timeout=5)
         assert fake.capture.distinct() == 0
         with psycopg.connect(db_url, autocommit=True) as conn:
-            assert resume(conn, "com.test.app") == [("com.test.app", "segment")]
+            assert resume_destinations(conn, "com.test.app") == [("com.test.app", "segment")]
         relay.drain_all(timeout=10)
         assert fake.capture.distinct() == 12
 

@@ -130,7 +130,8 @@ class Pipeline:
         from datetime import timedelta
 
         from subledger.core.delivery import Backoff
-        from subledger.outbox.relay import Relay, RelayConfig, routes_from
+        from subledger.outbox.relay import Relay, RelayConfig
+        from subledger.outbox.routes import routes_from
 
         relay = Relay(self.db_url, routes_from(self.settings.apps),
                       RelayConfig(backoff=Backoff(0.01, 0.05), lease=timedelta(seconds=30)))
