@@ -1,5 +1,12 @@
 """The outbox relay: claim due rows, POST them to their destination, record the outcome.
 
+The relay is a loop over store operations: claim (store/outbox.py) → send (outbox/dispatch.py,
+which packs, posts through outbox/segment.py and bisects) → the pure verdict (core/delivery.py) →
+record the outcome (store/outbox.py, one short transaction per batch). Where a destination is and
+with which key comes from its `Route` (outbox/routes.py). This module keeps what ties them
+together: the lease and its heartbeat, the probe of a failing destination, the log lines, metrics.
+Database failures reach it as subledger's `StoreError` (the store's door translates them).
+
 Why it is shaped this way (segment.md "Relay mechanics", eventstore-outbox.md §4):
 
 - No transaction is open across HTTP. A claim is one short transaction (`FOR UPDATE SKIP LOCKED`,
