@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from subledger.app.settings import Settings
 from subledger.outbox.ingest import IngestPolicy
@@ -31,8 +31,6 @@ class Services:
 
 
 def build(settings: Settings, *, database_url: str | None = None, clock: Clock = utc_now) -> Services:
-    from datetime import timedelta
-
     url = resolve_url(database_url or settings.database_url)
     policy = IngestPolicy(
         destinations=settings.destinations(),

@@ -13,9 +13,11 @@ from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.samples_loader import ingest_samples, sample_apps
 from subledger.app.wording import plural
-from subledger.core.lifecycle import subscriber_id
-from subledger.store import migrate
-from subledger.store.db import recreate_database, resolve_url
+from subledger.app.worker import build_relay
+from subledger.outbox.sink import Sink
+from subledger.store import audit, migrate
+from subledger.store import outbox as outbox_store
+from subledger.store.db import connect, display_url, recreate_database, resolve_url
 
 DEMO_DATABASE = "subledger_demo"
 DEMO_WRITE_KEY = "demo-write-key"
@@ -36,9 +38,6 @@ def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Setti
 
 def run_demo(console: Console) -> None:
     """Sink up, database fresh, samples in, relay until the outbox is drained, then show both ends."""
-    from subledger.app.worker import build_relay
-    from subledger.outbox.sink import Sink
-
     with Sink(write_keys={DEMO_WRITE_KEY}) as sink:
         console.print(f"[bold]sink[/bold] Segment-compatible capture endpoint on {sink.url}")
         server = resolve_url()
@@ -56,22 +55,21 @@ def run_demo(console: Console) -> None:
             f"[bold]relay[/bold] delivered {plural(stats.delivered, 'outbox row')} in "
             f"{plural(stats.requests, '/v1/batch request')}, dead-lettered {stats.dead}"
         )
-        with psycopg.connect(url) as conn:
+        with connect(url) as conn:
             print_timelines(console, conn)
-            left = conn.execute("SELECT status, count(*) FROM outbox GROUP BY 1 ORDER BY 1").fetchall()
+            found = outbox_store.readiness(conn)
+        left = [(n, status) for status, n in (("dead", found.dead), ("pending", found.pending)) if n]
         print_received(console, sink.capture.messages())
         console.print(
             f"[bold]segment[/bold] the sink received {plural(sink.capture.distinct(), 'distinct messageId')} "
             f"({plural(len(sink.capture.duplicates()), 'duplicate')}); outbox left: "
-            + (", ".join(f"{n} {status}" for status, n in left) or "empty")
+            + (", ".join(f"{n} {status}" for n, status in left) or "empty")
         )
         print_next_steps(console, url)
 
 
 def print_next_steps(console: Console, url: str) -> None:
     """The demo database stays: say where it is and what to try on it next."""
-    from subledger.store.db import display_url
-
     shown = display_url(url)
     masked = " (password masked)" if ":***@" in shown else ""
     console.print(f"[bold]demo database[/bold] {shown}{masked}", soft_wrap=True, highlight=False)
@@ -108,42 +106,33 @@ def _where(url: str) -> str:
 
 
 def print_timelines(console: Console, conn: psycopg.Connection) -> None:
-    keys_of: dict[str, list[str]] = {}
-    for app_user_id, key in conn.execute("SELECT app_user_id, key FROM subscriptions ORDER BY key"):
-        keys_of.setdefault(subscriber_id(app_user_id, key), []).append(key)
-    for subscriber in sorted(keys_of):
+    """Each subscriber's log entries and transitions in time order, with the messages each sent:
+    the audit timeline (`subledger audit timeline`) of every subscriber, as one table each."""
+    for subscriber in audit.subscribers(conn):
+        found = audit.timeline(conn, subscriber)
         table = Table(title=f"subscriber {subscriber}", title_justify="left", show_lines=False)
         for column in ("occurred_at", "what", "detail"):
             table.add_column(column)
         rows: list[tuple[Any, str, str]] = []
-        for occurred, kind, source, external_id in conn.execute(
-            """
-            SELECT occurred_at, kind, source, external_id FROM event_log
-            WHERE subscription_key = ANY(%s) ORDER BY position
-            """,
-            (keys_of[subscriber],),
-        ):
+        for entry in sorted(found.entries, key=lambda e: e.position):
             # A stored-only entry (no facts, e.g. Stripe's $0 trial invoice) has no occurrence time:
             # show it where it arrived, next to the entry logged before it.
-            stored_only = occurred is None
-            occurred = occurred or (rows[-1][0] if rows else None)
+            stored_only = entry.occurred_at is None
+            occurred = entry.occurred_at or (rows[-1][0] if rows else None)
             if occurred is None:
                 continue
-            what = f"log  {kind}" + (" (stored only)" if stored_only else "")
-            rows.append((occurred, what, f"{source}:{external_id}"))
-        for occurred, kind, superseded, messages in conn.execute(
-            """
-            SELECT t.occurred_at, t.kind, t.superseded_at IS NOT NULL,
-                   coalesce((SELECT string_agg(o.body->0->>'event' || ' ' || o.message_id, ', ')
-                             FROM outbox o WHERE o.transition_id = t.id), '')
-                   || coalesce((SELECT string_agg(d.body->0->>'event' || ' ' || d.message_id || ' (delivered)', ', ')
-                             FROM outbox_delivered d WHERE d.transition_id = t.id), '')
-            FROM transitions t WHERE t.subscriber = %s ORDER BY t.occurred_at
-            """,
-            (subscriber,),
-        ):
-            mark = " (superseded)" if superseded else ""
-            rows.append((occurred, f"[green]→ {kind}{mark}[/green]", messages or "not published"))
+            what = f"log  {entry.kind}" + (" (stored only)" if stored_only else "")
+            rows.append((occurred, what, f"{entry.source}:{entry.external_id}"))
+        sent: dict[str, list[str]] = {}
+        for d in sorted(found.deliveries, key=lambda d: d.status == "delivered"):  # waiting ones first
+            sent.setdefault(d.transition_id, []).append(
+                f"{d.event} {d.message_id}" + (" (delivered)" if d.status == "delivered" else ""))
+        for t in found.transitions:
+            if t.subscriber != subscriber:
+                continue
+            mark = " (superseded)" if t.superseded else ""
+            rows.append((t.occurred_at, f"[green]→ {t.kind}{mark}[/green]", ", ".join(sent.get(t.id, []))
+                         or "not published"))
         for occurred, what, detail in sorted(rows, key=lambda r: r[0]):
             table.add_row(occurred.strftime("%Y-%m-%d %H:%M"), what, detail)
         console.print(table)

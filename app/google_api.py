@@ -7,9 +7,9 @@
   Credentials), or a static bearer token (`access_token`, for tests and tokens minted elsewhere).
   The base URL is configurable, so tests point it at a fake Google API on 127.0.0.1.
 * Failures: 5xx, 429, timeouts and connection errors are retried with exponential backoff, then
-  raise `GoogleUnavailable` (the webhook answers 503 and Pub/Sub redelivers). 404/410 are a
+  raise `SourceUnavailable` (the webhook answers 503 and Pub/Sub redelivers). 404/410 are a
   `Failure` the adapter stores as "stored only" with the reason in its kind. 401/403 raise
-  `GoogleCredentialsRefused` (a 424, nothing stored, so Pub/Sub keeps redelivering until the
+  `CredentialsRefused` (a 424, nothing stored, so Pub/Sub keeps redelivering until the
   service account's access is fixed). An order the API refuses only loses the money: the facts are
   mapped without a price and `order_error` says why. Every outcome is counted in
   `subledger_google_fetches_total`.
@@ -33,17 +33,17 @@ from urllib.parse import quote
 
 import google.auth.transport
 import httpx
-import orjson
 import psycopg
 from prometheus_client import Counter
 
 from subledger.app.settings import GoogleSourceSettings
 from subledger.core import safejson
-from subledger.core.errors import BadSignature, InvalidEvent, PayloadRejected
+from subledger.core.errors import BadSignature, CredentialsRefused, InvalidEvent, PayloadRejected, SourceUnavailable
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import google as google_source
-from subledger.store.db import translate_errors
+from subledger.store import log as event_log
+from subledger.store import lookups
 
 log = logging.getLogger("subledger.google")
 SCOPE = "https://www.googleapis.com/auth/androidpublisher"
@@ -57,14 +57,6 @@ FETCHES = Counter(
     ["app_id", "resource", "outcome"],
 )
 OUTCOMES = {404: "not_found", 410: "gone", 401: "unauthorized", 403: "forbidden"}
-
-
-class GoogleUnavailable(Exception):
-    """The Play Developer API did not answer usefully after the retries: try the delivery again later."""
-
-
-class GoogleCredentialsRefused(PayloadRejected):
-    """The Play Developer API refused our credentials (401/403): answered 424, nothing stored."""
 
 
 # --- the Play Developer API --------------------------------------------------------------------
@@ -81,6 +73,7 @@ class _Token:
     def header(self) -> str:
         if self.settings.access_token:
             return f"Bearer {self.settings.access_token}"
+        # deferred: google-auth's credentials and HTTP transport load only when a token is needed
         import google.auth
         import google.auth.exceptions
         from google.auth.transport.requests import Request as AuthRequest
@@ -98,9 +91,9 @@ class _Token:
                 if not self._credentials.valid:
                     self._credentials.refresh(AuthRequest())
             except google.auth.exceptions.TransportError as exc:
-                raise GoogleUnavailable(f"could not reach Google's token endpoint: {exc}") from None
+                raise SourceUnavailable(f"could not reach Google's token endpoint: {exc}") from None
             except (google.auth.exceptions.GoogleAuthError, ValueError, OSError) as exc:
-                raise GoogleCredentialsRefused(f"no usable Google credentials: {exc}", "google.credentials") from None
+                raise CredentialsRefused(f"no usable Google credentials: {exc}", "google.credentials") from None
             return f"Bearer {self._credentials.token}"
 
 
@@ -166,7 +159,7 @@ class PlayApi:
             FETCHES.labels(self.app_id, resource, OUTCOMES.get(status, "client_error")).inc()
             if status in (401, 403):
                 log.warning("Play Developer API refused our credentials for %s (%s): %s", resource, status, reason)
-                raise GoogleCredentialsRefused(
+                raise CredentialsRefused(
                     f"the Play Developer API answered {status} to {resource}: {reason}; give the service account "
                     "access to the app in Play Console (Users and permissions)",
                     "google.credentials",
@@ -174,7 +167,7 @@ class PlayApi:
             log.info("Play Developer API answered %s to %s: %s", status, resource, reason)
             return google_source.Failure(status, reason)
         FETCHES.labels(self.app_id, resource, "unavailable").inc()
-        raise GoogleUnavailable(f"the Play Developer API {problem} ({resource}, {attempts} attempts)")
+        raise SourceUnavailable(f"the Play Developer API {problem} ({resource}, {attempts} attempts)")
 
 
 def _q(part: str) -> str:
@@ -196,6 +189,7 @@ class _CachingRequest(google.auth.transport.Request):
     """google-auth's transport, with Google's public certificates cached for a few minutes."""
 
     def __init__(self) -> None:
+        # deferred: google-auth's requests transport loads only when push tokens are verified
         from google.auth.transport.requests import Request as AuthRequest
 
         self.inner = AuthRequest()
@@ -227,6 +221,7 @@ class PushVerifier:
         self.request = _CachingRequest()
 
     def verify(self, authorization: str | None) -> None:
+        # deferred: google-auth's token verification loads only when a push carries a token
         import google.auth.exceptions
         from google.oauth2 import id_token
 
@@ -241,7 +236,7 @@ class PushVerifier:
             else:
                 claims = id_token.verify_oauth2_token(token, self.request, audience=self.audience)
         except google.auth.exceptions.TransportError as exc:
-            raise GoogleUnavailable(f"could not fetch Google's token certificates: {exc}") from None
+            raise SourceUnavailable(f"could not fetch Google's token certificates: {exc}") from None
         except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
             raise BadSignature(f"the push token does not verify: {str(exc)[:200]}", "Authorization") from None
         if self.email is not None and (claims.get("email") != self.email or claims.get("email_verified") is not True):
@@ -293,7 +288,7 @@ class GoogleSource:
         if order_id and self.settings.fetch_orders:
             try:
                 got = self.api.order(package, order_id)
-            except GoogleCredentialsRefused as exc:
+            except CredentialsRefused as exc:
                 got = google_source.Failure(403, exc.reason)
             if isinstance(got, google_source.Failure):
                 order_error = f"{got.status}: {got.reason}"
@@ -334,18 +329,6 @@ def split_capture(raw: bytes) -> tuple[bytes, google_source.Fetched | None]:
 
 # --- the chain lookup through the log ----------------------------------------------------------
 
-TOKEN_SQL = """
-SELECT e->>'subscription_id'
-FROM event_log l, jsonb_array_elements(l.facts->'events') e
-WHERE l.source = 'google' AND l.app_id = %(app)s
-  AND l.facts @> %(contains)s::jsonb
-  AND e->'attributes'->>'google_purchase_token' = %(token)s
-  AND e->>'subscription_id' IS NOT NULL
-ORDER BY l.position
-LIMIT 1
-"""
-SEEN_SQL = "SELECT 1 FROM event_log WHERE source = 'google' AND external_id = %s"
-
 
 @dataclass
 class GoogleLinks:
@@ -365,16 +348,13 @@ class GoogleLinks:
         found = self.seen.get(token)
         if found is not None or self.conn is None:
             return found
-        contains = orjson.dumps({"events": [{"attributes": {"google_purchase_token": token}}]}).decode()
-        with translate_errors(), self.conn.transaction():
-            row = self.conn.execute(TOKEN_SQL, {"app": self.app_id, "token": token, "contains": contains}).fetchone()
-        return None if row is None else str(row[0])
+        return lookups.google_subscription_for_token(self.conn, self.app_id, token)
 
 
 def already_logged(conn: psycopg.Connection, external_id: str) -> bool:
     """A redelivered push is answered from the log, without calling Google again."""
-    with translate_errors(), conn.transaction():
-        return conn.execute(SEEN_SQL, (external_id,)).fetchone() is not None
+    with conn.transaction():  # short: no transaction left open in front of the ingest
+        return event_log.contains(conn, Source.GOOGLE.value, external_id)
 
 
 def duplicate_of(push: google_source.Push, app_id: str) -> Notification:

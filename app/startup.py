@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
+from subledger.app.bootstrap import Services
+from subledger.app.settings import package_version
 from subledger.app.wording import plural
+from subledger.store.db import data_dir, display_url
 
 log = logging.getLogger("subledger")
 
@@ -29,16 +31,13 @@ class StartupSummary:
 
 
 def summarize(
-    services: Any,
+    services: Services,
     *,
     listen: str | None,
     relay: bool,
     explicit_url: str | None = None,
 ) -> StartupSummary:
     """`listen`: the HTTP address (None for `relay`); `relay`: whether this process delivers."""
-    from subledger.app.settings import package_version
-    from subledger.store.db import data_dir, display_url
-
     settings = services.settings
     summary = StartupSummary()
     what = f"serving on http://{listen}" if listen else "relay only (no HTTP)"

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from subledger.core.events import format_time
-from subledger.core.lifecycle import SubscriptionState, Transition, anonymous_key, fold
+from subledger.core.lifecycle import SubscriptionState, Transition, anonymous_key, fold, subscriber_id
 from subledger.store import retention
 from subledger.store.log import history
 
@@ -158,6 +158,13 @@ def resolve(conn: psycopg.Connection, who: str) -> list[str]:
     else:
         rows = conn.execute(RESOLVE_SQL, {"who": who}).fetchall()
     return sorted({r[0] for r in rows if r[0] is not None})
+
+
+def subscribers(conn: psycopg.Connection) -> list[str]:
+    """Every subscriber the projections name (its app user, else `anon:<key>`), sorted; each is a
+    name `timeline` resolves (the demo prints them all)."""
+    rows = conn.execute("SELECT app_user_id, key FROM subscriptions").fetchall()
+    return sorted({subscriber_id(user, key) for user, key in rows})
 
 
 def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

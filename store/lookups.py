@@ -112,3 +112,26 @@ def subscriptions_of(conn: psycopg.Connection, app_id: str, users: list[str]) ->
     with translate_errors():
         rows = conn.execute(SUBSCRIPTIONS_OF_SQL, {"app": app_id, "users": users}).fetchall()
     return [str(key) for (key,) in rows]
+
+
+# Google Play: a linked purchase token's chain root is found through the facts logged under it.
+GOOGLE_TOKEN_SQL = """
+SELECT e->>'subscription_id'
+FROM event_log l, jsonb_array_elements(l.facts->'events') e
+WHERE l.source = 'google' AND l.app_id = %(app)s
+  AND l.facts @> %(contains)s::jsonb
+  AND e->'attributes'->>'google_purchase_token' = %(token)s
+  AND e->>'subscription_id' IS NOT NULL
+ORDER BY l.position
+LIMIT 1
+"""
+
+
+def google_subscription_for_token(conn: psycopg.Connection, app_id: str, token: str) -> str | None:
+    """The subscription id the first facts naming this Google purchase token were logged under, if any.
+
+    Runs in its own short transaction, so it never leaves one open in front of an ingest."""
+    contains = _contains(attributes={"google_purchase_token": token})
+    with translate_errors(), conn.transaction():
+        row = conn.execute(GOOGLE_TOKEN_SQL, {"app": app_id, "token": token, "contains": contains}).fetchone()
+    return None if row is None else str(row[0])

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from subledger.app.http import docs
 from subledger.app.http.common import database_refusal, pool_of, services_of
 from subledger.outbox.metrics import CONTENT_TYPE, outbox_exposition, process_exposition
+from subledger.store import outbox as outbox_store
 
 router = APIRouter(tags=["health"])
 
@@ -26,31 +27,21 @@ def healthz() -> dict[str, str]:
 def readyz(request: Request) -> JSONResponse:
     try:
         with pool_of(request).connection() as conn:
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'),"
-                " extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) FROM outbox"
-            ).fetchone()
-            paused = conn.execute(
-                "SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused"
-            ).fetchall()
-            waiting = conn.execute(
-                "SELECT app_id, destination, retry_after FROM destination_state WHERE retry_after > now()"
-            ).fetchall()
+            found = outbox_store.readiness(conn)
     except Exception as exc:  # any failure to reach the database means not ready
         refusal, headers = database_refusal(exc, services_of(request).database_timeout)
         return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
-    assert row is not None
     body = {
-        "status": "degraded" if paused else "ok",
-        "pending": int(row[0]),
-        "dead": int(row[1]),
-        "oldest_pending_seconds": float(row[2] or 0),
+        "status": "degraded" if found.paused else "ok",
+        "pending": found.pending,
+        "dead": found.dead,
+        "oldest_pending_seconds": found.oldest_pending_seconds,
         "paused_destinations": [
             {"app_id": a, "destination": d, "reason": r, "since": t.isoformat() if t else None}
-            for a, d, r, t in paused
+            for a, d, r, t in found.paused
         ],
         "rate_limited_destinations": [
-            {"app_id": a, "destination": d, "until": t.isoformat()} for a, d, t in waiting
+            {"app_id": a, "destination": d, "until": t.isoformat()} for a, d, t in found.rate_limited
         ],
     }
     return JSONResponse(body, status_code=200)
