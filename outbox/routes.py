@@ -26,10 +26,6 @@ class Route:
     gzip: bool = False
     timeout_seconds: float = 15.0
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.app_id, self.destination)
-
     def key_for(self, sandbox: bool) -> str:
         return self.sandbox_write_key if sandbox and self.sandbox_write_key else self.write_key
 
