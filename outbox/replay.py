@@ -24,7 +24,6 @@ from subledger.core.lifecycle import SubscriptionState, Transition, fold, reconc
 from subledger.outbox.ingest import IngestPolicy
 from subledger.store import identity, projections, streams
 from subledger.store import outbox as outbox_sql
-from subledger.store.db import translate_errors
 from subledger.store.log import LoggedEvent
 
 BATCH = 500
@@ -114,7 +113,7 @@ def replay(
     report = Report(dry_run=dry_run)
     after = ""
     while True:
-        with translate_errors(), conn.transaction():
+        with conn.transaction():
             conn.execute(LOCK_HEAD)
             keys = [subscription] if subscription is not None else streams.next_keys(conn, after, batch)
             changes = _rebuild(conn, keys, policy, now, dry_run=dry_run) if keys else []

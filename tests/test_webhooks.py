@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,9 +173,9 @@ def test_apple_refusals(client: TestClient, db_url: str) -> None:
 def test_status_codes_per_refusal() -> None:
     from subledger.app.http.webhooks import status_for
     from subledger.app.sources import UnknownApp
-    from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload
+    from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, SignatureUncheckable
 
-    assert status_for(BadSignature("online certificate (OCSP) check could not complete; transient", "x")) == 503
+    assert status_for(SignatureUncheckable("online certificate (OCSP) check could not complete; transient", "x")) == 503
     assert status_for(BadSignature("does not verify", "signedPayload")) == 401
     assert status_for(BadSignature("other bundle", "bundleId")) == 403
     assert status_for(MalformedPayload("not JSON")) == 400
@@ -344,18 +345,26 @@ def test_odd_reason_types_are_mapped_not_a_500(client: TestClient, db_url: str) 
     assert client.post(f"/webhooks/revenuecat/{RC_APP}", content=raw, headers=rc_headers()).status_code == 200
 
 
-def test_an_adapter_bug_is_a_400_that_stores_nothing(client: TestClient, db_url: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_adapter_bug_is_a_500_with_an_error_id_and_its_traceback_logged(
+    client: TestClient, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10: a bug is a server error, never a 4xx: a 4xx tells the store to give up the delivery
+    (it would be lost), a 5xx makes it deliver again once the bug is fixed."""
     from subledger.core.sources import revenuecat
 
     def broken(*_: Any) -> Any:
         raise TypeError("unhashable type: 'list'")
 
     monkeypatch.setattr(revenuecat, "parse_webhook", broken)
-    response = client.post(f"/webhooks/revenuecat/{RC_APP}", content=rc_body(rc_event("RENEWAL")),
-                           headers=rc_headers())
-    refused(response, 400)
+    caplog.set_level(logging.ERROR, logger="subledger.http")
+    answering = TestClient(client.app, raise_server_exceptions=False)  # the app's pool is already open
+    response = answering.post(f"/webhooks/revenuecat/{RC_APP}", content=rc_body(rc_event("RENEWAL")),
+                              headers=rc_headers())
+    body = refused(response, 500)
+    assert body == {"error": "internal error", "error_id": body["error_id"]} and body["error_id"]
     assert "unhashable" not in response.text
+    logged = [r for r in caplog.records if body["error_id"] in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and logged[0].exc_info[0] is TypeError
     assert log_count(db_url) == 0
 
 

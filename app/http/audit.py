@@ -21,7 +21,6 @@ from subledger.app.http.common import ApiError, now_of, pool_of, require_token
 from subledger.app.wording import one_of
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 from subledger.store import audit
-from subledger.store.db import translate_errors
 
 _END = object()
 router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(require_token)])
@@ -59,7 +58,7 @@ def document(value: Any) -> JSONResponse:
 @router.get("/timeline/{subscriber:path}", summary="Log entries, transitions and deliveries of a subscriber",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_timeline(subscriber: str, request: Request) -> JSONResponse:
-    with translate_errors(), pool_of(request).connection() as conn:
+    with pool_of(request).connection() as conn:
         found = audit.timeline(conn, subscriber)
     if not found.subscriptions:
         raise ApiError(404, f"no subscription found for {subscriber!r}")
@@ -70,7 +69,7 @@ def get_timeline(subscriber: str, request: Request) -> JSONResponse:
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSONResponse:
     when = utc(at) or now_of(request)
-    with translate_errors(), pool_of(request).connection() as conn:
+    with pool_of(request).connection() as conn:
         found = audit.state_at(conn, subscription, when)
     if found is None:
         raise ApiError(404, f"the log holds no facts for subscription {subscription!r}")
@@ -80,7 +79,7 @@ def get_state(subscription: str, request: Request, at: TimeQuery = None) -> JSON
 @router.get("/explain/{ref}", summary="Causing log entry → transition → messages → attempts",
             responses=docs.responses(docs.DOCUMENT_OK, docs.errors(401, 404, 422, 503)))
 def get_explain(ref: str, request: Request) -> JSONResponse:
-    with translate_errors(), pool_of(request).connection() as conn:
+    with pool_of(request).connection() as conn:
         found = audit.explain(conn, ref)
     if found is None:
         raise ApiError(404, f"no transition or message {ref!r}")
@@ -111,7 +110,7 @@ def get_events(
 
     def lines() -> Iterator[bytes]:
         # The connection is held while the client reads; the server-side cursor keeps memory flat.
-        with translate_errors(), pool.connection() as conn:
+        with pool.connection() as conn:
             rows = iter(audit.events(conn, flt))
             first = next(rows, _END)
             yield b""  # primed: connection and first row in hand, so a database failure was a 503
@@ -135,6 +134,6 @@ def get_stats(request: Request, since: TimeQuery = None, until: TimeQuery = None
     now = now_of(request)
     end = utc(until) or now
     start = utc(since) or end - timedelta(days=1)
-    with translate_errors(), pool_of(request).connection() as conn:
+    with pool_of(request).connection() as conn:
         found = audit.stats(conn, start, end, now)
     return document(found)

@@ -12,29 +12,18 @@ import logging
 import math
 import uuid
 from datetime import datetime
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg import Error as DriverError
-from psycopg import OperationalError
 from psycopg_pool import ConnectionPool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from subledger.app.bootstrap import Services
 from subledger.app.wording import validation_reason
-from subledger.core.errors import StoreError, StoreUnavailable
+from subledger.core.errors import ApiError, StoreError, StoreUnavailable
 
 log = logging.getLogger("subledger.http")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, **extra: Any) -> None:
-        super().__init__(error)
-        self.status = status
-        # an absent detail is left out rather than sent as null, as the documented error schema says
-        self.body = {"error": error, **{k: v for k, v in extra.items() if v is not None}}
 
 
 # -- the request context: what `create_app` put on `app.state` --------------------------------------
@@ -104,7 +93,7 @@ def database_refusal(exc: BaseException, retry_after: float) -> tuple[dict[str, 
     """Body and headers of a 503 for a database failure: the detail goes to the log under an id,
     the client gets the id and no driver or SQL text (it can hold table names, values, hosts)."""
     error_id = uuid.uuid4().hex[:16]
-    unavailable = isinstance(exc, StoreUnavailable | OperationalError)
+    unavailable = isinstance(exc, StoreUnavailable)
     log.warning("%s [error_id=%s]: %s", "database unavailable" if unavailable else "database error",
                 error_id, " ".join(str(exc).split()) or type(exc).__name__, extra={"error_id": error_id})
     body = {"error": "database unavailable" if unavailable else "database error", "error_id": error_id}
@@ -133,8 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": f"{loc.split('.')[-1]}: {reason}" if loc else reason, "field": loc},
                             status_code=422)
 
-    @app.exception_handler(StoreError)
-    @app.exception_handler(DriverError)  # a driver error no store function translated (e.g. PoolTimeout)
+    @app.exception_handler(StoreError)  # store/db.py translated every driver error (PoolTimeout too)
     async def _store_error(request: Request, exc: Exception) -> JSONResponse:
         body, headers = database_refusal(exc, services_of(request).database_timeout)
         return JSONResponse(body, status_code=503, headers=headers)

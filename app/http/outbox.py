@@ -16,7 +16,6 @@ from subledger.app.http.common import ApiError, now_of, pool_of, require_token, 
 from subledger.outbox import ops
 from subledger.outbox.ingest import wake_relay
 from subledger.store import audit
-from subledger.store.db import translate_errors
 
 router = APIRouter(prefix="/v1/outbox", tags=["outbox"], dependencies=[Depends(require_token)])
 ROWS = {"type": "object", "required": ["rows"], "properties": {"rows": docs.ANY_OBJECTS}}
@@ -32,14 +31,14 @@ def list_outbox(
     if not 1 <= limit <= 10_000:
         raise ApiError(422, "limit must be between 1 and 10000", field="limit")
     pool = pool_of(request)
-    with translate_errors(), pool.connection() as conn:
+    with pool.connection() as conn:
         rows = ops.list_rows(conn, status=status, app_id=app_id, limit=limit)
     return JSONResponse({"rows": audit.jsonable(rows)})
 
 
 def _retry(request: Request, ref: str | None, dead: bool) -> JSONResponse:
     pool, services, now = pool_of(request), services_of(request), now_of(request)
-    with translate_errors(), pool.connection() as conn:
+    with pool.connection() as conn:
         try:
             with conn.transaction():
                 result = ops.retry(conn, services.policy, now, ref=ref, dead=dead)
@@ -70,7 +69,7 @@ def retry_one(ref: str, request: Request) -> JSONResponse:
 def pause(app_id: str, request: Request, destination: str | None = None,
           reason: str = ops.PAUSED_BY_OPERATOR) -> JSONResponse:
     pool, services, now = pool_of(request), services_of(request), now_of(request)
-    with translate_errors(), pool.connection() as conn, conn.transaction():
+    with pool.connection() as conn, conn.transaction():
         try:
             names = ops.targets(conn, services.policy, app_id, destination)
         except ops.UnknownTarget as exc:
@@ -84,7 +83,7 @@ def pause(app_id: str, request: Request, destination: str | None = None,
                 401, 404, 422, 503, _404="Unknown app or destination")))
 def resume(app_id: str, request: Request, destination: str | None = None) -> JSONResponse:
     pool, services = pool_of(request), services_of(request)
-    with translate_errors(), pool.connection() as conn:
+    with pool.connection() as conn:
         with conn.transaction():
             try:
                 ops.targets(conn, services.policy, app_id, destination, resuming=True)

@@ -20,7 +20,6 @@ from subledger.core.events import Store
 from subledger.outbox.identify import link as link_subscription
 from subledger.outbox.ingest import wake_relay
 from subledger.store import audit, identity
-from subledger.store.db import translate_errors
 
 router = APIRouter(prefix="/v1/subscribers", tags=["identity"], dependencies=[Depends(require_token)])
 
@@ -48,7 +47,7 @@ async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONRespon
     key = f"{body.app_id}/{body.store.value}/{body.subscription_id}"
 
     def run() -> tuple[str | None, list[str]]:
-        with translate_errors(), pool.connection() as conn:
+        with pool.connection() as conn:
             with conn.transaction():
                 previous, sent = link_subscription(
                     conn, body.app_id, key, app_user_id, services.policy.destinations_for(body.app_id), now
@@ -66,7 +65,7 @@ async def link(app_user_id: str, body: LinkBody, request: Request) -> JSONRespon
             responses=docs.responses(docs.LINKS_OK, docs.errors(401, 422, 503)))
 def links(app_user_id: str, request: Request) -> JSONResponse:
     pool = pool_of(request)
-    with translate_errors(), pool.connection() as conn:
+    with pool.connection() as conn:
         found = identity.links_of(conn, app_user_id)
     return JSONResponse({"app_user_id": app_user_id, "links": [
         {"app_id": a, "subscription_key": k, "linked_at": audit.jsonable(t)} for a, k, t in found]})

@@ -28,16 +28,23 @@ from psycopg_pool import ConnectionPool
 
 from subledger.app import google_api
 from subledger.app.bootstrap import Services
-from subledger.app.google_api import GoogleCredentialsRefused
 from subledger.app.http import docs
 from subledger.app.http.common import read_body
-from subledger.app.sources import Sources, StripeLinks, UnknownApp, build_sources
-from subledger.core.errors import BadSignature, InvalidEvent, MalformedPayload, PayloadRejected, StoreError
+from subledger.app.sources import Sources, StripeLinks, build_sources
+from subledger.core.errors import (
+    BadSignature,
+    CredentialsRefused,
+    InvalidEvent,
+    MalformedPayload,
+    PayloadRejected,
+    SourceUnavailable,
+    Transient,
+    UnknownApp,
+)
 from subledger.core.sources import Notification, refuse_unstorable
 from subledger.core.sources import revenuecat as revenuecat_source
 from subledger.outbox.identify import apply_transfer
 from subledger.outbox.ingest import Incoming, Outcome, ingest, wake_relay
-from subledger.store.db import translate_errors
 
 log = logging.getLogger("subledger.webhooks")
 WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
@@ -45,13 +52,13 @@ WEBHOOK_OK = docs.ok(docs.WEBHOOK_RESULT, "Accepted (`new`) or repeated (`duplic
 
 
 def status_for(exc: PayloadRejected) -> int:
-    if isinstance(exc, GoogleCredentialsRefused):
+    if isinstance(exc, Transient):
+        return 503  # e.g. online (OCSP) checks could not reach Apple: not the sender's fault, retry
+    if isinstance(exc, CredentialsRefused):
         return 424  # our service account, not the sender: Pub/Sub redelivers until it is fixed
     if isinstance(exc, UnknownApp):
         return 404
     if isinstance(exc, BadSignature):
-        if exc.reason.endswith("; transient"):
-            return 503  # online (OCSP) checks could not reach Apple: not the sender's fault, retry
         return 403 if exc.field in WRONG_TARGET_FIELDS else 401
     if isinstance(exc, MalformedPayload):
         return 400
@@ -68,19 +75,16 @@ def refusal(exc: PayloadRejected) -> JSONResponse:
 
 
 def parse(call: Callable[[], Notification]) -> Notification | JSONResponse:
-    """Run an adapter: its refusals become 4xx; a bug in it must not become a 500 for a sender's body
-    either (nothing is stored; the store retries, and the traceback is in the server log)."""
+    """Run an adapter: its refusals become 4xx. Anything else it raises propagates: a failed log
+    lookup is a 503 (StoreError), and a bug in the adapter is a 500 with an error id and its
+    traceback in the log (create_app's handler), never a 4xx: a 4xx would tell the store to give up
+    on a delivery we could not read, so it would be lost; a 5xx makes it deliver again once fixed."""
     try:
         notification = call()
         # NUL, lone surrogates, numbers beyond 64 bits: refused here (422) rather than failing the insert
         refuse_unstorable(notification)
     except PayloadRejected as exc:
         return refusal(exc)
-    except StoreError:
-        raise  # a log lookup failed: 503
-    except Exception:
-        log.exception("store adapter failed on a delivery; refused with 400")
-        return JSONResponse({"error": "the body could not be mapped (see the server log)"}, status_code=400)
     return notification
 
 
@@ -107,7 +111,7 @@ def webhook_router(
     @contextmanager
     def connection() -> Iterator[psycopg.Connection]:
         # no free connection (or no database) within database_timeout_seconds: 503, and the store retries
-        with translate_errors(), pool.connection() as conn:
+        with pool.connection() as conn:
             yield conn
 
     def store(notification: Notification, raw: bytes) -> JSONResponse:
@@ -150,7 +154,7 @@ def webhook_router(
             adapter.verify_push(headers.get("authorization"))
         except PayloadRejected as exc:
             return refusal(exc)
-        except google_api.GoogleUnavailable as exc:
+        except SourceUnavailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         app_id = adapter.config.app_id
         with connection() as conn:
@@ -161,7 +165,7 @@ def webhook_router(
             fetched = adapter.fetch(push)
         except PayloadRejected as exc:
             return refusal(exc)
-        except google_api.GoogleUnavailable as exc:
+        except SourceUnavailable as exc:
             log.warning("Google Play state not fetched for message %s: %s", push.external_id, exc)
             return JSONResponse({"error": str(exc)}, status_code=503)
         with connection() as conn:
