@@ -18,8 +18,6 @@ import json
 import orjson
 import psycopg
 
-from subledger.store.db import translate_errors
-
 STRIPE_REFERENCE_SQL = """
 SELECT e->>'subscription_id'
 FROM event_log l, jsonb_array_elements(l.facts->'events') e
@@ -57,7 +55,7 @@ def stripe_subscription_for(conn: psycopg.Connection, app_id: str, reference: st
     found = _by_facts(conn, app_id, reference)
     if found is not None:
         return found
-    with translate_errors(), conn.transaction():
+    with conn.transaction():
         candidates = conn.execute(INVOICE_PAYMENT_SQL, {"app": app_id, "needle": reference.encode()}).fetchall()
     for (raw,) in candidates:
         paid_by, invoice = invoice_payment(bytes(raw))
@@ -74,7 +72,7 @@ def _by_facts(conn: psycopg.Connection, app_id: str, reference: str) -> str | No
         "by_intent": _contains(attributes={"stripe_payment_intent": reference}),
         "by_charge": _contains(attributes={"stripe_charge": reference}),
     }
-    with translate_errors(), conn.transaction():
+    with conn.transaction():
         row = conn.execute(STRIPE_REFERENCE_SQL, params).fetchone()
     return None if row is None else str(row[0])
 
@@ -109,8 +107,7 @@ def subscriptions_of(conn: psycopg.Connection, app_id: str, users: list[str]) ->
     """Subscription keys of the app that belong to any of `users` (by the fold's state or a link)."""
     if not users:
         return []
-    with translate_errors():
-        rows = conn.execute(SUBSCRIPTIONS_OF_SQL, {"app": app_id, "users": users}).fetchall()
+    rows = conn.execute(SUBSCRIPTIONS_OF_SQL, {"app": app_id, "users": users}).fetchall()
     return [str(key) for (key,) in rows]
 
 
@@ -132,6 +129,6 @@ def google_subscription_for_token(conn: psycopg.Connection, app_id: str, token: 
 
     Runs in its own short transaction, so it never leaves one open in front of an ingest."""
     contains = _contains(attributes={"google_purchase_token": token})
-    with translate_errors(), conn.transaction():
+    with conn.transaction():
         row = conn.execute(GOOGLE_TOKEN_SQL, {"app": app_id, "token": token, "contains": contains}).fetchone()
     return None if row is None else str(row[0])
