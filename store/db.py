@@ -64,9 +64,10 @@ def embedded_url(directory: Path | None = None) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); pgserver copes.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-        import pgserver  # imported late: starting a server is a run-time decision, not an import-time one
+        # imported late: starting a server is a run-time decision, not an import-time one
+        from pgserver.postgres_server import get_server
 
-        server = pgserver.get_server(pgdata, cleanup_mode=None)
+        server = get_server(pgdata, cleanup_mode=None)
     return str(server.get_uri())
 
 
