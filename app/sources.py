@@ -9,6 +9,7 @@ credentials verify a body, routing Apple's one shared endpoint by the bundle id 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -265,9 +266,14 @@ def captured_incoming(
 
 
 def unmappable(exc: Exception) -> Rejection:
-    """A line an adapter failed on unexpectedly: refused with the exception's type (the traceback at debug)."""
-    log.debug("store adapter failed on a captured line; refused", exc_info=exc)  # no traceback on a CLI
-    return Rejection(None, f"the body could not be mapped ({type(exc).__name__})")
+    """A line an adapter failed on unexpectedly: a bug, not bad input (hostile input is refused by
+    validation first). The import goes on, the traceback is logged under an error id, and the line
+    is refused naming that id, so it can be found and ingested again once the bug is fixed."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("store adapter failed on a captured line [error_id=%s]", error_id, exc_info=exc,
+              extra={"error_id": error_id})
+    return Rejection(None, f"internal error: the adapter failed on this line ({type(exc).__name__}; "
+                           f"error_id {error_id} in the log)")
 
 
 def google_captured(

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ast
 import builtins
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 import psycopg_pool
@@ -108,6 +110,25 @@ def test_transient_is_a_type_mixed_into_the_tree() -> None:
                          "SourceUnavailable"}
     assert issubclass(errors.SignatureUncheckable, errors.BadSignature)  # still a refusal of the body
     assert not issubclass(errors.SchemaNotCurrent, Transient) and not issubclass(errors.PermissionDenied, Transient)
+
+
+def test_an_adapter_bug_on_a_captured_line_is_an_internal_error_with_an_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`ingest --format`: the import goes on, but the line is not called bad input: it names an error
+    id, and the traceback is logged under it."""
+    from subledger.app.canonical import Rejection
+    from subledger.app.sources import captured_incoming
+
+    class Broken:
+        def parse_captured(self, *_: Any, **__: Any) -> Any:
+            raise TypeError("unhashable type: 'list'")
+
+    caplog.set_level(logging.ERROR, logger="subledger.ingest")
+    refused = captured_incoming(cast(Any, Broken()), "revenuecat", b"{}", cast(Any, None), app_id="app")
+    assert isinstance(refused, Rejection) and refused.reason.startswith("internal error"), refused
+    logged = [r for r in caplog.records if r.exc_info is not None and r.exc_info[0] is TypeError]
+    assert logged and getattr(logged[0], "error_id", "") in refused.reason and logged[0].levelno == logging.ERROR
 
 
 # -- the door, through real connections ------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from subledger.app.http import docs
 from subledger.app.http.common import database_refusal, pool_of, services_of
+from subledger.core.errors import StoreError
 from subledger.outbox.metrics import CONTENT_TYPE, outbox_exposition, process_exposition
 from subledger.store import outbox as outbox_store
 
@@ -28,7 +29,7 @@ def readyz(request: Request) -> JSONResponse:
     try:
         with pool_of(request).connection() as conn:
             found = outbox_store.readiness(conn)
-    except Exception as exc:  # any failure to reach the database means not ready
+    except StoreError as exc:  # the database unreachable or failing means not ready (a bug is a 500)
         refusal, headers = database_refusal(exc, services_of(request).database_timeout)
         return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
     body = {
@@ -56,7 +57,7 @@ def prometheus_metrics(request: Request) -> Response:
         with pool_of(request).connection() as conn:
             known = [(a, d) for a, app_ in services.settings.apps.items() for d in app_.destinations]
             body += outbox_exposition(conn, known)
-    except Exception as exc:  # the counters are still worth serving without the database
+    except StoreError as exc:  # the counters are still worth serving without the database
         refusal, _ = database_refusal(exc, services.database_timeout)
         body += f"# outbox gauges unavailable: {refusal['error']} (error_id {refusal['error_id']})\n".encode()
     return Response(body, media_type=CONTENT_TYPE)
