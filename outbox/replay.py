@@ -1,10 +1,10 @@
 """Replay: rebuild projections, transitions and missing outbox rows from the log (rule 1).
 
 The log is the truth and everything else is a cache of its fold, so a rebuild is the ingest's own
-re-fold path run over every subscription: `core.lifecycle.fold` and `reconcile` decide, the store's
-projection and transition writers and `outbox.writer.rows_for` / `insert_missing` write. Ids are
-deterministic (rule 2), so on an unchanged log a replay finds every transition and every messageId
-already there and creates nothing; it can never produce a second message for one fact.
+derive step (outbox/derive.py) run over every subscription's whole history, asking for the
+messages of every live transition; a unit of work writes what differs. Ids are deterministic
+(rule 2), so on an unchanged log a replay finds every transition and every messageId already
+there and creates nothing; it can never produce a second message for one fact.
 
 Each batch of subscriptions is rebuilt in one transaction holding the chain head row lock
 (`log_head FOR UPDATE`), the lock every appender takes, so a replay never interleaves with an
@@ -20,14 +20,12 @@ from typing import Any
 
 import psycopg
 
-from subledger.core.lifecycle import SubscriptionState, Transition, fold, reconcile
-from subledger.outbox.ingest import IngestPolicy
-from subledger.store import identity, projections, streams
-from subledger.store import outbox as outbox_sql
-from subledger.store.log import LoggedEvent
+from subledger.core.derive import Known
+from subledger.outbox.derive import Derived, IngestPolicy, derive, stage
+from subledger.store import identity, log, projections, streams
+from subledger.store.unit_of_work import UnitOfWork
 
 BATCH = 500
-LOCK_HEAD = "SELECT position FROM log_head FOR UPDATE"
 
 
 @dataclass
@@ -94,8 +92,7 @@ Progress = Callable[[int], None]
 
 def total_subscriptions(conn: psycopg.Connection) -> int:
     """For the progress bar: the projection's row count (the log's distinct keys would cost a scan)."""
-    row = conn.execute("SELECT count(*) FROM subscriptions").fetchone()
-    return int(row[0]) if row else 0
+    return projections.count(conn)
 
 
 def replay(
@@ -114,7 +111,7 @@ def replay(
     after = ""
     while True:
         with conn.transaction():
-            conn.execute(LOCK_HEAD)
+            log.lock_head(conn)
             keys = [subscription] if subscription is not None else streams.next_keys(conn, after, batch)
             changes = _rebuild(conn, keys, policy, now, dry_run=dry_run) if keys else []
         for change in changes:
@@ -128,77 +125,37 @@ def replay(
         after = keys[-1]
 
 
-@dataclass
-class _Writes:
-    states: list[tuple[SubscriptionState, int]] = field(default_factory=list)
-    transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
-    superseded: list[str] = field(default_factory=list)
-    revived: list[str] = field(default_factory=list)
-    rows: list[tuple[str, outbox_sql.OutboxRow]] = field(default_factory=list)  # (subscription key, row)
-
-
 def _rebuild(
     conn: psycopg.Connection, keys: Sequence[str], policy: IngestPolicy, now: datetime, *, dry_run: bool
 ) -> list[Change]:
+    """Derive each subscription from its whole log and stage what differs from what is stored."""
     logged = streams.histories(conn, keys)
     stored = streams.stored_states(conn, keys)
     emitted = streams.emitted(conn, keys)
     keys = [k for k in keys if logged.get(k)]
     links = identity.links_for(conn, [(logged[k][0].event.app_id, k) for k in keys])
-    writes = _Writes()
-    changes: dict[str, Change] = {}
-    for key in keys:
-        changes[key] = _plan(key, logged[key], stored.get(key), emitted.get(key, {}), policy, now,
-                             links.get(key), writes)
+    derived: dict[str, Derived] = {
+        key: derive(conn, key, (), policy, now, known=Known(logged[key], emitted.get(key, {})),
+                    linked_user=links.get(key), every_message=True)
+        for key in keys
+    }
     # Only messageIds in neither the outbox nor the delivered record are new (rule 2: ids repeat).
-    present = streams.existing_messages(conn, [r.message_id for _, r in writes.rows])
-    missing = [(key, r) for key, r in writes.rows if r.message_id not in present]
-    for key, row in missing:
-        changes[key].new_messages.append(row.message_id)
+    present = streams.existing_messages(conn, [r.message_id for d in derived.values() for r in d.again])
+    work = UnitOfWork(now)
+    changes: list[Change] = []
+    for key, d in derived.items():
+        change = Change(key)
+        if key not in stored:
+            change.state = "missing"
+        elif stored[key][0] != d.derivation.state.to_json():
+            change.state = "differs"
+        missing = [r for r in d.again if r.message_id not in present]
+        change.new_transitions = [e.transition.id for e in d.derivation.new]
+        change.superseded = list(d.derivation.superseded)
+        change.revived = list(d.derivation.revived)
+        change.new_messages = [r.message_id for r in missing]
+        stage(work, d, state=change.state is not None, again=missing)
+        changes.append(change)
     if not dry_run:
-        projections.save_states(conn, writes.states, now)
-        projections.insert_transitions(conn, writes.transitions, now, copy=False)
-        projections.mark_superseded(conn, writes.superseded, now)
-        outbox_sql.withdraw(conn, writes.superseded, now)
-        projections.revive(conn, writes.revived)
-        outbox_sql.insert_missing(conn, [r for _, r in missing], now)
-    return list(changes.values())
-
-
-def _plan(
-    key: str,
-    logged: list[LoggedEvent],
-    stored: tuple[dict[str, Any], int] | None,
-    emitted: dict[str, bool],
-    policy: IngestPolicy,
-    now: datetime,
-    linked_user: str | None,
-    writes: _Writes,
-) -> Change:
-    """Fold one subscription and compare with what is stored; queue the writes that make them agree."""
-    change = Change(key)
-    origin = {(h.event.source.value, h.event.id): (h.position, h.historical) for h in logged}
-    folded = fold([h.event for h in logged])
-    last_position = max(h.position for h in logged)
-    if stored is None:
-        change.state = "missing"
-    elif stored[0] != folded.state.to_json():
-        change.state = "differs"
-    if change.state:
-        writes.states.append((folded.state, last_position))
-    diff = reconcile(emitted, folded.transitions)
-    for transition in diff.new:
-        position, historical = origin[(transition.event_source, transition.event_id)]
-        writes.transitions.append((transition, position, historical))
-        change.new_transitions.append(transition.id)
-    change.superseded.extend(diff.superseded)
-    change.revived.extend(diff.revived)
-    writes.superseded.extend(diff.superseded)
-    writes.revived.extend(diff.revived)
-    destinations = policy.destinations_for(folded.state.app_id)
-    for transition in folded.transitions:
-        _, historical = origin[(transition.event_source, transition.event_id)]
-        for row in policy.rows_for(transition, historical=historical, now=now, linked_user=linked_user,
-                                   destinations=destinations):
-            writes.rows.append((key, row))
-    return change
+        work.commit(conn)
+    return changes

@@ -22,6 +22,7 @@ import orjson
 import psycopg
 
 from subledger.core.chain import chain_hash, entry_for_hash
+from subledger.core.derive import Located
 from subledger.core.events import CanonicalEvent, event_from_facts, format_time
 from subledger.core.sources import Notification
 from subledger.store.rows import write_rows
@@ -188,11 +189,8 @@ def contains(conn: psycopg.Connection, source: str, external_id: str) -> bool:
     return found is not None
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedEvent:
-    event: CanonicalEvent
-    position: int
-    historical: bool
+# A fact with its entry's position and historical flag, as the derive step folds it.
+LoggedEvent = Located
 
 
 def history(conn: psycopg.Connection, subscription_key: str) -> list[LoggedEvent]:

@@ -1,6 +1,6 @@
 """Verify: the log's hash chain is intact and every projection equals a fresh fold of the log.
 
-The chain is recomputed exactly as `store.log.append` computed it (`core.chain.entry_for_hash`
+The chain is recomputed exactly as `store.log.plan` computed it (`core.chain.entry_for_hash`
 over the stored columns, then `chain_hash` with the previous entry's stored hash), so an edited
 entry, an edited hash or a missing position is named by its position. Each entry is checked
 against its predecessor's *stored* hash, which pins a problem to the entry that has it rather
@@ -15,6 +15,11 @@ before this check existed verify unchanged: the hash format is the same.
 Everything streams through server-side cursors inside one read-only REPEATABLE READ transaction:
 memory stays flat whatever the log's size, and the chain, the head and the projections are all
 read from one snapshot, so a concurrent ingest can never look like damage.
+
+The projections and transitions are compared with the derive step that ingest and replay write
+by (`core.derive.derive` over the whole history): a state the fold does not produce, a transition
+it would emit (missing), one it would supersede (not superseded) or revive (superseded but live)
+is a problem here exactly when a replay would change it. Verify itself never writes.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import psycopg
 from psycopg.types.json import set_json_loads
 
 from subledger.core.chain import DERIVED_COLUMNS, GENESIS, chain_hash, derived_columns, entry_for_hash, respellings
+from subledger.core.derive import Known, Located, derive
 from subledger.core.errors import InvalidEvent
-from subledger.core.events import CanonicalEvent, event_from_facts, format_time
-from subledger.core.lifecycle import TransitionKind, fold, subscriber_id, transition_id
+from subledger.core.events import event_from_facts, format_time
+from subledger.core.lifecycle import TransitionKind, subscriber_id, transition_id
 
 FETCH = 2000
 MAX_PROBLEMS = 50
@@ -215,12 +221,11 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
     transitions = next(emitted, None)
     for key, rows in logged:
         try:
-            located = [(int(position), bool(historical), event_from_facts(f))
+            located = [Located(event_from_facts(f), int(position), bool(historical))
                        for _, position, historical, entry in rows for f in entry["events"]]
         except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
             located = []
             result.add(Problem("projection", f"the log's facts no longer parse: {exc}", subscription=key))
-        facts = [event for _, _, event in located]
         while projection is not None and projection[0] < key:
             result.add(Problem("projection", "a projection with no facts in the log", subscription=projection[0]))
             projection = next(projected, None)
@@ -234,14 +239,14 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
         result.subscriptions += 1
         if progress is not None and result.subscriptions % 500 == 0:
             progress("projections", 500)
-        if not facts:
+        if not located:
             continue
-        folded = fold(facts)
+        derived = derive((), None, Known(located, ids))
         if projection is None or projection[0] != key:
             result.add(Problem("projection", "missing: the log has facts but no projection", subscription=key))
         else:
             _, app_user_id, status, state, app_id, expires_at = projection
-            fresh = folded.state.to_json()
+            fresh = derived.state.to_json()
             if state != fresh:
                 fields = sorted(k for k in set(state) | set(fresh) if state.get(k) != fresh.get(k))
                 result.add(Problem("projection", f"differs from a fresh fold in {', '.join(fields)}",
@@ -253,10 +258,9 @@ def _verify_projections(conn: psycopg.Connection, result: Verification, progress
                     said = f"columns {', '.join(wrong)} disagree" if len(wrong) > 1 else f"column {wrong[0]} disagrees"
                     result.add(Problem("projection", f"{said} with the state", subscription=key, column=wrong[0]))
             projection = next(projected, None)
-        live = {t.id for t in folded.transitions}
-        missing = sorted(live - ids.keys())
-        stale = sorted(i for i, gone in ids.items() if not gone and i not in live)
-        revived = sorted(i for i, gone in ids.items() if gone and i in live)
+        missing = sorted(e.transition.id for e in derived.new)
+        stale = sorted(derived.superseded)
+        revived = sorted(derived.revived)
         for label, found in (("missing", missing), ("not superseded", stale), ("superseded but live", revived)):
             if found:
                 result.add(Problem("projection", f"transitions {label}: {', '.join(found[:3])}", subscription=key))
@@ -271,7 +275,7 @@ TRANSITION_COLUMNS = ("id", "kind", "subscription_key", "app_id", "subscriber", 
 
 
 def _check_transitions(
-    result: Verification, key: str, located: list[tuple[int, bool, CanonicalEvent]], rows: list[tuple[Any, ...]]
+    result: Verification, key: str, located: list[Located], rows: list[tuple[Any, ...]]
 ) -> None:
     """Each stored transition must agree with the log it was derived from, column by column.
 
@@ -284,10 +288,11 @@ def _check_transitions(
     if not rows:
         return
     origin: dict[tuple[str, str], list[tuple[int, bool, datetime]]] = {}
-    for position, historical, event in located:
-        origin.setdefault((event.source.value, event.id), []).append((position, historical, event.occurred_at))
-    users = {event.app_user_id for _, _, event in located if event.app_user_id}
-    app_id = located[0][2].app_id if located else None
+    for fact in located:
+        origin.setdefault((fact.event.source.value, fact.event.id), []).append(
+            (fact.position, fact.historical, fact.event.occurred_at))
+    users = {f.event.app_user_id for f in located if f.event.app_user_id}
+    app_id = located[0].event.app_id if located else None
     for (_, tid, _, kind, t_app, subscriber, occurred_at, log_position, historical,
          b_id, b_kind, b_key, b_app, b_source, b_event, b_occurred, b_user) in rows:
         wrong: list[str] = []
