@@ -113,6 +113,8 @@ class SegmentClient:
             return self._failed("timeout", exc, started)
         except httpx.TransportError as exc:  # connection refused/reset, protocol errors, DNS
             return self._failed("connection error", exc, started)
+        except httpx.RequestError as exc:  # an answer that cannot be read (a body that fails to decode)
+            return self._failed("unreadable answer", exc, started)
         return Response(
             status=reply.status_code,
             headers=dict(reply.headers),

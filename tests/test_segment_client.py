@@ -179,3 +179,19 @@ def test_client_turns_network_failures_into_values() -> None:
         client.close()
     refused = SegmentClient(timeout=0.5).send("http://127.0.0.1:9", "k", msgs, NOW)
     assert refused.response.status is None and isinstance(refused.verdict, RetryAt)
+
+
+def test_an_answer_that_cannot_be_decoded_is_a_value_not_an_exception() -> None:
+    """A destination claiming gzip and sending garbage: retried like a lost answer, never raised into the relay."""
+    import httpx
+
+    def garbled(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"not gzip at all")
+
+    client = SegmentClient(transport=httpx.MockTransport(garbled))
+    try:
+        sent = client.send("http://destination.invalid", "k", [b'{"type":"track","messageId":"m"}'], NOW)
+    finally:
+        client.close()
+    assert sent.response.status is None and "unreadable answer" in (sent.response.error or "")
+    assert isinstance(sent.verdict, RetryAt)
