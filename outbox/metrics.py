@@ -8,11 +8,13 @@ letters, oldest pending age and paused destinations are read from the database a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from subledger.store import outbox as outbox_sql
 
 DELIVERED = Counter(
     "subledger_relay_delivered_total",
@@ -58,16 +60,7 @@ REQUEST_SECONDS = Histogram(
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-OUTBOX_SNAPSHOT = """
-SELECT o.app_id, o.destination,
-  count(*) FILTER (WHERE o.status = 'pending'),
-  count(*) FILTER (WHERE o.status = 'dead'),
-  coalesce(extract(epoch FROM now() - min(o.created_at) FILTER (WHERE o.status = 'pending')), 0)
-FROM outbox o GROUP BY 1, 2
-"""
-
-
-def outbox_exposition(conn: Any, known: Iterable[tuple[str, str]] = ()) -> bytes:
+def outbox_exposition(conn: psycopg.Connection, known: Iterable[tuple[str, str]] = ()) -> bytes:
     """Gauges read from the database now: depth, dead letters, oldest pending age, paused flags.
 
     `known` (app_id, destination) pairs are reported even when they have no rows, as zeros.
@@ -83,16 +76,14 @@ def outbox_exposition(conn: Any, known: Iterable[tuple[str, str]] = ()) -> bytes
     paused = GaugeMetricFamily("subledger_destination_paused",
                                "1 when a destination is paused (401/403/404 or by hand).",
                                labels=["app_id", "destination"])
-    rows = {(a, d): (p, n, age) for a, d, p, n, age in conn.execute(OUTBOX_SNAPSHOT).fetchall()}
+    rows = outbox_sql.depths(conn)
     for key in known:
-        rows.setdefault(key, (0, 0, 0))
-    for (app_id, destination), (n_pending, n_dead, age) in sorted(rows.items()):
-        pending.add_metric([app_id, destination], float(n_pending))
-        dead.add_metric([app_id, destination], float(n_dead))
-        oldest.add_metric([app_id, destination], float(age or 0))
-    for app_id, destination, is_paused in conn.execute(
-        "SELECT app_id, destination, paused FROM destination_state"
-    ).fetchall():
+        rows.setdefault(key, outbox_sql.Depth(0, 0, 0.0))
+    for (app_id, destination), depth in sorted(rows.items()):
+        pending.add_metric([app_id, destination], float(depth.pending))
+        dead.add_metric([app_id, destination], float(depth.dead))
+        oldest.add_metric([app_id, destination], depth.oldest_pending_seconds)
+    for (app_id, destination), is_paused in outbox_sql.paused_flags(conn).items():
         paused.add_metric([app_id, destination], 1.0 if is_paused else 0.0)
 
     class _Snapshot(Collector):

@@ -37,12 +37,13 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from subledger.core.errors import StoreError
-from subledger.core.lifecycle import SubscriptionState, inferred_expiration
+from subledger.core.lifecycle import inferred_expiration
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.outbox.relay import Relay
+from subledger.store import log as event_log
 from subledger.store import outbox as outbox_sql
-from subledger.store import retention
+from subledger.store import projections, retention
 from subledger.store.db import connect
 from subledger.store.retention import Pruned, Retention
 
@@ -273,24 +274,6 @@ class Scheduler:
                 self.wake()  # the ≤ 5 s poll fallback, whatever the interval says
 
 
-def _due_states(
-    conn: psycopg.Connection, cutoff: datetime, after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[datetime, str, SubscriptionState]]:
-    """One page of live subscriptions whose period ended before `cutoff`, in (expires_at, key) order."""
-    rows = conn.execute(
-        """
-        SELECT expires_at, key, state FROM subscriptions
-        WHERE status IS NOT NULL AND status NOT IN ('expired', 'expired_promotional', 'paused')
-          AND expires_at <= %(cutoff)s
-          AND (%(after_at)s::timestamptz IS NULL OR (expires_at, key) > (%(after_at)s, %(after_key)s))
-        ORDER BY expires_at, key LIMIT %(limit)s
-        """,
-        {"cutoff": cutoff, "after_at": after[0] if after else None, "after_key": after[1] if after else None,
-         "limit": limit},
-    ).fetchall()
-    return [(r[0], r[1], SubscriptionState.from_json(r[2])) for r in rows]
-
-
 def infer_expirations(
     database_url: str,
     policy: IngestPolicy,
@@ -306,7 +289,7 @@ def infer_expirations(
         after: tuple[datetime, str] | None = None
         # Paged, so subscriptions whose inference was a no-op never starve the ones behind them.
         while not (stop is not None and stop.is_set()):
-            page = _due_states(conn, now - shortest, after, EXPIRATION_BATCH)
+            page = projections.due_states(conn, now - shortest, after, EXPIRATION_BATCH)
             conn.commit()
             if not page:
                 break
@@ -316,10 +299,7 @@ def infer_expirations(
                 event = inferred_expiration(state, now, grace.get(state.app_id, DEFAULT_GRACE))
                 if event is None:
                     continue
-                known = conn.execute(
-                    "SELECT 1 FROM event_log WHERE source = %s AND external_id = %s",
-                    (event.source.value, event.id),
-                ).fetchone()
+                known = event_log.contains(conn, event.source.value, event.id)
                 conn.commit()
                 if known:
                     continue  # inferred before and a no-op: do not log a duplicate receipt every minute

@@ -26,7 +26,8 @@ import psycopg
 from subledger.store.rows import write_rows
 
 # ---------------------------------------------------------------------------------------------
-# Section: outbox rows written by ingest/replay (INSERT, withdraw). Owned by helper "store-core".
+# Section: outbox rows written by ingest/replay (INSERT, withdraw), the relay's wake-ups and the
+# /metrics gauges. Owned by helper "store-core".
 # ---------------------------------------------------------------------------------------------
 
 OUTBOX_CHANNEL = "subledger_outbox"
@@ -128,6 +129,36 @@ def listen(conn: psycopg.Connection) -> None:
 def check_listener(conn: psycopg.Connection) -> None:
     """One round trip on the listening connection: raises when it died, so the listener reconnects."""
     conn.execute("SELECT 1")
+
+
+GAUGES_SQL = """
+SELECT o.app_id, o.destination,
+  count(*) FILTER (WHERE o.status = 'pending'),
+  count(*) FILTER (WHERE o.status = 'dead'),
+  coalesce(extract(epoch FROM now() - min(o.created_at) FILTER (WHERE o.status = 'pending')), 0)
+FROM outbox o GROUP BY 1, 2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    """One (app, destination)'s outbox now, for the `/metrics` gauges (outbox/metrics.py)."""
+
+    pending: int
+    dead: int
+    oldest_pending_seconds: float
+
+
+def depths(conn: psycopg.Connection) -> dict[tuple[str, str], Depth]:
+    """(app_id, destination) → its pending and dead rows and the age of its oldest pending one."""
+    return {(str(a), str(d)): Depth(int(p), int(n), float(age or 0))
+            for a, d, p, n, age in conn.execute(GAUGES_SQL).fetchall()}
+
+
+def paused_flags(conn: psycopg.Connection) -> dict[tuple[str, str], bool]:
+    """(app_id, destination) → paused? for every destination with stored state."""
+    rows = conn.execute("SELECT app_id, destination, paused FROM destination_state").fetchall()
+    return {(str(a), str(d)): bool(paused) for a, d, paused in rows}
 
 # ---------------------------------------------------------------------------------------------
 # End of the ingest section.
