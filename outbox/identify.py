@@ -24,7 +24,7 @@ from subledger.core.events import Environment
 from subledger.core.lifecycle import SubscriptionState, anonymous_id
 from subledger.core.render import LIBRARY_NAME, Destination, iso_millis
 from subledger.core.sources.revenuecat import TransferLinks
-from subledger.store import identity, lookups, projections, streams
+from subledger.store import identity, lookups, projections
 from subledger.store import outbox as outbox_sql
 
 LINK_PREFIX = "link:"
@@ -83,7 +83,7 @@ def send_link_identify(
     if state is None:
         return []
     rows = identify_rows(state, app_user_id, destinations, now)
-    present = streams.existing_messages(conn, [r.message_id for r in rows])
+    present = outbox_sql.existing_messages(conn, [r.message_id for r in rows])
     outbox_sql.insert_missing(conn, rows, now)
     return [r.message_id for r in rows if r.message_id not in present]
 

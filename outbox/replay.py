@@ -22,7 +22,8 @@ import psycopg
 
 from subledger.core.derive import Known
 from subledger.outbox.derive import Derived, IngestPolicy, derive, stage
-from subledger.store import identity, log, projections, streams
+from subledger.store import identity, log, projections
+from subledger.store import outbox as outbox_sql
 from subledger.store.unit_of_work import UnitOfWork
 
 BATCH = 500
@@ -112,7 +113,7 @@ def replay(
     while True:
         with conn.transaction():
             log.lock_head(conn)
-            keys = [subscription] if subscription is not None else streams.next_keys(conn, after, batch)
+            keys = [subscription] if subscription is not None else log.next_keys(conn, after, batch)
             changes = _rebuild(conn, keys, policy, now, dry_run=dry_run) if keys else []
         for change in changes:
             report.subscriptions += 1
@@ -129,9 +130,9 @@ def _rebuild(
     conn: psycopg.Connection, keys: Sequence[str], policy: IngestPolicy, now: datetime, *, dry_run: bool
 ) -> list[Change]:
     """Derive each subscription from its whole log and stage what differs from what is stored."""
-    logged = streams.histories(conn, keys)
-    stored = streams.stored_states(conn, keys)
-    emitted = streams.emitted(conn, keys)
+    logged = log.histories(conn, keys)
+    stored = projections.stored_states(conn, keys)
+    emitted = projections.emitted(conn, keys)
     keys = [k for k in keys if logged.get(k)]
     links = identity.links_for(conn, [(logged[k][0].event.app_id, k) for k in keys])
     derived: dict[str, Derived] = {
@@ -140,7 +141,7 @@ def _rebuild(
         for key in keys
     }
     # Only messageIds in neither the outbox nor the delivered record are new (rule 2: ids repeat).
-    present = streams.existing_messages(conn, [r.message_id for d in derived.values() for r in d.again])
+    present = outbox_sql.existing_messages(conn, [r.message_id for d in derived.values() for r in d.again])
     work = UnitOfWork(now)
     changes: list[Change] = []
     for key, d in derived.items():

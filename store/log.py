@@ -13,7 +13,8 @@ side so they cannot drift; tests/test_unit_of_work.py pins that they write the s
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -193,17 +194,44 @@ def contains(conn: psycopg.Connection, source: str, external_id: str) -> bool:
 LoggedEvent = Located
 
 
+def _logged(position: int, historical: bool, facts: dict[str, Any]) -> Iterator[LoggedEvent]:
+    for fact in facts["events"]:
+        yield LoggedEvent(event_from_facts(fact), int(position), bool(historical))
+
+
 def history(conn: psycopg.Connection, subscription_key: str) -> list[LoggedEvent]:
-    """Every fact of one subscription, as the fold needs them (it sorts them itself)."""
+    """Every fact of one subscription, as the fold needs them (it sorts them itself): one round
+    trip, right for an ingest that re-folds one subscription."""
     rows = conn.execute(
         "SELECT position, historical, facts FROM event_log WHERE subscription_key = %s",
         (subscription_key,),
     ).fetchall()
-    return [
-        LoggedEvent(event_from_facts(fact), int(position), bool(historical))
-        for position, historical, facts in rows
-        for fact in facts["events"]
-    ]
+    return [fact for position, historical, facts in rows for fact in _logged(position, historical, facts)]
+
+
+NEXT_KEYS_SQL = """
+SELECT DISTINCT subscription_key FROM event_log
+WHERE subscription_key IS NOT NULL AND subscription_key > %s
+ORDER BY subscription_key LIMIT %s
+"""
+HISTORIES_SQL = """
+SELECT subscription_key, position, historical, facts FROM event_log
+WHERE subscription_key = ANY(%s) ORDER BY subscription_key, position
+"""
+
+
+def next_keys(conn: psycopg.Connection, after: str, limit: int) -> list[str]:
+    """The next `limit` subscription keys of the log after `after`, in key order (keyset paging)."""
+    return [r[0] for r in conn.execute(NEXT_KEYS_SQL, (after, limit)).fetchall()]
+
+
+def histories(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, list[LoggedEvent]]:
+    """key → every fact of its log entries, as `history` returns them: a rebuild of the whole log
+    (replay) reads hundreds of subscriptions per statement instead of one per round trip."""
+    out: dict[str, list[LoggedEvent]] = defaultdict(list)
+    for key, position, historical, facts in conn.execute(HISTORIES_SQL, (list(keys),)).fetchall():
+        out[key].extend(_logged(position, historical, facts))
+    return out
 
 
 def events_of(entries: Iterable[Appended]) -> Iterable[tuple[CanonicalEvent, Appended]]:

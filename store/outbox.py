@@ -105,6 +105,18 @@ def insert_missing(conn: psycopg.Connection, rows: Sequence[OutboxRow], now: dat
     return inserted
 
 
+def existing_messages(conn: psycopg.Connection, message_ids: Sequence[str]) -> set[str]:
+    """The messageIds already in the outbox or already delivered."""
+    if not message_ids:
+        return set()
+    rows = conn.execute(
+        "SELECT message_id FROM outbox WHERE message_id = ANY(%(ids)s)"
+        " UNION ALL SELECT message_id FROM outbox_delivered WHERE message_id = ANY(%(ids)s)",
+        {"ids": list(message_ids)},
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def withdraw(conn: psycopg.Connection, transition_ids: Sequence[str], now: datetime) -> int:
     """Rule 3: undelivered messages of superseded transitions leave the outbox (unless in flight)."""
     if not transition_ids:

@@ -8,6 +8,7 @@ rule is one constant used by both, so `last_position` only grows whichever path 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,24 @@ def existing_transitions(conn: psycopg.Connection, subscription_key: str) -> dic
         (subscription_key,),
     ).fetchall()
     return {r[0]: bool(r[1]) for r in rows}
+
+
+def stored_states(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, tuple[dict[str, Any], int]]:
+    """key → (projection state as stored JSON, last_position), for a bulk rebuild (replay)."""
+    rows = conn.execute("SELECT key, state, last_position FROM subscriptions WHERE key = ANY(%s)", (list(keys),))
+    return {k: (state, int(last)) for k, state, last in rows.fetchall()}
+
+
+def emitted(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, dict[str, bool]]:
+    """key → {transition id → superseded?}: what `existing_transitions` says, for many keys at once."""
+    out: dict[str, dict[str, bool]] = defaultdict(dict)
+    rows = conn.execute(
+        "SELECT subscription_key, id, superseded_at IS NOT NULL FROM transitions WHERE subscription_key = ANY(%s)",
+        (list(keys),),
+    )
+    for key, tid, gone in rows.fetchall():
+        out[key][tid] = bool(gone)
+    return out
 
 
 TRANSITION_COLUMNS = ("id", "subscription_key", "kind", "app_id", "subscriber", "occurred_at", "log_position",

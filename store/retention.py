@@ -7,7 +7,7 @@ What goes, and why it is safe (README "Retention"):
   Nothing decides on attempts: the relay counts them on the outbox row.
 - `outbox_delivered`: a delivered message older than the retention loses its rendered body and
   keeps its row (messageId, transition, destination, times, status) as a tombstone. The row is what
-  makes `replay` (`streams.existing_messages`, `writer.insert_missing`) skip a messageId that was
+  makes `replay` (`store.outbox.existing_messages` / `insert_missing`) skip a messageId that was
   already delivered, so deleting it could send the message a second time. The body is most of the
   row's size, and what it rendered stays: the transition (`audit explain`) and the log's facts.
 - `duplicate_receipts`: receipts older than the retention are deleted (through a SECURITY DEFINER
