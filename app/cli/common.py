@@ -23,7 +23,6 @@ from subledger.app import settings as settings_module
 from subledger.app.bootstrap import Services, build
 from subledger.core.errors import ConfigError, StoreError
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE
-from subledger.store import migrate
 from subledger.store.audit import jsonable
 from subledger.store.db import connect
 
@@ -63,6 +62,8 @@ def services_for(config: Path | None, database_url: str | None) -> Services:
 
 def prepare_schema(services: Services, migrate_flag: bool | None) -> None:
     """serve/relay/ingest: run on a current schema; migrate only when allowed or told to (one line if not)."""
+    from subledger.store import migrate  # deferred: Alembic and SQLAlchemy (~1 s) load only to open a database
+
     chosen = services.settings.migrate if migrate_flag is None else migrate_flag
     try:
         done = migrate.prepare(services.database_url, migrate=chosen, timeout=services.database_timeout)
@@ -78,6 +79,8 @@ def connection(config: Path | None, database_url: str | None) -> Iterator[tuple[
 
     These commands read or repair the ledger and never migrate: a schema that is not current is
     refused up front (`run subledger db upgrade`), not met as raw SQL errors halfway through."""
+    from subledger.store import migrate  # deferred: Alembic and SQLAlchemy (~1 s) load only to open a database
+
     services = services_for(config, database_url)
     try:
         conn = connect(services.database_url, timeout=services.database_timeout)

@@ -10,7 +10,7 @@ import typer
 
 from subledger.app.cli.common import ConfigOption, DatabaseOption, fail, out, services_for
 from subledger.core.errors import StoreError
-from subledger.store import embedded, migrate
+from subledger.store import embedded
 from subledger.store.db import display_url
 
 db_app = typer.Typer(help="Database management.", no_args_is_help=True)
@@ -53,6 +53,8 @@ def db_stop() -> None:
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None, database_url: DatabaseOption = None) -> None:
     """Apply the database migrations (run as the schema owner; serve, relay and ingest check the revision)."""
+    from subledger.store import migrate  # deferred: Alembic and SQLAlchemy (~1 s) load only to migrate
+
     services = services_for(config, database_url)
     try:
         migrate.upgrade(services.database_url, timeout=services.database_timeout)

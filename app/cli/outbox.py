@@ -20,6 +20,7 @@ from subledger.app.cli.common import (
     shown_time,
 )
 from subledger.app.wording import plural
+from subledger.core.errors import NotFound, UnknownTarget
 from subledger.outbox import ops
 from subledger.outbox.ingest import wake_relay
 
@@ -73,7 +74,7 @@ def retry(
         try:
             with conn.transaction():
                 result = ops.retry(conn, services.policy, services.clock(), ref=ref, dead=dead)
-        except ops.NotFound as exc:
+        except NotFound as exc:
             raise fail(str(exc), 1) from None
         if result.requeued:
             wake_relay(conn)
@@ -98,7 +99,7 @@ def pause(
     with connection(config, database_url) as (services, conn), conn.transaction():
         try:
             names = ops.targets(conn, services.policy, app_id, destination)
-        except ops.UnknownTarget as exc:
+        except UnknownTarget as exc:
             raise fail(str(exc)) from None
         ops.pause(conn, app_id, names, services.clock(), reason)
     out.print(f"paused {', '.join(f'{app_id}/{n}' for n in names)}", highlight=False)
@@ -116,7 +117,7 @@ def resume(
         with conn.transaction():
             try:
                 ops.targets(conn, services.policy, app_id, destination, resuming=True)
-            except ops.UnknownTarget as exc:
+            except UnknownTarget as exc:
                 raise fail(str(exc)) from None
             resumed = ops.resume(conn, app_id, destination)
         if resumed:

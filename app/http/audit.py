@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator
 
 from subledger.app.http import docs
-from subledger.app.http.common import ApiError, now_of, pool_of, require_token
+from subledger.app.http.common import now_of, pool_of, require_token
 from subledger.app.wording import one_of
+from subledger.core.errors import ApiError
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 from subledger.store import audit
 

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 
 from subledger.app.canonical import Rejection, to_incoming
 from subledger.app.http import docs
-from subledger.app.http.common import ApiError, pool_of, read_body, require_token, services_of
+from subledger.app.http.common import pool_of, read_body, require_token, services_of
 from subledger.core import safejson
-from subledger.core.errors import PayloadRejected
+from subledger.core.errors import ApiError, PayloadRejected
 from subledger.outbox.ingest import Incoming, Outcome, ingest
 
 MAX_BATCH = docs.MAX_BATCH  # events per request; the OpenAPI document states the same limit

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from subledger.app.http import docs
-from subledger.app.http.common import ApiError, now_of, pool_of, require_token, services_of
+from subledger.app.http.common import now_of, pool_of, require_token, services_of
+from subledger.core.errors import ApiError, NotFound, UnknownTarget
 from subledger.outbox import ops
 from subledger.outbox.ingest import wake_relay
 from subledger.store import audit
@@ -42,7 +43,7 @@ def _retry(request: Request, ref: str | None, dead: bool) -> JSONResponse:
         try:
             with conn.transaction():
                 result = ops.retry(conn, services.policy, now, ref=ref, dead=dead)
-        except ops.NotFound as exc:
+        except NotFound as exc:
             raise ApiError(409 if exc.delivered else 404, str(exc)) from None
         if result.requeued:
             wake_relay(conn)
@@ -72,7 +73,7 @@ def pause(app_id: str, request: Request, destination: str | None = None,
     with pool.connection() as conn, conn.transaction():
         try:
             names = ops.targets(conn, services.policy, app_id, destination)
-        except ops.UnknownTarget as exc:
+        except UnknownTarget as exc:
             raise ApiError(404, str(exc)) from None
         ops.pause(conn, app_id, names, now, reason[:500])
     return JSONResponse({"paused": [{"app_id": app_id, "destination": n} for n in names]})
@@ -87,7 +88,7 @@ def resume(app_id: str, request: Request, destination: str | None = None) -> JSO
         with conn.transaction():
             try:
                 ops.targets(conn, services.policy, app_id, destination, resuming=True)
-            except ops.UnknownTarget as exc:
+            except UnknownTarget as exc:
                 raise ApiError(404, str(exc)) from None
             resumed = ops.resume(conn, app_id, destination)
         if resumed:

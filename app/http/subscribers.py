@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from subledger.app.http import docs
-from subledger.app.http.common import ApiError, now_of, pool_of, require_token, services_of, size_limit
+from subledger.app.http.common import now_of, pool_of, require_token, services_of, size_limit
 from subledger.app.http.guard import storable_text
+from subledger.core.errors import ApiError
 from subledger.core.events import Store
 from subledger.outbox.identify import link as link_subscription
 from subledger.outbox.ingest import wake_relay
