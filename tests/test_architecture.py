@@ -81,16 +81,23 @@ def modules_in(source: str, package: str) -> Iterator[tuple[int, str]]:
             yield node.lineno, module
             for alias in node.names:  # `from subledger import app` imports subledger.app
                 yield node.lineno, f"{module}.{alias.name}"
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute | ast.Name)
-            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
-            in ("import_module", "__import__")
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            yield node.lineno, node.args[0].value
+        elif (dynamic := dynamic_import(node)) is not None:
+            yield node.lineno, dynamic
+
+
+def dynamic_import(node: ast.AST) -> str | None:
+    """The module of `importlib.import_module("x")` / `__import__("x")` with a literal name, else None."""
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute | ast.Name)
+        and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+        in ("import_module", "__import__")
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        return node.args[0].value
+    return None
 
 
 def violates(module: str, forbidden: set[str]) -> bool:
@@ -174,16 +181,8 @@ def project_imports(source: str, module: str, package: str, known: Iterable[str]
                 parent = node.module or ""
             targets = [f"{parent}.{alias.name}" if f"{parent}.{alias.name}" in names else parent
                        for alias in node.names]
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute | ast.Name)
-            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
-            in ("import_module", "__import__")
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            targets = [node.args[0].value]
+        elif (dynamic := dynamic_import(node)) is not None:
+            targets = [dynamic]
         for target in targets:
             found = longest(target)
             if found is not None and found != module and found not in own:
