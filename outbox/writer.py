@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from subledger.core.errors import MissingRate
 from subledger.core.lifecycle import Transition
-from subledger.core.render import Destination, MissingRate, render
+from subledger.core.render import Destination, render
 from subledger.store.outbox import OUTBOX_CHANNEL, OutboxRow
 
 __all__ = ["OUTBOX_CHANNEL", "OutboxRow", "rows_for"]

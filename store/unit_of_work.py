@@ -35,6 +35,7 @@ import psycopg
 from subledger.core.lifecycle import SubscriptionState, Transition
 from subledger.store import log, projections
 from subledger.store import outbox as outbox_sql
+from subledger.store.log import LogWrites
 from subledger.store.outbox import OutboxRow
 
 SMALL_BATCH = 32
@@ -64,7 +65,7 @@ def begin(
     assert row is not None, "run `subledger db upgrade`"
     position, hash_, seen, states, links = row
     return Begun(
-        head=log.Head(int(position), bytes(hash_), frozenset(tuple(k.split("\x1f", 1)) for k in seen)),  # type: ignore[misc]
+        head=log.Head(int(position), bytes(hash_), frozenset(tuple(k.split("\x1f", 1)) for k in seen)),
         states={key: SubscriptionState.from_json(state) for key, state in states.items()},
         links=dict(links),
     )
@@ -90,7 +91,7 @@ class UnitOfWork:
     """
 
     now: datetime
-    log: log.LogWrites = field(default_factory=log.LogWrites)
+    log: LogWrites = field(default_factory=LogWrites)
     states: dict[str, tuple[SubscriptionState, int]] = field(default_factory=dict)
     transitions: list[tuple[Transition, int, bool]] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
@@ -108,7 +109,7 @@ class UnitOfWork:
     def small(self) -> bool:
         return self.size <= SMALL_BATCH
 
-    def append(self, conn: psycopg.Connection, writes: log.LogWrites) -> None:
+    def append(self, conn: psycopg.Connection, writes: LogWrites) -> None:
         """Stage the log's rows; a big batch COPYs them now (small ones wait for the one statement)."""
         self.log = writes
         if not self.small:
@@ -139,7 +140,7 @@ def _write_all(conn: psycopg.Connection, work: UnitOfWork, *, include_log: bool)
     """Everything in one statement with one JSON parameter: one cheap dump for the client, one parse
     for the server (a statement with fifty array parameters costs the client more than the insert)."""
     data: dict[str, Any] = {"now": work.now}
-    data.update(log.cte_data(work.log if include_log else log.LogWrites()))
+    data.update(log.cte_data(work.log if include_log else LogWrites()))
     data.update(projections.cte_data(work.states.values(), work.transitions))
     data.update(outbox_sql.cte_data(work.outbox))
     conn.execute(WRITE_ALL, (orjson.dumps(data).decode(),))
