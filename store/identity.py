@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
 import psycopg
 
@@ -21,24 +20,13 @@ JOIN unnest(%s::text[], %s::text[]) AS k(app_id, store_subscription)
 """
 
 
-def request_links(conn: psycopg.Connection, pairs: Iterable[tuple[str, str]]) -> psycopg.Cursor[Any]:
-    """Send the lookup of (app_id, subscription key) pairs; fetch with `read_links` (pipelining)."""
+def links_for(conn: psycopg.Connection, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """subscription key → linked app user id, for the (app_id, subscription key) pairs that have one."""
     apps, keys = [], []
     for app_id, key in pairs:
         apps.append(app_id)
         keys.append(key)
-    cur = conn.cursor()
-    cur.execute(LINKS_SQL, (apps, keys))
-    return cur
-
-
-def read_links(cur: psycopg.Cursor[Any]) -> dict[str, str]:
-    """subscription key → linked app user id."""
-    return {key: user for key, user in cur.fetchall()}
-
-
-def links_for(conn: psycopg.Connection, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    return read_links(request_links(conn, pairs))
+    return {str(key): str(user) for key, user in conn.execute(LINKS_SQL, (apps, keys)).fetchall()}
 
 
 def link(conn: psycopg.Connection, app_id: str, subscription_key: str, app_user_id: str, now: datetime) -> str | None:
