@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from subledger.core.delivery import (
     Backoff,
@@ -37,10 +38,20 @@ from subledger.core.delivery import (
 )
 from subledger.outbox import metrics
 from subledger.outbox.routes import Route
-from subledger.outbox.segment import Response, SegmentClient, oversize_verdict
+from subledger.outbox.segment import Response, oversize_verdict
 from subledger.store.outbox import Attempt, ClaimedRow
 
 Clock = Callable[[], datetime]
+
+
+class Poster(Protocol):
+    """What the dispatcher needs of a client (outbox/segment.py's `SegmentClient`): one POST of
+    serialized messages whose every failure is a `Response`, never an exception."""
+
+    def post(
+        self, endpoint: str, write_key: str, messages: Sequence[bytes], *, gzip_body: bool | None = None,
+        timeout: float | None = None,
+    ) -> Response: ...
 
 
 @dataclass
@@ -81,7 +92,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        client: SegmentClient,
+        client: Poster,
         *,
         clock: Clock,
         rng: random.Random,
