@@ -8,7 +8,7 @@ stored, hashed, folded and published without an error later on:
 
     id ≤ 200 characters; app_id ≤ 200; currency 3; country_code 2; every other text field ≤ 500
     text: valid Unicode (no lone surrogate) and no NUL, in every field and attribute
-    times (occurred_at, expires_at): EARLIEST_TIME <= t < LATEST_TIME once converted to UTC
+    times (occurred_at, expires_at, purchased_at): EARLIEST_TIME <= t < LATEST_TIME once converted to UTC
     attributes: nested at most MAX_ATTRIBUTES_DEPTH deep; keys ≤ 200, strings ≤ 10,000
     characters; numbers finite and within ±2^63 (see `core.safejson`)
 """
@@ -50,6 +50,7 @@ class Source(StrEnum):
     GOOGLE = "google"
     STRIPE = "stripe"
     REVENUECAT = "revenuecat"
+    AMAZON = "amazon"
     SCHEDULER = "scheduler"
 
 
@@ -88,6 +89,7 @@ DEFAULT_STORE: dict[Source, Store] = {
     Source.APPLE: Store.APP_STORE,
     Source.GOOGLE: Store.PLAY_STORE,
     Source.STRIPE: Store.STRIPE,
+    Source.AMAZON: Store.AMAZON,
 }
 
 NEEDS_PRODUCT = frozenset({EventType.PURCHASE, EventType.RENEWAL, EventType.ONE_TIME_PURCHASE})
@@ -129,6 +131,14 @@ class CanonicalEvent:
     country_code: str | None = None
     reason: Reason | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # What a store states beyond the lifecycle fact itself (README, "The canonical event"); each is
+    # optional and left out of `to_facts` when absent, so facts written before they existed hash,
+    # fold and render exactly as they did.
+    refund_id: str | None = None
+    purchased_at: datetime | None = None
+    is_trial_conversion: bool | None = None
+    takehome_percentage: Decimal | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def subscription_key(self) -> str:
@@ -163,6 +173,11 @@ class CanonicalEvent:
             "transaction_id": self.transaction_id,
             "country_code": self.country_code,
             "reason": None if self.reason is None else self.reason,
+            "refund_id": self.refund_id,
+            "purchased_at": None if self.purchased_at is None else format_time(self.purchased_at),
+            "is_trial_conversion": self.is_trial_conversion,
+            "takehome_percentage": None if self.takehome_percentage is None else str(self.takehome_percentage),
+            "aliases": list(self.aliases) if self.aliases else None,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.attributes:
@@ -277,6 +292,46 @@ def _price(obj: dict[str, Any]) -> Decimal | None:
     return amount
 
 
+MAX_ALIASES = 100
+
+
+def _aliases(obj: dict[str, Any]) -> tuple[str, ...]:
+    """Other app user ids of the same user: a list of non-empty strings, repeats dropped, order kept."""
+    value = obj.get("aliases")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidEvent(f"must be a list of strings, got {type(value).__name__}", "aliases")
+    if len(value) > MAX_ALIASES:
+        raise InvalidEvent(f"more than {MAX_ALIASES} ids", "aliases")
+    for index, item in enumerate(value):
+        name = f"aliases[{index}]"
+        if not isinstance(item, str) or not item.strip():
+            raise InvalidEvent("must be a non-empty string", name)
+        if len(item) > 500:
+            raise InvalidEvent("longer than 500 characters", name)
+        problem = text_problem(item)
+        if problem is not None:
+            raise InvalidEvent(problem, name)
+    return tuple(dict.fromkeys(value))
+
+
+def _takehome(obj: dict[str, Any]) -> Decimal | None:
+    """A share of the price in [0, 1], as the source states it (RevenueCat's `takehome_percentage`)."""
+    value = obj.get("takehome_percentage")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or len(str(value)) > 40:
+        raise InvalidEvent("must be a decimal number between 0 and 1", "takehome_percentage")
+    try:
+        share = Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidEvent(f"not a decimal number: {shown(str(value), 40)!r}", "takehome_percentage") from None
+    if not share.is_finite() or not 0 <= share <= 1:
+        raise InvalidEvent("must be a decimal number between 0 and 1", "takehome_percentage")
+    return share
+
+
 def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> CanonicalEvent:
     """Validate one canonical JSON object; raise `InvalidEvent` naming the first bad field."""
     if not isinstance(obj, dict):
@@ -353,7 +408,19 @@ def parse_event(obj: Any, *, default_source: Source = Source.CUSTOM) -> Canonica
         country_code=country,
         reason=_enum(obj, "reason", Reason, None),
         attributes=attributes,
+        refund_id=_text(obj, "refund_id"),
+        purchased_at=parse_time(obj["purchased_at"], "purchased_at") if obj.get("purchased_at") is not None else None,
+        is_trial_conversion=_flag(obj, "is_trial_conversion"),
+        takehome_percentage=_takehome(obj),
+        aliases=_aliases(obj),
     )
+
+
+def _flag(obj: dict[str, Any], name: str) -> bool | None:
+    value = obj.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidEvent(f"must be true or false, got {type(value).__name__}", name)
 
 
 def event_from_facts(facts: dict[str, Any]) -> CanonicalEvent:

@@ -258,6 +258,8 @@ class Transition:
     expiration_reason: Reason | None = None
     is_trial_conversion: bool | None = None
     renewal_number: int | None = None
+    takehome_percentage: Decimal | None = None  # the source's own share after commission, when stated
+    aliases: tuple[str, ...] | None = None  # other app user ids the source names for this user
 
     @property
     def subscriber(self) -> str:
@@ -275,6 +277,8 @@ class Transition:
                 value = format_time(value)
             elif kind is Decimal:
                 value = str(value)
+            elif kind is tuple:
+                value = list(value)
             out[name] = value
         return out
 
@@ -315,6 +319,8 @@ class Transition:
             expiration_reason=opt("expiration_reason", Reason),
             is_trial_conversion=data.get("is_trial_conversion"),
             renewal_number=data.get("renewal_number"),
+            takehome_percentage=opt("takehome_percentage", Decimal),
+            aliases=opt("aliases", tuple),
         )
 
 
@@ -400,7 +406,11 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
                 extra["renewal_number"] = renewals
     elif event.type in (t.RENEWAL, t.BILLING_RECOVERED):
         if not already_charged:
-            converting = state.started and state.period_type is PeriodType.TRIAL
+            # With prior state the fold decides; with none (the trial began before subledger heard of
+            # the subscription) the source's own `is_trial_conversion` is all there is to go by.
+            converting = (
+                state.period_type is PeriodType.TRIAL if state.started else event.is_trial_conversion is True
+            )
             kind = TransitionKind.TRIAL_CONVERTED if converting else TransitionKind.RENEWAL
             period = PeriodType.NORMAL if event.period_type is PeriodType.TRIAL else event.period_type
             renewals = state.renewal_number + 1
@@ -427,7 +437,11 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             extra["expiration_reason"] = event.reason or Reason.UNKNOWN
             changes.update(expired=True, billing_issue=False, paused=False, pause_pending=False)
     elif event.type is t.REFUND:
-        refund_key = event.transaction_id or f"{event.source}:{event.id}"
+        # A refund is money back, not a lifecycle change: it is reported (RevenueCat's cancellation
+        # with negative revenue) and changes nothing else. Whatever the store does to the
+        # subscription besides, its adapter states as facts of their own (an Apple refund is also an
+        # `expiration`; a Stripe refund leaves the subscription running).
+        refund_key = refund_identity(event)
         if refund_key not in state.refunds:
             kind = TransitionKind.CANCELLATION
             charged = event.price if event.price is not None else state.last_price
@@ -435,7 +449,11 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
             extra["cancel_reason"] = Reason.CUSTOMER_SUPPORT
             extra["price"] = None if amount is None else Decimal(0) - amount  # never a "-0"
             extra["currency"] = event.currency or state.last_currency
-            changes.update(auto_renew=False, refunds=_remember(state.refunds, refund_key))
+            # The refunded purchase as the fact names it, else the latest one the state knows.
+            extra["product_id"] = event.product_id or state.product_id
+            extra["purchased_at"] = event.purchased_at or state.purchased_at
+            extra["period_type"] = state.period_type if state.started else event.period_type
+            changes["refunds"] = _remember(state.refunds, refund_key)
     elif event.type is t.REFUND_REVERSED:
         pass  # recorded in the log; RevenueCat publishes nothing for it either
     elif event.type is t.PRODUCT_CHANGE:
@@ -480,9 +498,17 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
     if kind in REVENUE_KINDS:
         fields["price"] = event.price
         fields["currency"] = event.currency
+    if kind in REVENUE_KINDS or event.type is t.REFUND:
+        fields["takehome_percentage"] = event.takehome_percentage
+    if event.aliases:
+        fields["aliases"] = event.aliases
     fields.update(extra)
+    # A refund may reach the log through several deliveries (Stripe's `charge.refunded` and
+    # `refund.created` both carry it): when the fact names the refund, the refund is the cause, so
+    # whichever delivery the fold meets first the transition keeps its id.
+    cause = f"refund:{event.refund_id}" if event.type is t.REFUND and event.refund_id else event.id
     transition = Transition(
-        id=transition_id(state.key, event.source, event.id, kind),
+        id=transition_id(state.key, event.source, cause, kind),
         kind=kind,
         subscription_key=state.key,
         app_id=state.app_id,
@@ -497,6 +523,12 @@ def step(state: SubscriptionState, event: CanonicalEvent) -> tuple[SubscriptionS
         **fields,
     )
     return new, transition
+
+
+def refund_identity(event: CanonicalEvent) -> str:
+    """What makes two refund facts the same refund: the store's refund id, else the refunded
+    transaction (Apple, Google, RevenueCat refund a whole transaction once), else the fact itself."""
+    return event.refund_id or event.transaction_id or f"{event.source}:{event.id}"
 
 
 def ordered(events: Iterable[CanonicalEvent]) -> list[CanonicalEvent]:

@@ -110,11 +110,17 @@ def _convert(amount: Decimal, currency: str, dest: Destination) -> tuple[Decimal
 
 
 def takehome_share(transition: Transition, dest: Destination, mode: RevenueMode | None = None) -> Decimal:
-    """The share of the gross price that `mode` (by default the destination's revenue mode) reports."""
+    """The share of the gross price that `mode` (by default the destination's revenue mode) reports.
+
+    After commission, the source's own figure wins when it states one (RevenueCat's
+    `takehome_percentage`, "after commissions, before VAT and DST"): it knows the store's real rate
+    for this purchase, subledger only the configured estimate. Tax is stripped the same way either way.
+    """
     mode = mode or dest.revenue_mode
     if mode is RevenueMode.GROSS:
         return Decimal(1)
-    share = 1 - dest.commission.rate(transition)
+    stated = transition.takehome_percentage
+    share = stated if stated is not None else 1 - dest.commission.rate(transition)
     if mode is RevenueMode.AFTER_COMMISSION_AND_TAX:
         tax = dest.tax_rates.get(transition.country_code or "", dest.default_tax_rate)
         share = share / (1 + tax)  # store prices include VAT/GST; strip it before the store's cut
@@ -135,6 +141,7 @@ def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
             props["takehome_percentage"] = _money(
                 takehome_share(transition, dest, RevenueMode.AFTER_COMMISSION_AND_TAX)
             )
+            props["commission_source"] = "estimate" if transition.takehome_percentage is None else "source"
         props["price"] = _money(gross)
         props["price_in_purchased_currency"] = _money(transition.price)
         props["purchased_currency"] = transition.currency
@@ -192,8 +199,11 @@ def render(
         traits["subscription_status"] = transition.status
     if transition.app_user_id:
         traits["last_seen_app_user_id"] = transition.app_user_id
-    if aliases:
-        traits["aliases"] = list(aliases)
+    # The ids the source knows the user by (RevenueCat's `aliases`, `original_app_user_id`), then
+    # those an identity link adds; each once, in that order.
+    known = list(dict.fromkeys((*(transition.aliases or ()), *aliases)))
+    if known:
+        traits["aliases"] = known
     identify = {
         "type": "identify",
         "messageId": base + ".i",

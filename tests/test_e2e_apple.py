@@ -139,7 +139,11 @@ def test_refund_is_a_cancellation_with_negative_revenue(p: Pipeline) -> None:
               period_type="NORMAL", transaction_id="t1", **COMMON),
         track("rc_cancellation_event", USER, revenue=-9.99, currency="USD", product_id=MONTHLY,
               period_type="NORMAL", transaction_id="t1", cancel_reason="CUSTOMER_SUPPORT", **COMMON),
+        # issue 14: Apple revokes access with the refund of the current period
+        track("rc_expiration_event", USER, product_id=MONTHLY, period_type="NORMAL",
+              expiration_reason="CUSTOMER_SUPPORT", **COMMON),
     ]
+    assert statuses(messages) == ["active", "active", "expired"]
 
 
 def test_upgrade_is_a_product_change_and_a_new_charge(p: Pipeline) -> None:

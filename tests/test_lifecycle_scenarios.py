@@ -161,7 +161,8 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], list[Expect]]] = {
         [purchase(1, 0, "t0"), ev(2, "refund", 3, transaction_id="t0")],
         [
             Expect(K.INITIAL_PURCHASE, S.ACTIVE, {"price": Decimal("9.99")}),
-            Expect(K.CANCELLATION, S.CANCELLED,
+            # issue 14: a refund reports money back and leaves the subscription as it was
+            Expect(K.CANCELLATION, S.ACTIVE,
                    {"cancel_reason": Reason.CUSTOMER_SUPPORT, "price": Decimal("-9.99"), "currency": "USD"}),
         ],
     ),
@@ -170,7 +171,7 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], list[Expect]]] = {
         [
             Expect(K.INITIAL_PURCHASE, S.ACTIVE),
             Expect(K.RENEWAL, S.ACTIVE, {"renewal_number": 1}),
-            Expect(K.CANCELLATION, S.CANCELLED, {"cancel_reason": Reason.CUSTOMER_SUPPORT, "price": Decimal("-4.50")}),
+            Expect(K.CANCELLATION, S.ACTIVE, {"cancel_reason": Reason.CUSTOMER_SUPPORT, "price": Decimal("-4.50")}),
         ],
     ),
     "refund_after_expiry_still_reported": (
@@ -288,7 +289,7 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], list[Expect]]] = {
     "noop_second_refund_of_one_transaction": (
         [purchase(1, 0, "t0"), ev(2, "refund", 3, transaction_id="t0"), ev(3, "refund", 4, transaction_id="t0",
                                                                            source="apple")],
-        [Expect(K.INITIAL_PURCHASE, S.ACTIVE), Expect(K.CANCELLATION, S.CANCELLED)],
+        [Expect(K.INITIAL_PURCHASE, S.ACTIVE), Expect(K.CANCELLATION, S.ACTIVE)],
     ),
 }
 

@@ -90,6 +90,7 @@ def test_track_and_identify_shape() -> None:
             "revenue": 9.99,
             "currency": "USD",
             "takehome_percentage": 0.7,  # the store's cut is stated even when revenue is gross
+            "commission_source": "estimate",  # issue 14: which take-home was used is said
             "price": 9.99,
             "price_in_purchased_currency": 9.99,
             "purchased_currency": "USD",

@@ -400,14 +400,14 @@ def test_grace_period_expired_is_billing_error_expiration() -> None:
 def test_refund_has_negative_price_of_the_transaction_at_revocation() -> None:
     revoked = SIGNED - timedelta(hours=1)
     txn = transaction(transaction_id="t9", revocationDate=ms(revoked), revocationReason=0, revocationType="REFUND_FULL")
-    e = only(parse(notification(CA, "REFUND", txn=txn)))
+    e, *_ = parse(notification(CA, "REFUND", txn=txn)).events  # issue 14: then the expiration it causes
     assert (e.type, e.price, e.currency, e.transaction_id) == (EventType.REFUND, Decimal("-9.99"), "USD", "t9")
     assert e.occurred_at == revoked
 
 
 def test_prorated_refund_uses_revocation_percentage() -> None:
     txn = transaction(price=10000, revocationType="REFUND_PRORATED", revocationPercentage=50000)
-    assert only(parse(notification(CA, "REFUND", txn=txn))).price == Decimal("-5")
+    assert parse(notification(CA, "REFUND", txn=txn)).events[0].price == Decimal("-5")
 
 
 def test_refund_reversed() -> None:

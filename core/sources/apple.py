@@ -444,8 +444,15 @@ class _Mapping:
             currency=txn.currency if price is not None else None,
             transaction_id=txn.transactionId,
             product_id=txn.productId,
+            purchased_at=unix_time_or_none(txn.purchaseDate, "purchaseDate"),
             attributes=attributes,
         )
+        # Apple revokes what the refunded transaction granted: when its period had not ended by the
+        # revocation, access ends now, stated as an expiration at the same instant (it sorts after
+        # the refund: uuid < uuid#1). A refund of an earlier, finished period leaves access alone.
+        period_end = unix_time_or_none(txn.expiresDate, "expiresDate")
+        if period_end is None or period_end > when:
+            self._add(EventType.EXPIRATION, when, reason=Reason.CUSTOMER_SUPPORT, product_id=txn.productId)
 
     def on_refund_reversed(self) -> None:
         txn = self._require_txn()

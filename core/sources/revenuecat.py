@@ -6,8 +6,16 @@ Why this module looks the way it does:
   the dashboard. It is compared in constant time (`hmac.compare_digest`) and is mandatory here: an
   unauthenticated ingest endpoint would let anyone write revenue into the log.
 * RevenueCat already speaks in lifecycle terms, so the mapping is mostly one type to one fact. The
-  fold still decides trial conversion from prior state; `is_trial_conversion` is kept as an
-  attribute, not trusted as the decision.
+  fold decides trial conversion from prior state; RevenueCat's `is_trial_conversion` is stated on
+  the fact too and decides only when subledger has no prior state (the trial began before the
+  webhook pointed here).
+* What RevenueCat knows beyond the fact is carried on it: `aliases` and `original_app_user_id` (the
+  identify's `traits.aliases`, as RevenueCat's own Segment identify), `takehome_percentage` (used
+  for revenue after commission instead of subledger's estimate), and on a refund the refunded
+  purchase (`product_id`, `purchased_at_ms`, `period_type`).
+* A refund (CANCELLATION with `CUSTOMER_SUPPORT` and a negative price) does not turn auto-renew off:
+  RevenueCat says so itself ("refunds can be given without cancelling a subscription"); the
+  EXPIRATION RevenueCat sends when access ends is the end.
 * Prices are what the customer paid in their currency (`price_in_purchased_currency` + `currency`),
   like every other source; RevenueCat's USD `price` is kept as an attribute.
 * `subscription_id` is the store's own id (`original_transaction_id`), so an App Store subscription
@@ -28,6 +36,7 @@ from typing import Any
 from subledger.core import safejson
 from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, MalformedPayload
 from subledger.core.events import (
+    MAX_ALIASES,
     EventType,
     PeriodType,
     Reason,
@@ -154,6 +163,10 @@ def _time(value: Any, name: str) -> datetime:
 
 def _maybe_time(value: Any, name: str) -> datetime | None:
     return unix_time_or_none(value, f"event.{name}")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
 
 
 def _number(value: Any, name: str) -> Decimal | None:
@@ -308,8 +321,36 @@ class _Mapping:
             if paid is not None:
                 facts["price"] = str(paid)
                 facts["currency"] = as_str(event.get("currency"))
+        if kind is EventType.REFUND:
+            facts["purchased_at"] = _iso(_maybe_time(event.get("purchased_at_ms"), "purchased_at_ms"))
+        if kind in (EventType.RENEWAL, EventType.BILLING_RECOVERED):
+            conversion = event.get("is_trial_conversion")
+            facts["is_trial_conversion"] = conversion if isinstance(conversion, bool) else None
+        if priced:
+            facts["takehome_percentage"] = self._takehome()
+        facts["aliases"] = self._aliases() or None
         facts["attributes"] = self._attributes()
         self.facts.append({k: v for k, v in facts.items() if v is not None})
+
+    def _aliases(self) -> list[str]:
+        """Every app user id RevenueCat lists for the user (`aliases`, then `original_app_user_id`),
+        each once; ids the canonical event could not hold (empty, over 500 characters) are dropped."""
+        event = self.event
+        listed = event.get("aliases")
+        ids = [i for i in listed if isinstance(i, str)] if isinstance(listed, list) else []
+        original = as_str(event.get("original_app_user_id"))
+        if original is not None:
+            ids.append(original)
+        return list(dict.fromkeys(i for i in ids if i.strip() and len(i) <= 500))[:MAX_ALIASES]
+
+    def _takehome(self) -> str | None:
+        """RevenueCat's `takehome_percentage` (a share, 0.7 = 70 %) when it is one; otherwise None (the
+        destination's estimate applies), never a refusal: the figure is advisory."""
+        try:
+            share = _number(self.event.get("takehome_percentage"), "takehome_percentage")
+        except InvalidEvent:
+            return None
+        return str(share) if share is not None and 0 <= share <= 1 else None
 
     def _attributes(self) -> dict[str, Any]:
         event = self.event

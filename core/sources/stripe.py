@@ -281,6 +281,21 @@ def _first_item(subscription: Mapping[str, Any]) -> dict[str, Any]:
     return as_dict(items[0]) if items else {}
 
 
+def _refund_objects(value: Any) -> list[dict[str, Any]] | None:
+    """An expanded `refunds` list (`{"object": "list", "data": [...]}`), oldest first; None when the
+    charge does not carry one (the default since API 2022-11-15)."""
+    data = as_dict(value).get("data")
+    if not isinstance(data, list):
+        return None
+    refunds = [as_dict(r) for r in data if isinstance(r, dict)]
+    return sorted(refunds, key=lambda r: (as_int(r.get("created")) or 0, _ref(r.get("id")) or ""))
+
+
+def _refund_counts(refund: Mapping[str, Any]) -> bool:
+    """Money was (or is being) returned: every refund status but `failed` and `canceled`."""
+    return refund.get("status") not in ("failed", "canceled")
+
+
 def _cancelling(obj: Mapping[str, Any]) -> bool:
     """Scheduled to end: cancel at period end, or a `cancel_at` date set."""
     return bool(obj.get("cancel_at_period_end")) or obj.get("cancel_at") is not None
@@ -493,35 +508,88 @@ class _Mapping:
     # -- refunds --
 
     def on_charge_refunded(self) -> None:
+        """One `refund` fact per refund this event adds to the charge, each with its own amount and id.
+
+        `amount_refunded` is the charge's running total, so it is never a refund's amount. When the
+        endpoint expands `refunds`, each listed refund is stated by its own id and amount (those
+        already in `previous_attributes` left out; a repeat of one stated before folds once, by its
+        id). Otherwise the refund is the growth of the total since `previous_attributes`, named by the
+        charge and the total it brought (`ch_…:<total in minor units>`), which grows with every refund.
+        """
         charge = self.obj
-        invoice_ref = charge.get("invoice")
-        invoice_id = _ref(invoice_ref)
-        intent_id = _ref(charge.get("payment_intent"))
-        subscription = invoice_subscription(as_dict(invoice_ref), self.basil) if isinstance(invoice_ref, dict) else None
-        if not subscription and self.lookup is not None:
-            for ref in (invoice_id, intent_id):
-                if ref and not subscription:
-                    found = self.lookup(ref)
-                    subscription = found if isinstance(found, str) and found else None
-        if not subscription:
+        charge_id = _ref(charge.get("id"))
+        if not self._link_refund(charge.get("invoice"), _ref(charge.get("payment_intent")), charge_id):
             return  # cannot be linked to a subscription from the payload: stored only
-        self.subscription_id = subscription
         self.app_user_id = _first(
             self._metadata_user(charge.get("metadata")),
             self._metadata_user(dig(charge, "customer", "metadata")),
         )
         currency = as_str(charge.get("currency"))
-        refunded = amount(charge.get("amount_refunded"), currency, "data.object.amount_refunded")
+        listed = _refund_objects(charge.get("refunds"))
+        if listed is not None:
+            before = {_ref(r.get("id")) for r in _refund_objects(self.previous.get("refunds")) or []}
+            for refund in listed:
+                refund_id = _ref(refund.get("id"))
+                if refund_id and refund_id not in before and _refund_counts(refund):
+                    self._refund(charge, refund.get("amount"), as_str(refund.get("currency")) or currency, refund_id)
+            return
+        total = as_int(charge.get("amount_refunded"))
+        if total is None:
+            raise InvalidEvent("must be an integer amount in minor units", "data.object.amount_refunded")
+        previous = as_int(self.previous.get("amount_refunded")) or 0
+        if total - previous <= 0:
+            return  # nothing newly refunded (e.g. an update of an earlier refund): stored only
+        self._refund(charge, total - previous, currency, f"{charge_id or self.external_id}:{total}")
+
+    def on_refund(self) -> None:
+        """`refund.created`, `refund.updated`, `charge.refund.updated`: the refund object itself.
+
+        Whichever of these and `charge.refunded` carries a refund first states it; the others are
+        repeats of the same refund id. A failed or cancelled refund states nothing (Segment cannot
+        take a message back, and no money was returned)."""
+        refund = self.obj
+        refund_id = _ref(refund.get("id"))
+        if refund.get("object") != "refund" or not refund_id or not _refund_counts(refund):
+            return
+        charge = as_dict(refund.get("charge"))
+        intent_id = _first(_ref(refund.get("payment_intent")), _ref(charge.get("payment_intent")))
+        if not self._link_refund(charge.get("invoice"), intent_id, _ref(refund.get("charge"))):
+            return
+        self.app_user_id = _first(
+            self._metadata_user(refund.get("metadata")),
+            self._metadata_user(charge.get("metadata")),
+            self._metadata_user(dig(charge, "customer", "metadata")),
+        )
+        source = {**charge, "id": _ref(refund.get("charge")), "payment_intent": intent_id}
+        self._refund(source, refund.get("amount"), as_str(refund.get("currency")), refund_id)
+
+    def _link_refund(self, invoice_ref: Any, intent_id: str | None, charge_id: str | None) -> str | None:
+        """The subscription a refunded charge paid for: an expanded invoice names it, else the caller's
+        lookup of the invoice, payment intent or charge id among the facts already logged."""
+        subscription = invoice_subscription(invoice_ref, self.basil) if isinstance(invoice_ref, dict) else None
+        if not subscription and self.lookup is not None:
+            for ref in (_ref(invoice_ref), intent_id, charge_id):
+                if ref and not subscription:
+                    found = self.lookup(ref)
+                    subscription = found if isinstance(found, str) and found else None
+        self.subscription_id = subscription
+        return subscription
+
+    def _refund(self, charge: Mapping[str, Any], minor: Any, currency: str | None, refund_id: str) -> None:
+        refunded = amount(minor, currency, "data.object.amount")
+        charge_id = _ref(charge.get("id"))
         self._add(
             EventType.REFUND,
             price=None if refunded is None else -refunded,
             currency=currency if refunded is not None else None,
-            transaction_id=invoice_id or _ref(charge.get("id")),
+            transaction_id=_ref(charge.get("invoice")) or charge_id,
+            refund_id=refund_id,
             attributes={
                 k: v
                 for k, v in {
-                    "stripe_charge": _ref(charge.get("id")),
-                    "stripe_payment_intent": intent_id,
+                    "stripe_charge": charge_id,
+                    "stripe_payment_intent": _ref(charge.get("payment_intent")),
+                    "stripe_refund": refund_id if refund_id.startswith("re_") else None,
                 }.items()
                 if v
             },
@@ -537,6 +605,9 @@ class _Mapping:
         "invoice.payment_succeeded": on_invoice_paid,
         "invoice.payment_failed": on_invoice_payment_failed,
         "charge.refunded": on_charge_refunded,
+        "refund.created": on_refund,
+        "refund.updated": on_refund,
+        "charge.refund.updated": on_refund,
     }
 
     # -- building blocks --
