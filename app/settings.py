@@ -211,6 +211,60 @@ class GoogleSourceSettings(_Strict):
         return self
 
 
+AMAZON_RVS = "https://appstore-sdk.amazon.com"
+AmazonEnvironment = Literal["production", "sandbox"]
+
+
+def _amazon_production() -> list[AmazonEnvironment]:
+    return ["production"]
+
+
+def _aws_sns_hosts() -> list[str]:
+    # deferred (as below): core.sources.amazon loads cryptography, only for a configuration with Amazon apps
+    from subledger.core.sources.amazon import AWS_SNS_HOSTS
+
+    return list(AWS_SNS_HOSTS)
+
+
+class AmazonSourceSettings(_Strict):
+    """`[apps."<app>".amazon]`: Amazon Appstore RTN through POST /webhooks/amazon, receipts from RVS."""
+
+    package_name: str | None = Field(default=None, min_length=1)  # default: the app's key
+    shared_secret: str = Field(min_length=1)  # the Developer Console's Shared Key; write "${NAME}"
+    rvs_base_url: str = AMAZON_RVS
+    rvs_environments: list[AmazonEnvironment] = Field(default_factory=_amazon_production, min_length=1)
+    timeout_seconds: float = Field(default=4.0, gt=0, le=30)  # Amazon waits 15 s for the answer
+    retries: int = Field(default=1, ge=0, le=5)  # extra attempts on 5xx, 429 and timeouts
+    backoff_seconds: float = Field(default=0.25, ge=0)
+    topic_arns: list[str] = Field(default_factory=list)  # when set, messages of other SNS topics are 403
+    confirm_subscriptions: bool = True  # GET a SubscriptionConfirmation's SubscribeURL
+    # Where signing certificates may come from: SNS's own hosts; only loopback host:port can be added (tests).
+    sns_certificate_hosts: list[str] = Field(default_factory=_aws_sns_hosts, min_length=1)
+
+    @field_validator("rvs_base_url")
+    @classmethod
+    def _rvs_base_url(cls, value: str) -> str:
+        return _base_url(value, AMAZON_RVS)
+
+    @field_validator("shared_secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("sns_certificate_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        from subledger.core.sources.amazon import allowed_host
+
+        for index, host in enumerate(hosts):
+            if not allowed_host(host):
+                raise ValueError(f"[{index}] {host[:100]!r}: only sns.*.amazonaws.com(.cn) or a loopback host:port "
+                                 "(a test fake) may sign")
+        return hosts
+
+
 class AppSettings(_Strict):
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     settle_delay_seconds: float = Field(default=0, ge=0, le=3600)
@@ -220,6 +274,7 @@ class AppSettings(_Strict):
     stripe: StripeSourceSettings | None = None
     revenuecat: RevenueCatSourceSettings | None = None
     google: GoogleSourceSettings | None = None
+    amazon: AmazonSourceSettings | None = None
 
 
 class RetentionSettings(_Strict):
@@ -345,11 +400,12 @@ def _check_grace(parsed: FileSettings) -> None:
 
 
 def check_routing_keys(apps: dict[str, AppSettings]) -> None:
-    """Cross-app rules a single model cannot see: one app per Apple bundle id and per Play package
-    name (the routing keys). The one implementation: `load` applies it, and `build_sources` again
+    """Cross-app rules a single model cannot see: one app per Apple bundle id and per Play and
+    Amazon package name (the routing keys). The one implementation: `load` applies it, and `build_sources` again
     for settings assembled without `load` (a `model_copy`), so a body is never routed by a key two
     apps claim."""
-    for source, field, what in (("apple", "bundle_id", "bundle id"), ("google", "package_name", "package name")):
+    for source, field, what in (("apple", "bundle_id", "bundle id"), ("google", "package_name", "package name"),
+                                ("amazon", "package_name", "package name")):
         owners: dict[str, str] = {}
         for app_id, app in apps.items():
             section = getattr(app, source)

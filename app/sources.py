@@ -17,11 +17,14 @@ from typing import Literal
 
 import psycopg
 
+from subledger.app.amazon_api import AmazonSource, Certificates, ReceiptLinks, SnsVerifier, confirmation_verifier
+from subledger.app.amazon_api import split_capture as amazon_split_capture
 from subledger.app.canonical import Rejection
 from subledger.app.google_api import GoogleLinks, GoogleSource, split_capture
 from subledger.app.settings import Settings, check_routing_keys, read_certificate
 from subledger.core.errors import BadSignature, ConfigError, PayloadRejected, SourceUnavailable, StoreError, UnknownApp
 from subledger.core.sources import Notification, refuse_unstorable
+from subledger.core.sources import amazon as amazon_source
 from subledger.core.sources import apple as apple_source
 from subledger.core.sources import google as google_source
 from subledger.core.sources import revenuecat as rc_source
@@ -30,7 +33,7 @@ from subledger.outbox.ingest import Incoming
 from subledger.store import lookups
 
 log = logging.getLogger("subledger.ingest")
-Format = Literal["canonical", "apple", "stripe", "revenuecat", "google"]
+Format = Literal["canonical", "apple", "stripe", "revenuecat", "google", "amazon"]
 
 
 def _key(app_id: str) -> str:
@@ -45,6 +48,7 @@ class Sources:
     stripe: Mapping[str, stripe_source.StripeConfig] = field(default_factory=dict)
     revenuecat: Mapping[str, rc_source.RevenueCatConfig] = field(default_factory=dict)
     google: Mapping[str, GoogleSource] = field(default_factory=dict)  # by package name
+    amazon: Mapping[str, AmazonSource] = field(default_factory=dict)  # by package name
 
     # -- routing --
 
@@ -56,6 +60,21 @@ class Sources:
         if found is None:
             raise UnknownApp(f"no app is configured for package {package_name[:200]!r}", "packageName")
         return found
+
+    def amazon_for(self, package_name: str) -> AmazonSource:
+        """The app whose package name the notification names (its signature is checked next)."""
+        if not self.amazon:
+            raise UnknownApp("no app is configured for Amazon Appstore notifications (add [apps.\"<app>\".amazon])")
+        found = self.amazon.get(package_name)
+        if found is None:
+            raise UnknownApp(f"no app is configured for package {package_name[:200]!r}", "Message.appPackageName")
+        return found
+
+    def amazon_confirmation(self) -> SnsVerifier:
+        """What checks an SNS subscription confirmation, which names no app (every Amazon app's hosts)."""
+        if not self.amazon:
+            raise UnknownApp("no app is configured for Amazon Appstore notifications (add [apps.\"<app>\".amazon])")
+        return confirmation_verifier(list(self.amazon.values()))
 
     def apple_for(self, body: bytes) -> apple_source.AppleAdapter:
         """The adapter of the app whose bundle id the body claims (the claim is verified next)."""
@@ -155,6 +174,8 @@ def build_sources(settings: Settings) -> Sources:
     stripe_by_app: dict[str, stripe_source.StripeConfig] = {}
     rc_by_app: dict[str, rc_source.RevenueCatConfig] = {}
     google_by_package: dict[str, GoogleSource] = {}
+    amazon_by_package: dict[str, AmazonSource] = {}
+    certificates: Certificates | None = None  # one SNS certificate cache for every Amazon app
     check_routing_keys(settings.apps)  # one app per bundle id / package name
     for app_id, app in settings.apps.items():
         try:
@@ -191,9 +212,14 @@ def build_sources(settings: Settings) -> Sources:
             if app.google is not None:
                 google = GoogleSource.build(app_id, app.google)
                 google_by_package[google.config.package_name] = google
+            if app.amazon is not None:
+                certificates = certificates or Certificates()
+                amazon = AmazonSource.build(app_id, app.amazon, certificates)
+                amazon_by_package[amazon.config.package_name] = amazon
         except ConfigError as exc:
             raise ConfigError(f"{_key(app_id)}.{exc.key}", exc.reason) from None
-    return Sources(apple=apple_by_bundle, stripe=stripe_by_app, revenuecat=rc_by_app, google=google_by_package)
+    return Sources(apple=apple_by_bundle, stripe=stripe_by_app, revenuecat=rc_by_app, google=google_by_package,
+                   amazon=amazon_by_package)
 
 
 class StripeLinks:
@@ -246,10 +272,14 @@ def captured_incoming(
     links: StripeLinks | None = None,
     historical: bool = False,
     google_links: dict[str, GoogleLinks] | None = None,
+    amazon_links: dict[str, ReceiptLinks] | None = None,
 ) -> Incoming | Rejection:
     """One captured body (a line of `subledger ingest --format …`) → what `ingest` takes, or why not."""
     if fmt == "google":
         return google_captured(sources, raw, google_links if google_links is not None else {}, conn=None,
+                               historical=historical)
+    if fmt == "amazon":
+        return amazon_captured(sources, raw, amazon_links if amazon_links is not None else {}, conn=None,
                                historical=historical)
     try:
         notification = sources.parse_captured(fmt, raw, app_id=app_id, settings=settings, subscription_for=links)
@@ -291,6 +321,35 @@ def google_captured(
         if app_links is None:
             app_links = links[adapter.config.app_id] = GoogleLinks(conn, adapter.config.app_id)
         notification = adapter.notification(push, chain=app_links, fetched=stored)
+        refuse_unstorable(notification)
+    except PayloadRejected as exc:  # CredentialsRefused included
+        return Rejection(exc.field, exc.reason)
+    except SourceUnavailable as exc:
+        return Rejection(None, f"{exc}; ingest the file again later (repeats are duplicates)")
+    except (StoreError, ConfigError):
+        raise
+    except Exception as exc:  # an adapter bug on a hostile line: that line is refused, the import goes on
+        return unmappable(exc)
+    app_links.remember(notification)
+    return Incoming(notification, raw, historical=historical)
+
+
+def amazon_captured(
+    sources: Sources, raw: bytes, links: dict[str, ReceiptLinks], *, conn: psycopg.Connection | None,
+    historical: bool = False,
+) -> Incoming | Rejection:
+    """A captured SNS delivery (a line of `ingest --format amazon`): trusted as the operator's, like
+    Stripe's (a signing certificate may be gone by the time a capture is replayed); the RVS answer
+    stored in the line (`subledger_fetched`) when present, else fetched now. The line is stored as
+    it was given. `links` (per app) carry chain roots between the lines of one import."""
+    try:
+        envelope, stored = amazon_split_capture(raw)
+        rtn = amazon_source.parse_notification(envelope)
+        adapter = sources.amazon_for(rtn.package_name)
+        app_links = links.get(adapter.config.app_id)
+        if app_links is None:
+            app_links = links[adapter.config.app_id] = ReceiptLinks(conn, adapter.config.app_id)
+        notification = adapter.notification(rtn, chain=app_links, fetched=stored)
         refuse_unstorable(notification)
     except PayloadRejected as exc:  # CredentialsRefused included
         return Rejection(exc.field, exc.reason)

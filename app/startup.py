@@ -51,7 +51,8 @@ def summarize(
     for app_id, app in sorted(settings.apps.items()):
         names = [f"{name} ({d.endpoint})" for name, d in sorted(app.destinations.items())]
         destinations += len(names)
-        sources = [s for s in ("apple", "stripe", "revenuecat", "google") if getattr(app, s, None) is not None]
+        sources = [s for s in ("apple", "stripe", "revenuecat", "google", "amazon")
+                   if getattr(app, s, None) is not None]
         summary.lines.append(
             f"app {app_id}: " + (", ".join(names) if names else "no destination")
             + (f"; webhooks: {', '.join(sources)}" if sources else "")

@@ -59,12 +59,13 @@ def ingest_stream(
     `fmt` other than canonical: one captured store body per line, through the webhooks' adapters.
     `progress` sees every item read (the CLI draws a bar with it on a terminal)."""
     # deferred: the store adapters load Apple's library and google-auth (seconds), only for captured bodies
+    from subledger.app.amazon_api import ReceiptLinks
     from subledger.app.google_api import GoogleLinks
     from subledger.app.sources import StripeLinks, build_sources, captured_incoming
 
     summary = Summary()
     sources = None if fmt == "canonical" else build_sources(services.settings)
-    if sources is not None and fmt not in ("apple", "google"):
+    if sources is not None and fmt not in ("apple", "google", "amazon"):  # those route by the body's app
         app_id = app_id or sources.default_app(fmt)  # type: ignore[arg-type]
         if app_id is None:
             raise ConfigError("--app", f"name the app the {fmt} bodies belong to")
@@ -73,6 +74,9 @@ def ingest_stream(
     google_links = None
     if sources is not None and fmt == "google":
         google_links = {g.config.app_id: GoogleLinks(conn, g.config.app_id) for g in sources.google.values()}
+    amazon_links = None
+    if sources is not None and fmt == "amazon":
+        amazon_links = {a.config.app_id: ReceiptLinks(conn, a.config.app_id) for a in sources.amazon.values()}
 
     def flush(batch: list[Incoming]) -> None:
         if not batch:
@@ -103,6 +107,7 @@ def ingest_stream(
                 yield item.line, captured_incoming(
                     sources, fmt, item.raw, services.settings,  # type: ignore[arg-type]
                     app_id=app_id, links=links, historical=historical, google_links=google_links,
+                    amazon_links=amazon_links,
                 )
 
     # Canonical input is parsed on a second thread: it runs while this one waits for the

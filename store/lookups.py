@@ -132,3 +132,19 @@ def google_subscription_for_token(conn: psycopg.Connection, app_id: str, token: 
     with conn.transaction():
         row = conn.execute(GOOGLE_TOKEN_SQL, {"app": app_id, "token": token, "contains": contains}).fetchone()
     return None if row is None else str(row[0])
+
+
+# Amazon: the receipt an immediate tier change replaced names the chain its new receipt joins.
+AMAZON_RECEIPT_SQL = GOOGLE_TOKEN_SQL.replace("l.source = 'google'", "l.source = 'amazon'").replace(
+    "'google_purchase_token'", "'amazon_receipt_id'")
+assert "'amazon'" in AMAZON_RECEIPT_SQL and "'amazon_receipt_id'" in AMAZON_RECEIPT_SQL  # the same query, Amazon's keys
+
+
+def amazon_subscription_for_receipt(conn: psycopg.Connection, app_id: str, receipt: str) -> str | None:
+    """The subscription id the first facts naming this Amazon receipt were logged under, if any.
+
+    Runs in its own short transaction, so it never leaves one open in front of an ingest."""
+    contains = _contains(attributes={"amazon_receipt_id": receipt})
+    with conn.transaction():
+        row = conn.execute(AMAZON_RECEIPT_SQL, {"app": app_id, "token": receipt, "contains": contains}).fetchone()
+    return None if row is None else str(row[0])

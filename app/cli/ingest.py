@@ -38,6 +38,7 @@ class InputFormat(StrEnum):
     stripe = "stripe"
     revenuecat = "revenuecat"
     google = "google"
+    amazon = "amazon"
 
 
 def _open(path: str) -> IO[bytes]:
@@ -88,7 +89,8 @@ def ingest(
             "--format",
             help="canonical events, or captured store bodies, one per line: apple (verified as configured), "
             "stripe or revenuecat (trusted: captured bodies carry no signature header), google (Pub/Sub push "
-            "bodies; the Play state stored in the line under subledger_fetched, else fetched now).",
+            "bodies; the Play state stored in the line under subledger_fetched, else fetched now), amazon (SNS bodies, "
+            "trusted; the RVS receipt stored in the line under subledger_fetched, else fetched now).",
         ),
     ] = InputFormat.canonical,
     app_id: Annotated[

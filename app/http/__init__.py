@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from subledger.app import console
 from subledger.app.bootstrap import Services
-from subledger.app.http import audit, docs, events, health, outbox, subscribers, webhooks
+from subledger.app.http import amazon, audit, docs, events, health, outbox, subscribers, webhooks
 from subledger.app.http.common import install_error_handlers
 from subledger.app.http.guard import RefuseUnstorableText
+from subledger.app.sources import build_sources
 from subledger.store.db import Pool
 
 
@@ -37,9 +39,12 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
     app.state.pool = pool
     install_error_handlers(app)
     app.include_router(events.router)
-    app.include_router(webhooks.webhook_router(services, pool))  # builds (and so validates) the adapters once
+    sources = build_sources(services.settings)  # the store adapters, built (and so validated) once
+    app.include_router(webhooks.webhook_router(services, pool, sources))
+    app.include_router(amazon.amazon_router(services, pool, sources))
     app.include_router(health.router)
     app.include_router(audit.router)
     app.include_router(outbox.router)
     app.include_router(subscribers.router)
+    console.install(app)  # /console: HTML pages, signed-in by cookie or bearer (app/console/)
     return app
