@@ -1,0 +1,31 @@
+"""The web console at `/console`: a subscriber's story, the deliveries and the health, as HTML pages.
+
+`install(app)` mounts the pages (app/console/pages.py) and the two handlers that turn a missing
+sign-in into a redirect to the sign-in page and a refused console request into an HTML page (the
+JSON API's handlers stay as they are). Sessions and CSRF: app/console/auth.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+
+from subledger.app.console import pages
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(pages.router)
+
+    @app.exception_handler(pages.LoginRequired)
+    async def _login(_: Request, exc: pages.LoginRequired) -> Response:
+        return RedirectResponse(f"/console/login?next={quote(exc.next_path, safe='')}", status_code=303)
+
+    @app.exception_handler(pages.Refused)
+    async def _refused(request: Request, exc: pages.Refused) -> Response:
+        session = None
+        with contextlib.suppress(pages.LoginRequired):
+            session = pages.current(request)
+        return pages.render(request, session, "error.html", status=exc.status, message=exc.message)

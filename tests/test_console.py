@@ -1,0 +1,268 @@
+"""The web console over HTTP: sign-in, the cookie, CSRF, every page's auth, actions, and query cost."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from fake_segment import APP, WRITE_KEY, ingest_events, lifecycle
+from fastapi.testclient import TestClient
+
+from subledger.app import settings as settings_module
+from subledger.app.bootstrap import build
+from subledger.app.console import auth, pages
+from subledger.app.http import create_app
+from subledger.store import console as queries
+
+TOKEN = "console-test-token"
+NOW = datetime(2026, 10, 1, 12, tzinfo=UTC)
+
+
+def console_settings(endpoint: str = "http://127.0.0.1:9", **extra: Any) -> settings_module.Settings:
+    dest = {"write_key": WRITE_KEY, "endpoint": endpoint, "publish_historical": True, "timeout_seconds": 2.0}
+    return settings_module.from_dict({"api_token": TOKEN, "apps": {APP: {"destinations": {"segment": dest}}},
+                                      **extra})
+
+
+def seed(db_url: str, n: int = 3) -> dict[str, str]:
+    """`n` subscribers with full lifecycles; the first one's first message is dead."""
+    events = [e for i in range(n) for e in lifecycle(i)]
+    ingest_events(db_url, console_settings(), events, now=NOW - timedelta(days=1))
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT message_id, subscriber FROM outbox WHERE subscriber = 'user-s000000'"
+                           " ORDER BY id LIMIT 1").fetchone()
+        assert row is not None
+        conn.execute("UPDATE outbox SET status = 'dead', last_error = 'HTTP 400: poison' WHERE message_id = %s",
+                     (row[0],))
+    return {"dead": row[0], "subscriber": row[1]}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def seeded(db_url: str) -> dict[str, str]:
+    return seed(db_url)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def client(db_url: str, seeded: dict[str, str], clock: Clock) -> Iterator[TestClient]:
+    app = create_app(build(console_settings(), database_url=db_url, clock=clock))
+    with TestClient(app, follow_redirects=False) as c:
+        yield c
+
+
+def sign_in(client: TestClient, token: str = TOKEN) -> Any:
+    page = client.get("/console/login")
+    nonce = re.search(r'name="login_csrf" value="([^"]+)"', page.text)
+    assert nonce is not None
+    return client.post("/console/login", data={"token": token, "login_csrf": nonce.group(1), "next": "/console/dead"})
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, "no CSRF field on the page"
+    return found.group(1)
+
+
+def pages_of(seeded: dict[str, str]) -> list[str]:
+    return ["/console", f"/console/subscribers/{seeded['subscriber']}", "/console/search?q=user-s000001",
+            "/console/deliveries", "/console/deliveries?status=delivered", f"/console/messages/{seeded['dead']}",
+            f"/console/explain/{seeded['dead']}", "/console/dead", "/console/destinations", "/console/entries/1",
+            "/console/static/console.css", "/console/static/console.js"]
+
+
+def test_every_page_redirects_anonymous_requests_to_sign_in_and_accepts_the_bearer_token(
+        client: TestClient, seeded: dict[str, str]) -> None:
+    for path in pages_of(seeded):
+        anonymous = client.get(path)
+        assert anonymous.status_code == 303, path
+        assert anonymous.headers["location"].startswith("/console/login?next=%2Fconsole"), path
+        assert "user-s0" not in anonymous.text and "body{" not in anonymous.text  # nothing leaks
+        wrong = client.get(path, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 303, path
+        bearer = client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert bearer.status_code in (200, 303), (path, bearer.status_code)  # search may jump to its one hit
+    for path in ("/console/dead/retry", "/console/destinations/pause", "/console/logout"):
+        assert client.post(path, data={"ref": seeded["dead"]}).status_code == 303
+
+
+def test_sign_in_sets_a_signed_http_only_strict_cookie_that_expires(client: TestClient, clock: Clock) -> None:
+    assert sign_in(client, "wrong").status_code == 401
+    assert auth.SESSION_COOKIE not in client.cookies
+    done = sign_in(client)
+    assert done.status_code == 303 and done.headers["location"] == "/console/dead"
+    cookie = next(h for h in done.headers.get_list("set-cookie") if h.startswith(auth.SESSION_COOKIE + "="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and f"Max-Age={auth.SESSION_SECONDS}" in cookie
+    assert "Path=/console" in cookie
+    assert client.get("/console").status_code == 200
+    value = client.cookies[auth.SESSION_COOKIE]
+    forged = value.split(".")
+    forged[1] = str(int(forged[1]) + 86400)  # extend the expiry without the key
+    client.cookies.set(auth.SESSION_COOKIE, ".".join(forged), path="/console")
+    assert client.get("/console").status_code == 303
+    client.cookies.set(auth.SESSION_COOKIE, value, path="/console")
+    assert client.get("/console").status_code == 200
+    clock.now = NOW + timedelta(seconds=auth.SESSION_SECONDS + 1)
+    assert client.get("/console").status_code == 303
+
+
+def test_sign_in_refuses_a_foreign_form_and_an_open_redirect(client: TestClient) -> None:
+    client.get("/console/login")
+    forged = client.post("/console/login", data={"token": TOKEN, "login_csrf": "guess"})
+    assert forged.status_code == 403 and auth.SESSION_COOKIE not in client.cookies
+    page = client.get("/console/login?next=//evil.example/x")
+    nonce = re.search(r'name="login_csrf" value="([^"]+)"', page.text)
+    assert nonce is not None
+    done = client.post("/console/login", data={"token": TOKEN, "login_csrf": nonce.group(1),
+                                                "next": "//evil.example/x"})
+    assert done.headers["location"] == "/console"
+
+
+def test_a_post_without_its_csrf_token_is_refused(client: TestClient, db_url: str) -> None:
+    sign_in(client)
+    for path, data in (("/console/destinations/pause", {"app_id": APP, "destination": "segment", "confirm": "yes"}),
+                       ("/console/logout", {}),
+                       ("/console/dead/retry", {"all": "yes", "confirm": "yes"})):
+        refused = client.post(path, data=data)
+        assert refused.status_code == 403, path
+        other = client.post(path, data={**data, "csrf": "x" * 43})
+        assert other.status_code == 403, path
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM destination_state WHERE paused").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone() == (1,)
+    assert client.get("/console").status_code == 200  # still signed in
+
+
+def test_pause_and_resume_are_confirmed_then_done_and_flashed(client: TestClient, db_url: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    sign_in(client)
+    csrf = csrf_of(client.get("/console/destinations").text)
+    form = {"csrf": csrf, "app_id": APP, "destination": "segment"}
+    asked = client.post("/console/destinations/pause", data=form)
+    assert asked.status_code == 200 and "Pause com.test.app / segment?" in asked.text
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM destination_state WHERE paused").fetchone() == (0,)
+    with caplog.at_level("INFO", logger="subledger.console"):
+        done = client.post("/console/destinations/pause", data={**form, "confirm": "yes"})
+    assert done.status_code == 303 and done.headers["location"] == "/console/destinations"
+    assert any("paused com.test.app/segment" in r.getMessage() and "console session" in r.getMessage()
+               for r in caplog.records)
+    page = client.get("/console/destinations")
+    assert "paused com.test.app / segment" in page.text and "Resume" in page.text
+    assert "paused com.test.app / segment" not in client.get("/console/destinations").text  # one-shot flash
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT paused FROM destination_state WHERE destination = 'segment'").fetchone() == (
+            True,)
+    client.post("/console/destinations/resume", data={**form, "confirm": "yes"})
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT paused FROM destination_state WHERE destination = 'segment'").fetchone() == (
+            False,)
+    unknown = client.post("/console/destinations/pause", data={**form, "destination": "nope", "confirm": "yes"})
+    assert unknown.status_code == 404 and "has no destination 'nope'" in html.unescape(unknown.text)
+
+
+def test_retry_a_dead_letter_from_the_console(client: TestClient, db_url: str, seeded: dict[str, str]) -> None:
+    sign_in(client)
+    page = client.get("/console/dead")
+    assert seeded["dead"] in page.text and "HTTP 400: poison" in page.text
+    form = {"csrf": csrf_of(page.text), "ref": seeded["dead"], "back": "/console/dead"}
+    asked = client.post("/console/dead/retry", data=form)
+    assert asked.status_code == 200 and "Retry " + seeded["dead"] in asked.text
+    done = client.post("/console/dead/retry", data={**form, "confirm": "yes"})
+    assert done.status_code == 303
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT status FROM outbox WHERE message_id = %s", (seeded["dead"],)).fetchone() == (
+            "pending",)
+    assert "requeued 1 message" in client.get("/console/dead").text
+
+
+def test_bearer_clients_need_no_csrf_token(client: TestClient, db_url: str, seeded: dict[str, str]) -> None:
+    done = client.post("/console/dead/retry", data={"all": "yes", "confirm": "yes"},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    assert done.status_code == 303
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone() == (0,)
+
+
+def test_subscriber_page_tells_the_story(client: TestClient, seeded: dict[str, str]) -> None:
+    sign_in(client)
+    page = client.get(f"/console/subscribers/{seeded['subscriber']}")
+    assert page.status_code == 200
+    for text in ("trial_started", "rc_trial_started_event", "com.test.app/app_store/s000000", seeded["dead"],
+                 "Log entries", "State at", "expired", 'datetime="2026-09-01T00:00:00.000000Z"'):
+        assert text in page.text, text
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    past = client.get(f"/console/subscribers/{seeded['subscriber']}?at=2026-09-02T00:00")
+    assert "status-trial\"" in past.text and 'value="2026-09-02T00:00:00"' in past.text
+    assert client.get("/console/subscribers/nobody").status_code == 404
+    assert client.get(f"/console/subscribers/{seeded['subscriber']}?at=yesterday").status_code == 400
+
+
+def test_search_deep_links_each_kind_of_name(client: TestClient, seeded: dict[str, str]) -> None:
+    sign_in(client)
+    for q, target in (("user-s000001", "/console/subscribers/user-s000001"),
+                      ("s000002", f"/console/subscribers/{APP}/app_store/s000002"),
+                      (seeded["dead"], f"/console/messages/{seeded['dead']}"),
+                      ("s000001-3", "/console/entries/")):
+        found = client.get("/console/search", params={"q": q})
+        assert found.status_code == 303 and found.headers["location"].startswith(target), q
+    assert "Nothing matches" in client.get("/console/search?q=zzz").text
+    assert client.get("/console/search?q=a%00b").status_code == 400
+
+
+def test_message_explain_entry_and_overview_pages(client: TestClient, seeded: dict[str, str]) -> None:
+    sign_in(client)
+    message = client.get(f"/console/messages/{seeded['dead']}")
+    assert "rc_trial_started_event" in message.text and "POST http://127.0.0.1:9/v1/batch" in message.text
+    assert "Retry" in message.text
+    chain = client.get(f"/console/explain/{seeded['dead']}")
+    for step in ("1. Notification", "2. Log entry", "3. Transition", "4. Messages", "5. Attempts", "s000000-0"):
+        assert step in chain.text, step
+    entry = client.get("/console/entries/1")
+    assert "Raw payload" in entry.text and "s000000-0" in entry.text
+    overview = client.get("/console")
+    assert "<svg" in overview.text and "trial_started" in overview.text and "com.test.app" in overview.text
+    feed = client.get("/console/deliveries?status=dead")
+    assert seeded["dead"] in feed.text
+    assert client.get("/console/deliveries?status=bogus").status_code == 400
+    assert client.get("/console/messages/nope").status_code == 404
+
+
+def _seq_scans(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'event_log'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_subscriber_page_and_search_never_scan_the_event_log(db_url: str) -> None:
+    """With sequential scans priced out, the planner still takes one where no index serves a
+    statement; the transaction's own counters (pg_stat_xact_user_tables) show whether it did."""
+    events = [e for i in range(40) for e in lifecycle(i)]
+    ingest_events(db_url, console_settings(), events, now=NOW)
+    policy = build(console_settings(), database_url=db_url).policy
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        conn.execute("ANALYZE event_log")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        before = _seq_scans(conn)
+        page = pages.load_subscriber(conn, policy, "user-s000007", NOW)
+        assert page is not None and page["found"].entries
+        for q in ("user-s000007", "s000007", "s000007-2", "nothing-here", f"{APP}/app_store/s000007"):
+            queries.find(conn, q, [APP])
+        assert _seq_scans(conn) == before
+        conn.execute("SELECT count(*) FROM event_log WHERE raw = 'x'")  # the check can fail: no index on raw
+        assert _seq_scans(conn) == before + 1
