@@ -282,3 +282,25 @@ def test_chain_hash_is_stable_and_order_sensitive() -> None:
     assert second != first
     assert chain_hash(GENESIS, {**entry, "historical": True}) != first
     assert chain_hash(GENESIS, {**entry, "raw_sha256": "0" * 64}) != first
+
+
+def test_issue_14_fields_parse_round_trip_and_stay_out_of_older_facts() -> None:
+    body = valid(type="refund", price="-2.49", refund_id="re_2", purchased_at="2024-02-01T10:00:00Z",
+                 is_trial_conversion=True, takehome_percentage=0.7, aliases=["a", "b", "a"])
+    event = parse_event(body)
+    assert (event.refund_id, event.is_trial_conversion, event.takehome_percentage, event.aliases) == (
+        "re_2", True, Decimal("0.7"), ("a", "b"))
+    assert event.purchased_at == datetime(2024, 2, 1, 10, tzinfo=UTC)
+    assert event_from_facts(event.to_facts()) == event
+    assert set(parse_event(valid()).to_facts()) & {"refund_id", "purchased_at", "aliases", "takehome_percentage",
+                                                   "is_trial_conversion"} == set()
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("aliases", "u-1"), ("aliases", ["ok", 3]), ("aliases", [""]), ("takehome_percentage", 1.5),
+    ("takehome_percentage", "x"), ("is_trial_conversion", "yes"), ("purchased_at", "yesterday"),
+])
+def test_issue_14_fields_refuse_bad_values_by_name(name: str, value: Any) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(valid(**{name: value}))
+    assert (caught.value.field or "").startswith(name)

@@ -208,3 +208,70 @@ def test_transfer_sends_the_subscriptions_later_messages_to_the_receiver(p: Pipe
     paired = {m["messageId"].removesuffix(".t") + ".i" for m in messages if m["type"] == "track"}
     told = [m for m in converted if m["messageId"] not in paired]
     assert len(told) == 1 and told[0]["traits"]["subscription_status"] == "trial", converted
+
+
+# -- issue 14: what RevenueCat states beyond the lifecycle fact --------------------------------------
+
+
+def identifies(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((m for m in messages if m["type"] == "identify"), key=lambda m: m["timestamp"])
+
+
+def test_identify_carries_revenuecat_aliases_and_original_app_user_id(p: Pipeline) -> None:
+    send(p, rc("INITIAL_PURCHASE", "rc-buy", 0, expires=30, transaction_id="t1", original_transaction_id=OTID,
+               aliases=["$RCAnonymousID:8b7f3a", USER, "legacy-42"], original_app_user_id="$RCAnonymousID:0001"))
+    (identify,) = identifies(p.relay())
+    assert identify["userId"] == USER
+    assert identify["traits"]["aliases"] == ["$RCAnonymousID:8b7f3a", USER, "legacy-42", "$RCAnonymousID:0001"]
+
+
+def test_source_take_home_is_used_for_revenue_after_commission(db_url: str, tmp_path: Path) -> None:
+    with pipeline(db_url, write_root(tmp_path), destination_settings={"revenue_mode": "after_commission"}) as run:
+        send(run,
+             rc("INITIAL_PURCHASE", "rc-gb", 0, expires=30, transaction_id="t1", original_transaction_id=OTID,
+                currency="GBP", price_in_purchased_currency=9.99, takehome_percentage=0.5833),
+             rc("INITIAL_PURCHASE", "rc-est", 0, expires=30, transaction_id="t9", original_transaction_id="otid-2",
+                currency="GBP", price_in_purchased_currency=9.99, takehome_percentage=None))
+        by_txn = {m["properties"]["transaction_id"]: m["properties"] for m in run.relay() if m["type"] == "track"}
+    # the source's 0.5833, not subledger's App Store first-year estimate of 0.70
+    assert (by_txn["t1"]["revenue"], by_txn["t1"]["commission_source"]) == (5.8272, "source")
+    assert (by_txn["t9"]["revenue"], by_txn["t9"]["commission_source"]) == (6.993, "estimate")
+
+
+def test_first_renewal_flagged_as_trial_conversion_is_a_trial_conversion(p: Pipeline) -> None:
+    """The webhook was pointed at subledger after the trial began: no prior state, the flag decides."""
+    send(p, conversion())
+    messages = p.relay()
+    assert [(t["event"], t["revenue"], t["period_type"]) for t in tracks(messages)] == [
+        ("rc_trial_converted_event", 9.99, "NORMAL")]
+    converted = next(m for m in messages if m["type"] == "track")
+    assert converted["properties"]["is_trial_conversion"] is True
+    assert statuses(messages) == ["active"]
+
+
+def test_refund_track_names_the_refunded_purchase_and_keeps_the_subscription(p: Pipeline) -> None:
+    purchased = T0 + timedelta(days=1)
+    send(p, rc("CANCELLATION", "rc-refund", 3, purchased=1, expires=31, cancel_reason="CUSTOMER_SUPPORT",
+               price=-10.75, price_in_purchased_currency=-9.99, transaction_id="t1", original_transaction_id=OTID,
+               product_id=YEARLY, period_type="INTRO"))
+    (refund,) = [m for m in p.relay() if m["type"] == "track"]
+    props = refund["properties"]
+    assert refund["event"] == "rc_cancellation_event"
+    assert (props["product_id"], props["purchased_at"], props["period_type"], props["original_transaction_id"],
+            props["revenue"], props["cancel_reason"]) == (
+        YEARLY, int(purchased.timestamp()), "INTRO", OTID, -9.99, "CUSTOMER_SUPPORT")
+
+
+def test_refund_leaves_the_subscription_active_until_revenuecat_expires_it(p: Pipeline) -> None:
+    send(
+        p,
+        rc("INITIAL_PURCHASE", "rc-buy", 0, expires=30, transaction_id="t1", original_transaction_id=OTID),
+        rc("CANCELLATION", "rc-refund", 3, purchased=0, expires=30, cancel_reason="CUSTOMER_SUPPORT",
+           price=-10.75, price_in_purchased_currency=-9.99, transaction_id="t1", original_transaction_id=OTID),
+        rc("EXPIRATION", "rc-expire", 3.5, expires=3, expiration_reason="CUSTOMER_SUPPORT", transaction_id="t1",
+           original_transaction_id=OTID),
+    )
+    messages = p.relay()
+    assert [t["event"] for t in tracks(messages)] == [
+        "rc_initial_purchase_event", "rc_cancellation_event", "rc_expiration_event"]
+    assert statuses(messages) == ["active", "active", "expired"]

@@ -10,7 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_source_stripe import PRICE, SUB, T0, USER, YEARLY, charge, event, invoice, subscription
+from test_source_stripe import (
+    PRICE,
+    SUB,
+    T0,
+    USER,
+    YEARLY,
+    charge,
+    event,
+    invoice,
+    refund_object,
+    subscription,
+    with_refunds,
+)
 from webhooks_support import (
     STRIPE_APP,
     Pipeline,
@@ -181,3 +193,50 @@ def test_a_pair_delivered_out_of_order_settles_as_if_in_order(p: Pipeline) -> No
         ("rc_trial_converted_event", 9.99),
     ]
     assert superseded(p.db_url) == 1
+
+
+# -- issue 14: each refund is its own fact; a refund leaves a Stripe subscription running ------------
+
+
+def test_two_partial_refunds_are_two_cancellations_and_the_subscription_stays_active(p: Pipeline) -> None:
+    first = event("charge.refunded", charge(invoice_ref="in_start", refunded=250), event_id="evt_refund_1",
+                  created=T0 + timedelta(days=2), previous={"amount_refunded": 0, "refunded": False})
+    second = event("charge.refunded", charge(invoice_ref="in_start", refunded=499), event_id="evt_refund_2",
+                   created=T0 + timedelta(days=3), previous={"amount_refunded": 250})
+    renewal = invoice(invoice_id="in_cycle", period_start=T0 + timedelta(days=30),
+                      period_end=T0 + timedelta(days=60), created=T0 + timedelta(days=30))
+    results = send(p, paid_start(), first, second,
+                   event("invoice.paid", renewal, event_id="evt_renew", created=T0 + timedelta(days=30)))
+    assert [len(r["transitions"]) for r in results] == [1, 1, 1, 1]
+    messages = p.relay()
+    refunded = {"currency": "USD", "product_id": PRICE, "period_type": "NORMAL", "transaction_id": "in_start",
+                "cancel_reason": "CUSTOMER_SUPPORT", **COMMON}
+    assert tracks(messages) == [
+        track("rc_initial_purchase_event", USER, revenue=9.99, currency="USD", product_id=PRICE,
+              period_type="NORMAL", transaction_id="in_start", **COMMON),
+        track("rc_cancellation_event", USER, revenue=-2.50, **refunded),
+        track("rc_cancellation_event", USER, revenue=-2.49, **refunded),
+        track("rc_renewal_event", USER, revenue=9.99, currency="USD", product_id=PRICE, period_type="NORMAL",
+              transaction_id="in_cycle", **COMMON),
+    ]
+    assert statuses(messages) == ["active", "active", "active", "active"]
+
+
+def test_a_refund_told_by_refund_created_and_charge_refunded_is_sent_once(p: Pipeline) -> None:
+    at = T0 + timedelta(days=2)
+    r1, r2 = refund_object("re_1", 250, at), refund_object("re_2", 249, at + timedelta(days=1))
+    send(
+        p,
+        paid_start(),
+        event("charge.refunded", with_refunds(charge(invoice_ref="in_start", refunded=250), r1),
+              event_id="evt_ch_1", created=at),
+        event("refund.created", r1, event_id="evt_re_1", created=at),  # same refund, same second
+        # the second refund: its refund.created arrives after the charge.refunded that lists both
+        event("charge.refunded", with_refunds(charge(invoice_ref="in_start", refunded=499), r1, r2),
+              event_id="evt_ch_2", created=at + timedelta(days=1)),
+        event("refund.created", r2, event_id="evt_re_0", created=at + timedelta(days=1)),
+    )
+    messages = p.relay()
+    assert [(t["event"], t["revenue"]) for t in tracks(messages)] == [
+        ("rc_initial_purchase_event", 9.99), ("rc_cancellation_event", -2.50), ("rc_cancellation_event", -2.49)]
+    assert superseded(p.db_url) == 0

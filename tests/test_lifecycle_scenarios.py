@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from subledger.core.events import CanonicalEvent, EventType, Reason, Source, parse_event
+from subledger.core.events import CanonicalEvent, EventType, PeriodType, Reason, Source, parse_event
 from subledger.core.lifecycle import (
     Fold,
     Status,
@@ -561,3 +561,58 @@ def test_step_touches_nothing_but_the_state_it_returns() -> None:
     snapshot = state.to_json()
     step(state, facts[1])
     assert state.to_json() == snapshot
+
+
+# -- issue 14: refunds are their own facts and leave the subscription as the store does --------------
+
+
+def test_two_partial_refunds_of_one_charge_are_two_cancellations_and_leave_it_active() -> None:
+    result = fold(events(
+        purchase(1, 0, "t0"),
+        ev(2, "refund", 3, transaction_id="t0", refund_id="re_1", price="-2.50", currency="USD"),
+        ev(3, "refund", 4, transaction_id="t0", refund_id="re_2", price="-2.49", currency="USD"),
+        ev(4, "refund", 5, transaction_id="t0", refund_id="re_2", price="-2.49", currency="USD"),  # a repeat
+    ))
+    refunds = [t for t in result.transitions if t.kind is K.CANCELLATION]
+    assert [(t.price, t.status, t.transaction_id) for t in refunds] == [
+        (Decimal("-2.50"), S.ACTIVE, "t0"), (Decimal("-2.49"), S.ACTIVE, "t0")]
+    assert result.state.auto_renew and result.state.status is S.ACTIVE
+    # the refund is the cause: its id does not depend on which delivery carried it
+    assert refunds[1].id == transition_id(result.state.key, "custom", "refund:re_2", "cancellation")
+
+
+def test_refund_without_a_refund_id_keeps_the_event_keyed_id_of_older_logs() -> None:
+    result = fold(events(purchase(1, 0, "t0"), ev(2, "refund", 3, transaction_id="t0")))
+    assert result.transitions[1].id == transition_id(result.state.key, "custom", "e2", "cancellation")
+
+
+def test_store_revocation_is_its_own_expiration_fact() -> None:
+    result = fold(events(purchase(1, 0, "t0"), ev(2, "refund", 3, transaction_id="t0"),
+                         ev(3, "expiration", 3, reason="customer_support")))
+    assert [(t.kind, t.status) for t in result.transitions] == [
+        (K.INITIAL_PURCHASE, S.ACTIVE), (K.CANCELLATION, S.ACTIVE), (K.EXPIRATION, S.EXPIRED)]
+
+
+def test_refund_with_no_prior_state_names_the_refunded_purchase_from_the_fact() -> None:
+    (t,) = fold(events(ev(1, "refund", 3, transaction_id="t0", product_id="pro_yearly", period_type="intro",
+                          purchased_at=at(1), price="-9.99", currency="USD"))).transitions
+    assert (t.kind, t.product_id, t.period_type, t.purchased_at, t.subscription_id) == (
+        K.CANCELLATION, "pro_yearly", PeriodType.INTRO, T0 + timedelta(days=1), "sub-1")
+    with_state = fold(events(purchase(1, 0, "t0"), ev(2, "refund", 3, transaction_id="t0"))).transitions[1]
+    assert (with_state.product_id, with_state.purchased_at) == ("pro_monthly", T0)
+
+
+def test_first_renewal_the_source_calls_a_trial_conversion_converts_without_prior_state() -> None:
+    late = fold(events(renewal(1, 7, "t1", is_trial_conversion=True))).transitions
+    assert [(t.kind, t.is_trial_conversion) for t in late] == [(K.TRIAL_CONVERTED, True)]
+    assert [t.kind for t in fold(events(renewal(1, 7, "t1", is_trial_conversion=False))).transitions] == [K.RENEWAL]
+    # with prior state the fold decides: a paid period's renewal stays a renewal whatever the flag says
+    known = fold(events(purchase(1, 0, "t0"), renewal(2, 30, "t1", is_trial_conversion=True))).transitions
+    assert [t.kind for t in known] == [K.INITIAL_PURCHASE, K.RENEWAL]
+
+
+def test_source_take_home_and_aliases_reach_the_transition() -> None:
+    (t,) = fold(events(purchase(1, 0, "t0", takehome_percentage="0.5833", aliases=["$RCAnonymousID:a", "u-0"]))
+                ).transitions
+    assert (t.takehome_percentage, t.aliases) == (Decimal("0.5833"), ("$RCAnonymousID:a", "u-0"))
+    assert Transition.from_json(t.to_json()) == t

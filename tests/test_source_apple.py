@@ -410,6 +410,17 @@ def test_prorated_refund_uses_revocation_percentage() -> None:
     assert parse(notification(CA, "REFUND", txn=txn)).events[0].price == Decimal("-5")
 
 
+def test_refund_of_the_current_period_also_ends_access_an_earlier_one_does_not() -> None:
+    revoked = SIGNED - timedelta(hours=1)
+    current = transaction(transaction_id="t9", revocationDate=ms(revoked), expiresDate=ms(revoked + timedelta(days=9)))
+    refund, ended = parse(notification(CA, "REFUND", txn=current)).events
+    assert (refund.type, ended.type, ended.reason, ended.occurred_at) == (
+        EventType.REFUND, EventType.EXPIRATION, Reason.CUSTOMER_SUPPORT, revoked)
+    assert refund.id < ended.id  # same instant: the refund sorts first
+    earlier = transaction(transaction_id="t8", revocationDate=ms(revoked), expiresDate=ms(revoked - timedelta(days=9)))
+    assert [e.type for e in parse(notification(CA, "REFUND", txn=earlier)).events] == [EventType.REFUND]
+
+
 def test_refund_reversed() -> None:
     e = only(parse(notification(CA, "REFUND_REVERSED", txn=transaction(transaction_id="t9"))))
     assert (e.type, e.transaction_id) == (EventType.REFUND_REVERSED, "t9")

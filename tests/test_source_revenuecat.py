@@ -165,6 +165,37 @@ def test_customer_support_cancellation_without_refund_is_cancellation() -> None:
     assert (e.type, e.reason) == (EventType.AUTO_RENEW_DISABLED, Reason.CUSTOMER_SUPPORT)
 
 
+def test_refund_states_the_refunded_purchase_and_turns_nothing_off() -> None:
+    (refund,) = parse("CANCELLATION", id="rc-refund", cancel_reason="CUSTOMER_SUPPORT", price=-10.75,
+                      price_in_purchased_currency=-9.99, period_type="INTRO",
+                      event_timestamp_ms=ms(T0 + timedelta(days=3))).events
+    assert (refund.product_id, refund.purchased_at, refund.period_type) == ("fitness_monthly", T0, PeriodType.INTRO)
+    (bought,) = parse("INITIAL_PURCHASE", id="rc-buy").events
+    state = fold([bought, refund]).state
+    assert (state.auto_renew, state.expired) == (True, False)  # RevenueCat: a refund may leave auto-renew on
+
+
+def test_aliases_and_original_app_user_id_are_carried_once_each() -> None:
+    (e,) = parse("INITIAL_PURCHASE", aliases=["$RCAnonymousID:8b7f3a", "user_rc_1", 7, "", "x" * 501],
+                 original_app_user_id="$RCAnonymousID:0001").events
+    assert e.aliases == ("$RCAnonymousID:8b7f3a", "user_rc_1", "$RCAnonymousID:0001")
+    assert parse("INITIAL_PURCHASE", aliases=None, original_app_user_id=None).events[0].aliases == ()
+
+
+@pytest.mark.parametrize(("stated", "carried"), [(0.85, Decimal("0.85")), (None, None), (1.5, None), ("x", None),
+                                                 (True, None)])
+def test_takehome_percentage_is_carried_on_charges_when_it_is_a_share(stated: Any, carried: Decimal | None) -> None:
+    assert parse("RENEWAL", takehome_percentage=stated).events[0].takehome_percentage == carried
+    assert parse("BILLING_ISSUE", takehome_percentage=stated).events[0].takehome_percentage is None
+
+
+def test_renewal_states_is_trial_conversion_for_the_fold_without_prior_state() -> None:
+    (e,) = parse("RENEWAL", is_trial_conversion=True).events
+    assert e.is_trial_conversion is True
+    assert [t.kind for t in fold([e]).transitions] == [TransitionKind.TRIAL_CONVERTED]
+    assert parse("RENEWAL", is_trial_conversion="yes").events[0].is_trial_conversion is None
+
+
 def test_uncancellation() -> None:
     assert parse("UNCANCELLATION").events[0].type is EventType.AUTO_RENEW_ENABLED
 

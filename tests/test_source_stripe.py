@@ -567,6 +567,83 @@ def test_unlinkable_refund_is_stored_only() -> None:
     assert (n.events, n.kind) == ((), "charge.refunded")
 
 
+def refund_object(refund_id: str, minor: int, created: datetime, *, status: str = "succeeded",
+                  charge_ref: Any = "ch_3RKxFitness0001") -> dict[str, Any]:
+    """A Stripe Refund object, as `refund.created` and an expanded `charge.refunds` carry it."""
+    return {"id": refund_id, "object": "refund", "amount": minor, "charge": charge_ref, "currency": "usd",
+            "created": ts(created), "metadata": {}, "payment_intent": "pi_3RKxFitness0001", "status": status}
+
+
+def with_refunds(obj: dict[str, Any], *refunds: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, "refunds": {"object": "list", "data": list(refunds), "has_more": False,
+                               "total_count": len(refunds)}}
+
+
+LINKED = {"in_1RKxFitness0002": SUB, "ch_3RKxFitness0001": SUB}.get
+
+
+def test_second_partial_refund_is_the_growth_of_amount_refunded_with_its_own_id() -> None:
+    first = mapped(event("charge.refunded", charge(refunded=250), event_id="evt_r1",
+                         previous={"amount_refunded": 0}), subscription_for=LINKED).events
+    second = mapped(event("charge.refunded", charge(refunded=499), event_id="evt_r2",
+                          previous={"amount_refunded": 250}), subscription_for=LINKED).events
+    assert [(e.price, e.refund_id, e.transaction_id) for e in (*first, *second)] == [
+        (Decimal("-2.50"), "ch_3RKxFitness0001:250", "in_1RKxFitness0002"),
+        (Decimal("-2.49"), "ch_3RKxFitness0001:499", "in_1RKxFitness0002"),
+    ]
+
+
+def test_a_charge_refunded_that_adds_nothing_is_stored_only() -> None:
+    n = mapped(event("charge.refunded", charge(refunded=250), previous={"amount_refunded": 250}),
+               subscription_for=LINKED)
+    assert (n.events, n.kind) == ((), "charge.refunded")
+
+
+def test_expanded_refunds_are_stated_one_by_one_by_their_own_ids() -> None:
+    obj = with_refunds(charge(refunded=499), refund_object("re_2", 249, T0 + timedelta(days=2)),
+                       refund_object("re_1", 250, T0 + timedelta(days=1)),
+                       refund_object("re_3", 100, T0 + timedelta(days=3), status="failed"))
+    previous = with_refunds({"amount_refunded": 250}, refund_object("re_1", 250, T0 + timedelta(days=1)))
+    (only,) = mapped(event("charge.refunded", obj, previous=previous), subscription_for=LINKED).events
+    assert (only.refund_id, only.price, only.attributes["stripe_refund"]) == ("re_2", Decimal("-2.49"), "re_2")
+    both = mapped(event("charge.refunded", obj), subscription_for=LINKED).events  # no previous list: all of them
+    assert [e.refund_id for e in both] == ["re_1", "re_2"]
+
+
+def test_refund_created_is_the_refund_linked_through_its_charge() -> None:
+    seen: list[str] = []
+
+    def lookup(ref: str) -> str | None:
+        seen.append(ref)
+        return SUB if ref == "ch_3RKxFitness0001" else None
+
+    (e,) = mapped(event("refund.created", refund_object("re_9", 250, T0)), subscription_for=lookup).events
+    assert (e.type, e.price, e.currency, e.refund_id, e.transaction_id, e.subscription_id) == (
+        EventType.REFUND, Decimal("-2.50"), "USD", "re_9", "ch_3RKxFitness0001", SUB)
+    assert seen == ["pi_3RKxFitness0001", "ch_3RKxFitness0001"]
+    for kind in ("charge.refund.updated", "refund.updated"):
+        (updated,) = mapped(event(kind, refund_object("re_9", 250, T0)), subscription_for=lookup).events
+        assert updated.refund_id == "re_9"
+    failed = mapped(event("refund.updated", refund_object("re_9", 250, T0, status="failed")), subscription_for=lookup)
+    assert failed.events == ()
+
+
+def test_one_refund_carried_by_two_events_folds_once_whichever_comes_first() -> None:
+    start = invoice(invoice_id="in_1RKxFitness0002", billing_reason="subscription_create", created=T0)
+    purchase = mapped(event("invoice.paid", start, event_id="evt_start")).events
+    created = mapped(event("refund.created", refund_object("re_1", 250, T0 + timedelta(days=1)),
+                           event_id="evt_b", created=T0 + timedelta(days=1)), subscription_for=LINKED).events
+    listed = mapped(event("charge.refunded", with_refunds(charge(refunded=250),
+                                                          refund_object("re_1", 250, T0 + timedelta(days=1))),
+                          event_id="evt_a", created=T0 + timedelta(days=1)), subscription_for=LINKED).events
+    folds = [fold([*purchase, *created, *listed]), fold([*purchase, *created]), fold([*purchase, *listed])]
+    refunds = [[t for t in f.transitions if t.kind is TransitionKind.CANCELLATION] for f in folds]
+    assert [len(r) for r in refunds] == [1, 1, 1]
+    assert len({r[0].id for r in refunds}) == 1  # the refund is the cause: one id, whichever event carried it
+    assert all(f.state.auto_renew and f.state.status is not None and f.state.status.value == "active"
+               for f in folds)
+
+
 def test_informational_events_are_stored_only() -> None:
     for kind in ("customer.subscription.trial_will_end", "invoice.created", "invoice.upcoming", "customer.updated"):
         assert mapped(event(kind, invoice() if kind.startswith("invoice") else subscription())).events == ()
@@ -729,6 +806,8 @@ KINDS = [
     "invoice.paid",
     "invoice.payment_failed",
     "charge.refunded",
+    "refund.created",
+    "charge.refund.updated",
     "anything.else",
 ]
 OBJECT_FIELDS = [
@@ -750,6 +829,9 @@ OBJECT_FIELDS = [
     "invoice",
     "amount_refunded",
     "customer",
+    "refunds",
+    "amount",
+    "charge",
 ]
 
 
@@ -761,7 +843,9 @@ def hostile_events(draw: Any) -> bytes:
     if choice == 1:
         return json.dumps(draw(json_values)).encode()
     basil = draw(st.booleans())
-    obj = draw(st.sampled_from([subscription(basil=basil), invoice(basil=basil), charge()]))
+    refund = refund_object("re_1", 250, T0)
+    obj = draw(st.sampled_from([subscription(basil=basil), invoice(basil=basil), charge(),
+                                with_refunds(charge(), refund), dict(refund)]))
     for name in draw(st.lists(st.sampled_from(OBJECT_FIELDS), max_size=3)):
         obj[name] = draw(json_values)
     evt = event(draw(st.sampled_from(KINDS)), obj, api_version=draw(st.sampled_from([BASIL, ACACIA, "", "x"])))

@@ -41,8 +41,10 @@ def write_root(directory: Path, ca: SigningCA = CA) -> Path:
     return path
 
 
-def config_dict(root: Path, endpoint: str = "http://127.0.0.1:9", **apple: Any) -> dict[str, Any]:
+def config_dict(root: Path, endpoint: str = "http://127.0.0.1:9", *, destination_settings: dict[str, Any] | None = None,
+                **apple: Any) -> dict[str, Any]:
     destination = {
+        **(destination_settings or {}),
         "write_key": WRITE_KEY,
         "sandbox_write_key": SANDBOX_KEY,
         "endpoint": endpoint,
@@ -145,11 +147,12 @@ class Pipeline:
 
 
 @contextmanager
-def pipeline(db_url: str, root: Path) -> Iterator[Pipeline]:
+def pipeline(db_url: str, root: Path, *, destination_settings: dict[str, Any] | None = None) -> Iterator[Pipeline]:
+    """`destination_settings`: extra settings of every app's destination (e.g. its revenue mode)."""
     from fake_segment import FakeSegment
 
     with FakeSegment(write_keys=(WRITE_KEY, SANDBOX_KEY)) as fake:
-        settings = settings_module.from_dict(config_dict(root, fake.url))
+        settings = settings_module.from_dict(config_dict(root, fake.url, destination_settings=destination_settings))
         with TestClient(create_app(build(settings, database_url=db_url), pool_size=2)) as client:
             yield Pipeline(client, fake, settings, db_url)
 
