@@ -247,3 +247,50 @@ def test_scheduler_inferred_expiration_follows_the_historical_rule(conn: psycopg
     assert published == ["rc_expiration_event", "rc_expiration_event"]  # two destinations, the purchase was history
     again = ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)
     assert again[0].result == "duplicate"
+
+
+def test_a_revived_transition_is_enqueued_again_only_when_not_delivered(conn: psycopg.Connection) -> None:
+    """Rule 3 both ways: an inferred expiration supersedes a cancellation; a renewal that turns up
+    later (but happened before) makes the inference a no-op, and the cancellation is live again.
+    Its messages were delivered meanwhile, so the revival queues nothing (rule 2: one message per
+    fact); a revived transition whose messages were not delivered is queued again, from its body."""
+    from subledger.core.lifecycle import inferred_expiration
+    from subledger.store.projections import load_state
+
+    def run(sub: str, *, deliver: bool) -> tuple[str, list[str]]:
+        period_end = NOW - timedelta(hours=30)
+        ingest(conn, [item(f"{sub}-p", "purchase", 24 * 2, sub=sub, expires_at=period_end.isoformat())], POLICY, NOW)
+        ingest(conn, [item(f"{sub}-c", "auto_renew_disabled", 29, sub=sub)], POLICY, NOW)
+        row = conn.execute("SELECT id FROM transitions WHERE kind = 'cancellation' AND subscription_key = %s",
+                           (f"{APP}/other/{sub}",)).fetchone()
+        assert row is not None
+        cancellation = str(row[0])
+        if deliver:  # what the relay does on a 2xx
+            conn.execute(
+                "INSERT INTO outbox_delivered (message_id, transition_id, destination, app_id, subscriber, body,"
+                " attempts, created_at, delivered_at) SELECT message_id, transition_id, destination, app_id,"
+                " subscriber, body, 1, created_at, %s FROM outbox WHERE transition_id = %s", (NOW, cancellation))
+            conn.execute("DELETE FROM outbox WHERE transition_id = %s", (cancellation,))
+            conn.commit()
+        state = load_state(conn, f"{APP}/other/{sub}")
+        assert state is not None
+        expiry = inferred_expiration(state, NOW, timedelta(hours=1))
+        assert expiry is not None
+        ingest(conn, [Incoming(Notification.of(expiry), b"{}")], POLICY, NOW)
+        gone = conn.execute("SELECT superseded_at IS NOT NULL FROM transitions WHERE id = %s", (cancellation,))
+        assert gone.fetchone() == (True,)
+        ingest(conn, [item(f"{sub}-r", "renewal", 31, sub=sub, expires_at=(NOW + timedelta(days=20)).isoformat())],
+               POLICY, NOW)
+        live = conn.execute("SELECT superseded_at IS NULL FROM transitions WHERE id = %s", (cancellation,))
+        assert live.fetchone() == (True,)
+        queued = [r[0] for r in conn.execute("SELECT message_id FROM outbox WHERE transition_id = %s ORDER BY id",
+                                             (cancellation,))]
+        return cancellation, queued
+
+    _, queued = run("revived-delivered", deliver=True)
+    assert queued == []
+    cancellation, queued = run("revived-pending", deliver=False)
+    assert len(queued) == 2  # one per destination, withdrawn when superseded, queued again now
+    bodies = [r[0] for r in conn.execute("SELECT body->0->'properties'->>'event_id' FROM outbox"
+                                         " WHERE transition_id = %s", (cancellation,))]
+    assert bodies == ["revived-pending-c", "revived-pending-c"]
