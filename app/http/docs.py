@@ -131,6 +131,15 @@ CANONICAL_EVENT: dict[str, Any] = {
         "country_code": _string_or_null(pattern="^[A-Za-z]{2}$"),
         "reason": _enum(Reason),
         "attributes": {"type": ["object", "null"], "description": "Free-form, kept verbatim"},
+        "refund_id": _string_or_null(description="On a refund: the store's id of this refund"),
+        "purchased_at": _string_or_null(format="date-time",
+                                        description="On a refund: when the refunded purchase was made"),
+        "is_trial_conversion": {"type": ["boolean", "null"],
+                                "description": "On a renewal: the source says the previous period was a trial"},
+        "takehome_percentage": {"type": ["string", "number", "null"],
+                                "description": "The source's share after commission, 0..1"},
+        "aliases": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 100,
+                    "description": "Other app user ids of the same user"},
     },
 }
 
