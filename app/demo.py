@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 import psycopg
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from subledger.app import settings as settings_module
-from subledger.app.bootstrap import build
+from subledger.app.bootstrap import Services, build
 from subledger.app.samples_loader import ingest_samples, sample_apps
 from subledger.app.wording import plural
 from subledger.app.worker import build_relay
@@ -23,7 +24,7 @@ DEMO_DATABASE = "subledger_demo"
 DEMO_WRITE_KEY = "demo-write-key"
 
 
-def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Settings:
+def demo_settings(endpoint: str = "http://127.0.0.1:9", api_token: str | None = None) -> settings_module.Settings:
     destinations = {
         "segment": {
             "write_key": DEMO_WRITE_KEY,
@@ -33,18 +34,23 @@ def demo_settings(endpoint: str = "http://127.0.0.1:9") -> settings_module.Setti
         }
     }
     # The samples' apps (canonical + Apple: com.example.fitness; Stripe: com.example.fitness.web).
-    return settings_module.from_dict({"apps": sample_apps(destinations)})
+    extra = {"api_token": api_token} if api_token else {}
+    return settings_module.from_dict({"apps": sample_apps(destinations), **extra})
 
 
-def run_demo(console: Console) -> None:
-    """Sink up, database fresh, samples in, relay until the outbox is drained, then show both ends."""
+def run_demo(console: Console, serve: str | None = None) -> None:
+    """Sink up, database fresh, samples in, relay until the outbox is drained, then show both ends.
+
+    `serve` ("host:port"): then keep serving the HTTP service and its console on the demo data,
+    with the relay, until Ctrl-C or SIGTERM (the sink stays up too, so retries still land)."""
+    token = secrets.token_urlsafe(16) if serve else None
     with Sink(write_keys={DEMO_WRITE_KEY}) as sink:
         console.print(f"[bold]sink[/bold] Segment-compatible capture endpoint on {sink.url}")
         server = resolve_url()
         url = recreate_database(server, DEMO_DATABASE)
         console.print(f"[bold]database[/bold] fresh database {DEMO_DATABASE!r} on {_where(server)}")
         migrate.upgrade(url)
-        services = build(demo_settings(sink.url), database_url=url)
+        services = build(demo_settings(sink.url, token), database_url=url)
         ingest_samples(services, console)
         relay = build_relay(services, backoff_base=0.2, backoff_cap=2.0)
         try:
@@ -66,6 +72,27 @@ def run_demo(console: Console) -> None:
             + (", ".join(f"{n} {status}" for n, status in left) or "empty")
         )
         print_next_steps(console, url)
+        if serve is None:
+            console.print("see it in the web console: `subledger demo --serve`, then open the URL it prints",
+                          highlight=False, markup=False)
+            return
+        serve_console(console, services, serve, token or "")
+
+
+def serve_console(console: Console, services: Services, listen: str, token: str) -> None:
+    """The HTTP service (console included) and the relay on the demo database, until a signal."""
+    from subledger.app.http import create_app  # deferred: FastAPI loads only when the demo serves
+    from subledger.app.worker import build_scheduler, serve_http
+
+    host, _, port = listen.rpartition(":")
+    console.print(f"[bold]console[/bold] http://{host}:{port}/console  (sign in with the API token {token}; "
+                  "Ctrl-C or SIGTERM stops)", soft_wrap=True, highlight=False)
+    jobs = build_scheduler(services, build_relay(services, backoff_base=0.2, backoff_cap=2.0), expirations=False)
+    jobs.start()
+    try:
+        serve_http(create_app(services), host=host, port=int(port))
+    finally:
+        jobs.stop()
 
 
 def print_next_steps(console: Console, url: str) -> None:

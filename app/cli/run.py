@@ -137,7 +137,12 @@ def sink(
         err.print(f"received {plural(server.capture.distinct(), 'distinct message')}", highlight=False)
 
 
-def demo() -> None:
+def demo(
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the web console on the demo data until "
+                                                        "Ctrl-C/SIGTERM.")] = False,
+    port: Annotated[int, typer.Option(help="With --serve: port to bind.")] = 8080,
+    host: Annotated[str, typer.Option(help="With --serve: address to bind.")] = "127.0.0.1",
+) -> None:
     """Run the whole pipeline on bundled samples: embedded PostgreSQL, ingest, relay, timelines, messages.
 
     The `subledger_demo` database is recreated on every run and left in place afterwards, so
@@ -145,7 +150,9 @@ def demo() -> None:
     # deferred: the demo loads every store adapter and the relay, only when it runs
     from subledger.app.demo import run_demo
 
+    if not 0 <= port <= 65535:
+        raise fail(f"--port: must be between 0 and 65535, got {port}")
     try:
-        run_demo(out)
+        run_demo(out, f"{host}:{port}" if serve else None)
     except StoreError as exc:
         raise fail(str(exc)) from None
