@@ -147,7 +147,7 @@ class FakeAmazon:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 fake.requests.append(self.path)
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/SimpleNotificationService-") and path.endswith(".pem"):

@@ -47,7 +47,8 @@ def test_a_purchase_is_a_purchase_of_the_term_sku_until_the_renewal_date() -> No
     (fact,) = mapped("SUBSCRIPTION_PURCHASED", receipt(R, T0, renews=MONTH))
     assert (fact["type"], fact["product_id"], fact["period_type"], fact["expires_at"]) == (
         "purchase", "fit.monthly", "normal", "2026-03-31T12:00:00.000000Z")
-    assert (fact["subscription_id"], fact["transaction_id"], fact["store"], fact["source"]) == (R, R, "amazon", "amazon")
+    assert (fact["subscription_id"], fact["transaction_id"]) == (R, R)
+    assert (fact["store"], fact["source"]) == ("amazon", "amazon")
     assert (fact["app_user_id"], fact["environment"], fact["country_code"]) == (USER, "production", "US")
     assert "price" not in fact  # RVS states no price
     stored = fact["attributes"]["amazon_fetched"]
@@ -74,7 +75,8 @@ def test_an_in_progress_promotion_sets_the_phase(promotion: dict[str, str], phas
 @pytest.mark.parametrize("kind", ["SUBSCRIPTION_RENEWED", "SUBSCRIPTION_CONVERTED_FREE_TRIAL_TO_PAID"])
 def test_renewals_are_named_by_the_period_they_pay_for(kind: str) -> None:
     (fact,) = mapped(kind, receipt(R, T0 - timedelta(days=30), renews=MONTH), at=T0)
-    assert (fact["type"], fact["period_type"], fact["expires_at"]) == ("renewal", "normal", "2026-03-31T12:00:00.000000Z")
+    assert (fact["type"], fact["period_type"]) == ("renewal", "normal")
+    assert fact["expires_at"] == "2026-03-31T12:00:00.000000Z"
     assert fact["transaction_id"] == f"{R}:{int(MONTH.timestamp() * 1000)}"  # stable across redeliveries
 
 
@@ -100,7 +102,8 @@ def test_grace_period_is_a_billing_issue_with_access_until_the_grace_end() -> No
 
 def test_out_of_grace_is_a_recovery_when_the_receipt_runs_on_and_an_expiration_when_cancelled() -> None:
     (recovered,) = mapped("SUBSCRIPTION_OUT_OF_GRACE_PERIOD", receipt(R, T0 - timedelta(days=33), renews=MONTH))
-    assert (recovered["type"], recovered["transaction_id"]) == ("billing_recovered", f"{R}:{int(MONTH.timestamp() * 1000)}")
+    assert recovered["type"] == "billing_recovered"
+    assert recovered["transaction_id"] == f"{R}:{int(MONTH.timestamp() * 1000)}"
     lapsed = receipt(R, T0 - timedelta(days=36), cancelled=T0 - timedelta(minutes=1), cancel_reason=2,
                      auto_renewing=False)
     (expired,) = mapped("SUBSCRIPTION_OUT_OF_GRACE_PERIOD", lapsed)
