@@ -11,8 +11,10 @@ Why this module looks the way it does:
   mapping needs (invoice → subscription under `parent.subscription_details`, line prices under
   `lines.data[].pricing`). Each reader takes the shape `api_version` names first and falls back to
   the other, so an event with an unexpected version still maps when its fields are there.
-* Money comes from what Stripe charged (`amount_paid`, `amount_refunded`), in minor units converted
-  with the currency's exponent (zero- and three-decimal currencies included).
+* Money comes from what Stripe charged (`amount_paid`) or returned (each refund's `amount`), in minor
+  units converted with the currency's exponent (zero- and three-decimal currencies included).
+  `amount_refunded` is the charge's running total, so a refund without its own object is the growth
+  of that total since `previous_attributes`: two partial refunds are two facts, never one of the sum.
 * Facts only: a paid `subscription_cycle` invoice is a `renewal`; whether it converts a trial is the
   fold's decision from prior state. A paid first invoice is the `purchase`; a trialing subscription's
   creation is the trial `purchase` (its invoice is $0 and says nothing). Every charge carries the
@@ -21,6 +23,8 @@ Why this module looks the way it does:
 * A refund is a charge, and a charge does not name its subscription. The payload alone cannot link
   it, and `core` does no I/O, so the caller may pass `subscription_for` (invoice or payment-intent
   id → subscription id, e.g. looked up in the log). Unlinked refunds are stored with zero events.
+  Each refund fact names its refund (`refund_id`), so one refund told by `charge.refunded` and by
+  `refund.created` folds once.
 """
 
 from __future__ import annotations
