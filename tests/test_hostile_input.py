@@ -28,6 +28,7 @@ import jwt
 import psycopg
 import pytest
 from apple_signing import notification_payload, renewal_info, transaction
+from fake_amazon import FakeAmazon, amazon_settings, receipt, rtn_message, sns_body
 from fake_google import TOKEN, FakeGoogle, developer_notification, order, push_body, subscription_v2
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -184,9 +185,16 @@ def google() -> Iterator[FakeGoogle]:
 
 
 @pytest.fixture
-def config(tmp_path: Path, google: FakeGoogle) -> dict[str, Any]:
+def amazon() -> Iterator[FakeAmazon]:
+    with FakeAmazon() as fake:
+        yield fake
+
+
+@pytest.fixture
+def config(tmp_path: Path, google: FakeGoogle, amazon: FakeAmazon) -> dict[str, Any]:
     out = google_config(write_root(tmp_path), "http://127.0.0.1:9", google.url)
     out["api_token"] = API_TOKEN
+    out["apps"][AMAZON_APP] = {"amazon": amazon_settings(amazon)}
     return out
 
 
@@ -525,6 +533,42 @@ def test_property_webhooks_google(client: TestClient, conn: psycopg.Connection, 
     check("POST /webhooks/google", response, before, conn)
 
 
+AMAZON_APP = "com.example.fitness.fire"
+AMAZON_AT = datetime(2026, 1, 1, tzinfo=UTC)
+AMAZON_MESSAGE = rtn_message("SUBSCRIPTION_PURCHASED", "r-1", AMAZON_AT)
+AMAZON_RECEIPT = receipt("r-1", AMAZON_AT, renews=AMAZON_AT + timedelta(days=30))
+
+
+def amazon_envelope(message: Any, cert_url: str) -> dict[str, Any]:
+    """An SNS envelope around `message` (rendered with `Raw` parts verbatim), validly signed."""
+    body: dict[str, Any] = json.loads(sns_body(render(message).decode(), cert_url))
+    return body
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=HEALTH)
+@given(st.integers(0, 3), changes_for(AMAZON_MESSAGE), changes_for(AMAZON_RECEIPT))
+def test_property_webhooks_amazon(client: TestClient, conn: psycopg.Connection, amazon: FakeAmazon, where: int,
+                                  in_message: Any, in_receipt: Any) -> None:
+    """A hostile value in the signed RTN message, in the receipt RVS answers, or in the SNS envelope."""
+    at = now() - timedelta(minutes=5)
+    rid = f"r-{uuid.uuid4().hex[:12]}"
+    message = rtn_message("SUBSCRIPTION_PURCHASED", rid, at)
+    state = receipt(rid, at, renews=at + timedelta(days=30))
+    if where in (0, 2):
+        message = put(message, in_message)
+    if where in (1, 2):
+        state = put(state, [(path, pythonic(value)) for path, value in in_receipt])
+    named = message.get("receiptId") if isinstance(message, dict) else None
+    if isinstance(named, str):
+        amazon.receipts[named] = state
+    envelope = amazon_envelope(message, amazon.cert_url())
+    if where == 3:  # the envelope itself (signature, certificate URL, type...)
+        envelope = put(envelope, [((key,), value) for (key, *_), value in in_message])
+    before = counts(conn)
+    response = client.post("/webhooks/amazon", content=render(envelope), headers={"Content-Type": "text/plain"})
+    check("POST /webhooks/amazon", response, before, conn)
+
+
 def pythonic(value: Any) -> Any:
     """What the fake Google API can answer (it writes with `json.dumps`): NaN, Infinity and 1e400 as
     floats, a nesting too deep for the standard library as its first 300 levels."""
@@ -607,6 +651,16 @@ def cli_lines(fmt: str) -> tuple[list[bytes], list[int]]:
         bad = [render({"event": rc_event("INITIAL_PURCHASE", app_user_id="\udfff")}), render(deep(5000)),
                render({"event": rc_event("RENEWAL", id="rc-far", expiration_at_ms=253402300799999)}),
                render({"event": rc_event("RENEWAL", id="rc-nul\x00")})]
+    elif fmt == "amazon":
+        def note(rid: str | None = None, receipt_changes: dict[str, Any] | None = None, **changes: Any) -> bytes:
+            rid = rid or f"r-{uuid.uuid4().hex[:12]}"
+            body = amazon_envelope({**rtn_message("SUBSCRIPTION_PURCHASED", rid, at), **changes},
+                                   "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem")
+            got = {**receipt(rid, at, renews=at + timedelta(days=30)), **(receipt_changes or {})}
+            return render({**body, "subledger_fetched": {"environment": "production", "receipt": got}})
+        good = [note() for _ in range(3)]
+        bad = [note("r\ud800"), note(timestamp=2**63), render(deep(5000)),
+               note(receipt_changes={"renewalDate": Raw("NaN")}), note(appPackageName="com.unknown.app")]
     else:
         fetched = {"subscriptionsv2": subscription_v2(MONTHLY, at + timedelta(days=30), order_id=ORDER, start=at),
                    "order": order(ORDER, MONTHLY, "9.99")}
@@ -621,7 +675,7 @@ def cli_lines(fmt: str) -> tuple[list[bytes], list[int]]:
     return lines, list(range(2, 2 + len(bad)))
 
 
-@pytest.mark.parametrize("fmt", ["canonical", "apple", "stripe", "revenuecat", "google"])
+@pytest.mark.parametrize("fmt", ["canonical", "apple", "stripe", "revenuecat", "google", "amazon"])
 def test_cli_ingest_names_every_hostile_line_and_stores_the_rest(db_url: str, config: dict[str, Any],
                                                                  tmp_path: Path, fmt: str) -> None:
     path = tmp_path / "subledger.toml"
