@@ -89,6 +89,11 @@ def bearer_session(token: str | None, header: str) -> Session | None:
     return Session("bearer", "bearer", 0, "")
 
 
+def login_nonce() -> str:
+    """The sign-in form's double-submit value (a cookie and a hidden field that must agree)."""
+    return secrets.token_urlsafe(18)
+
+
 def token_matches(token: str | None, given: str) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
 

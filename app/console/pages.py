@@ -111,11 +111,13 @@ def _age(seconds: float | None) -> str:
 
 def _pretty(value: Any) -> str:
     if isinstance(value, str):
+        text: str = value
         try:
-            value = orjson.loads(value)
+            value = orjson.loads(text)
         except orjson.JSONDecodeError:
-            return value
-    return orjson.dumps(audit.jsonable(value), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+            return text
+    shown: str = orjson.dumps(audit.jsonable(value), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    return shown
 
 
 def _path(value: str) -> str:
@@ -233,7 +235,7 @@ router = APIRouter(prefix="/console", include_in_schema=False)
 
 @router.get("/login")
 def login_page(request: Request, next: str = "/console") -> HTMLResponse:
-    nonce = auth.secrets.token_urlsafe(18)
+    nonce = auth.login_nonce()
     response = render(request, None, "login.html", next=_safe_next(next), login_csrf=nonce, error=None,
                       configured=bool(_token(request)))
     response.set_cookie(auth.LOGIN_COOKIE, nonce, max_age=3600, path="/console", httponly=True,
@@ -250,13 +252,13 @@ def login(request: Request, form: dict[str, list[str]] = Depends(form_of)) -> Re
         raise Refused(403, "the sign-in form expired or came from elsewhere; reload it and try again")
     if not auth.token_matches(token, given):
         log.warning("console: failed sign-in from %s", request.client.host if request.client else "?")
-        fresh = auth.secrets.token_urlsafe(18)
-        response = render(request, None, "login.html", status=401, next=target, login_csrf=fresh,
-                          error="wrong token" if token else "no API token is configured on the server",
-                          configured=bool(token))
-        response.set_cookie(auth.LOGIN_COOKIE, fresh, max_age=3600, path="/console", httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
-        return response
+        fresh = auth.login_nonce()
+        refused = render(request, None, "login.html", status=401, next=target, login_csrf=fresh,
+                         error="wrong token" if token else "no API token is configured on the server",
+                         configured=bool(token))
+        refused.set_cookie(auth.LOGIN_COOKIE, fresh, max_age=3600, path="/console", httponly=True,
+                           samesite="strict", secure=request.url.scheme == "https")
+        return refused
     session, cookie = auth.new_session(given, now_of(request))
     log.info("console: %s signed in from %s", session.actor, request.client.host if request.client else "?")
     response = RedirectResponse(target, status_code=303)
