@@ -2,7 +2,8 @@
 
 `core` imports none of the other layers and no I/O library, and reads no clock; `store` imports
 neither `outbox` nor `app`; nothing but `app` imports `app`; and no module of the project imports
-itself back through others (no import cycle, inside a layer as much as across). Checked on the
+itself back through others (no import cycle, inside a layer as much as across); and no SQL text
+outside `store/` (and `migrations/`). Checked on the
 source with `ast`, so a lazy import inside a function counts as much as one at the top of a module.
 """
 
@@ -281,6 +282,54 @@ def test_no_import_cycles() -> None:
     files = {module: (path.read_text(encoding="utf-8"), package_of(path)) for module, path in paths.items()}
     graph = import_graph(files)
     assert [describe(cycle, graph, paths) for cycle in cycles(graph)] == []
+
+
+# A statement's opening words (or a server function call); docstrings may name SQL, code may not.
+SQL_TEXT = re.compile(
+    r"\b(?:SELECT\s|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(?:TABLE|INDEX|FUNCTION)"
+    r"|ALTER\s+TABLE|TRUNCATE\s|COPY\s+\w+|(?:NOTIFY|LISTEN)\s+[a-z_]+\s*(?:[,;]|$)|pg_[a-z_]+\()",
+    re.MULTILINE,
+)
+
+
+def sql_strings(code: str) -> list[tuple[int, str]]:
+    """(line, text) of every string constant that reads as SQL, docstrings excepted."""
+    tree = ast.parse(code)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and id(node) not in docstrings and SQL_TEXT.search(node.value)
+    ]
+
+
+@pytest.mark.parametrize("layer", ["core", "outbox", "scheduler", "app"])
+def test_sql_lives_in_store(layer: str) -> None:
+    """Every statement has one home in `store/` (and `migrations/`): a table's writers are found there."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text.strip()[:60]!r}"
+        for path in sources(layer)
+        for line, text in sql_strings(path.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+
+
+def test_the_sql_checker_sees_statements_not_prose() -> None:
+    code = (
+        '"""Claims rows with SELECT ... FOR UPDATE SKIP LOCKED."""\n'
+        'Q = "SELECT 1 FROM outbox"\n'
+        'def f(t):\n'
+        '    """DELETE FROM is named here only."""\n'
+        '    return f"UPDATE outbox SET status = {t}", "NOTIFY subledger_outbox", "NOTIFY wakes it sooner"\n'
+    )
+    assert [line for line, _ in sql_strings(code)] == [2, 5, 5]
+    assert sql_strings((ROOT / "store" / "log.py").read_text(encoding="utf-8"))  # the home does hold SQL
 
 
 CLOCK_TEXT = ("datetime.now(", "time.time(", "utcnow(", "date.today(", "time.monotonic(", "perf_counter(")
