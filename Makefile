@@ -23,14 +23,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# mypy resolves `subledger.core` through a tree of symlinks that mirrors the installed layout.
+# mypy resolves `subledger.core` and the rest through a tree of symlinks that mirrors the installed layout.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	rm -rf .typecheck && mkdir -p .typecheck/subledger
 	for d in core store outbox scheduler app migrations; do ln -s ../../$$d .typecheck/subledger/$$d; done
-	MYPYPATH=.typecheck $(BIN)/mypy --strict --namespace-packages --explicit-package-bases -p subledger.core
-	MYPYPATH=.typecheck $(BIN)/mypy --namespace-packages --explicit-package-bases \
-		-p subledger.store -p subledger.outbox -p subledger.scheduler -p subledger.app
+	MYPYPATH=.typecheck $(BIN)/mypy --strict --namespace-packages --explicit-package-bases \
+		-p subledger.core -p subledger.store -p subledger.outbox -p subledger.scheduler -p subledger.app \
+		-p subledger.migrations
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .typecheck
