@@ -238,6 +238,9 @@ def test_message_explain_entry_and_overview_pages(client: TestClient, seeded: di
     assert "Raw payload" in entry.text and "s000000-0" in entry.text
     overview = client.get("/console")
     assert "<svg" in overview.text and "trial_started" in overview.text and "com.test.app" in overview.text
+    backlog = client.get("/console/destinations").text  # 3 lifecycles x 6 messages, one of them dead
+    assert '<td class="n">17</td>' in backlog and "/console/dead?app_id=com.test.app" in backlog
+    assert "1 d 0 h" in backlog  # the oldest pending row was made a day before the service's clock
     feed = client.get("/console/deliveries?status=dead")
     assert seeded["dead"] in feed.text
     assert client.get("/console/deliveries?status=bogus").status_code == 400

@@ -284,10 +284,10 @@ def static(name: str, session: auth.Session = Depends(current)) -> Response:
                     headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
 
 
-def _destinations(request: Request, conn: Any) -> list[dict[str, Any]]:
+def _destinations(request: Request, conn: Any, counted: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every (app, destination) the configuration or the database knows, with its backlog and pause."""
     policy = services_of(request).policy
-    depths = outbox_store.depths(conn)
+    depths = queries.backlog(conn, now_of(request), counted)
     paused = queries.paused(conn)
     names = {(app, d.name) for app, dests in policy.destinations.items() for d in dests}
     names |= set(depths) | set(paused)
@@ -298,7 +298,7 @@ def _destinations(request: Request, conn: Any) -> list[dict[str, Any]]:
         out.append({
             "app_id": app_id, "destination": destination,
             "pending": depth.pending if depth else 0, "dead": depth.dead if depth else 0,
-            "oldest": depth.oldest_pending_seconds if depth and depth.pending else None,
+            "oldest": depth.oldest_pending_seconds if depth else None,
             "paused": held is not None, "reason": held["paused_reason"] if held else None,
             "paused_at": held["paused_at"] if held else None,
         })
@@ -312,7 +312,7 @@ def overview(request: Request, session: auth.Session = Depends(current)) -> HTML
     with pool_of(request).connection() as conn:
         stats = audit.stats(conn, since, now, now)
         by_day = queries.transitions_by_day(conn, since, now)
-        destinations = _destinations(request, conn)
+        destinations = _destinations(request, conn, stats.outbox)
     ingested: dict[str, int] = {}
     for row in stats.log:
         ingested[row["app_id"]] = ingested.get(row["app_id"], 0) + int(row["entries"])
