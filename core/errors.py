@@ -24,7 +24,9 @@
     ├── UnknownTarget            an operator named an app or destination nobody configured (LookupError)
     ├── MissingRate              a currency conversion lacks its rate (ValueError)
     ├── ConfigError              the configuration is invalid; names the key
-    └── ApiError                 an HTTP refusal already decided: its status and JSON body
+    ├── ApiError                 an HTTP refusal already decided: its status and JSON body
+    ├── PageRefused              a console request refused with an HTML page (400, 403 CSRF, 404)
+    └── LoginRequired            a console page asked for without a session: redirect to sign-in
 
 Driver errors become StoreErrors at one door, `store/db.py` (`translate`), so no layer above store/
 knows psycopg. Outcomes that are not failures (a duplicate delivery, a no-op fact, a destination's
@@ -160,6 +162,23 @@ class ConfigError(SubledgerError):
         super().__init__(f"{key}: {reason}" if key.startswith("--") else f"config {key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class PageRefused(SubledgerError):
+    """A console request refused with an HTML page (bad input 400, CSRF 403, unknown thing 404)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class LoginRequired(SubledgerError):
+    """No valid console session or bearer token: the handler redirects to the sign-in page."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
 
 
 class ApiError(SubledgerError):

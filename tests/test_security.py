@@ -42,6 +42,8 @@ def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     base = config_dict(root)
     base["apps"][GOOGLE_APP] = {"google": {"access_token": "t", "api_base_url": "http://127.0.0.1:9",
                                            "push_audience": "https://subledger.example/webhooks/google"}}
+    base["apps"][AMAZON_APP] = {"amazon": {"package_name": AMAZON_APP, "shared_secret": "s",
+                                           "rvs_base_url": "http://127.0.0.1:9"}}
     config = settings_module.from_dict({**base, "api_token": TOKEN})
     with TestClient(create_app(build(config, database_url=db_url), pool_size=2)) as c:
         yield c
@@ -65,6 +67,15 @@ UNSIGNED_PUSH = json.dumps({"message": {"messageId": "1", "attributes": {}, "dat
     "subscriptionNotification": {"version": "1.0", "notificationType": 4, "purchaseToken": "t", "subscriptionId": "s"},
 }).encode()).decode()}, "subscription": "projects/p/subscriptions/s"}).encode()
 UNSIGNED = json.dumps({"id": "evt_1", "type": "customer.subscription.created", "event": {"id": "e1"}}).encode()
+AMAZON_APP = "com.example.fitness.amazon"
+# An SNS notification for a configured Amazon app, signed by nobody: its certificate is not on Amazon's host.
+FORGED_SNS = json.dumps({
+    "Type": "Notification", "MessageId": "m-1", "TopicArn": "arn:aws:sns:us-east-1:1:rtn",
+    "Message": json.dumps({"appPackageName": AMAZON_APP, "notificationType": "SUBSCRIPTION_PURCHASED",
+                           "appUserId": "u", "receiptId": "r", "timestamp": 1764300000000}),
+    "Timestamp": "2026-11-28T00:00:00.000Z", "SignatureVersion": "1", "Signature": "AAAA",
+    "SigningCertURL": "https://sns.us-east-1.amazonaws.com.attacker.example/cert.pem",
+}).encode()
 
 
 def routes(client: TestClient) -> list[tuple[str, str]]:
@@ -96,7 +107,8 @@ def test_every_route_refuses_requests_without_credentials(client: TestClient, db
         assert path.startswith(("/v1/", "/webhooks/")), f"{path}: a route outside /v1 and /webhooks"
         url = concrete(path)
         if path.startswith("/webhooks/"):
-            body = FORGED_APPLE if "/apple" in path else UNSIGNED_PUSH if "/google" in path else UNSIGNED
+            body = (FORGED_APPLE if "/apple" in path else UNSIGNED_PUSH if "/google" in path
+                    else FORGED_SNS if "/amazon" in path else UNSIGNED)
             response = client.request(method, url, content=body, headers={"Content-Type": "application/json"})
             assert response.status_code == 401, f"{method} {path}: {response.status_code} {response.text}"
             continue

@@ -14,18 +14,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
 from subledger.app.console import pages
+from subledger.core.errors import LoginRequired, PageRefused
 
 
 def install(app: FastAPI) -> None:
     app.include_router(pages.router)
 
-    @app.exception_handler(pages.LoginRequired)
-    async def _login(_: Request, exc: pages.LoginRequired) -> Response:
+    @app.exception_handler(LoginRequired)
+    async def _login(_: Request, exc: LoginRequired) -> Response:
         return RedirectResponse(f"/console/login?next={quote(exc.next_path, safe='')}", status_code=303)
 
-    @app.exception_handler(pages.Refused)
-    async def _refused(request: Request, exc: pages.Refused) -> Response:
+    @app.exception_handler(PageRefused)
+    async def _refused(request: Request, exc: PageRefused) -> Response:
         session = None
-        with contextlib.suppress(pages.LoginRequired):
+        with contextlib.suppress(LoginRequired):
             session = pages.current(request)
         return pages.render(request, session, "error.html", status=exc.status, message=exc.message)

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from subledger.app.console import auth
 from subledger.app.http.common import now_of, pool_of, services_of
-from subledger.core.errors import NotFound, UnknownTarget
+from subledger.core.errors import LoginRequired, NotFound, PageRefused, UnknownTarget
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, format_time
 from subledger.core.lifecycle import TransitionKind
 from subledger.core.safejson import text_problem
@@ -46,23 +46,6 @@ SECURITY_HEADERS = {
 }
 FEED_LIMIT = 100
 FORM_LIMIT = 64 * 1024
-
-
-class LoginRequired(Exception):
-    """No valid session or bearer token: the handler redirects to the sign-in page."""
-
-    def __init__(self, next_path: str) -> None:
-        super().__init__(next_path)
-        self.next_path = next_path
-
-
-class Refused(Exception):
-    """A console request refused with an HTML page (bad input 400, CSRF 403, unknown thing 404)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # -- templates and formatting -------------------------------------------------------------------
@@ -177,23 +160,23 @@ async def form_of(request: Request) -> dict[str, list[str]]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > FORM_LIMIT:
-            raise Refused(413, "form too large")
+            raise PageRefused(413, "form too large")
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=2000)
     except (UnicodeDecodeError, ValueError):
-        raise Refused(400, "the form could not be read") from None
+        raise PageRefused(400, "the form could not be read") from None
     for name, values in fields.items():
         for text in (name, *values):
             problem = text_problem(text)
             if problem is not None:
-                raise Refused(400, f"form field {name[:40]!r} {problem}")
+                raise PageRefused(400, f"form field {name[:40]!r} {problem}")
     return fields
 
 
 def acting(session: auth.Session = Depends(current), form: dict[str, list[str]] = Depends(form_of)) -> auth.Session:
     """FastAPI dependency of every action: a session and its CSRF token (403 without)."""
     if not auth.csrf_ok(session, _one(form, "csrf")):
-        raise Refused(403, "this form has no valid CSRF token; reload the page and try again")
+        raise PageRefused(403, "this form has no valid CSRF token; reload the page and try again")
     return session
 
 
@@ -218,9 +201,9 @@ def _time(value: str | None, name: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         instant = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (ValueError, OverflowError):
-        raise Refused(400, f"{name}: not a time (use YYYY-MM-DDTHH:MM, UTC)") from None
+        raise PageRefused(400, f"{name}: not a time (use YYYY-MM-DDTHH:MM, UTC)") from None
     if not EARLIEST_TIME <= instant < LATEST_TIME:
-        raise Refused(400, f"{name}: out of range")
+        raise PageRefused(400, f"{name}: out of range")
     return instant
 
 
@@ -249,7 +232,7 @@ def login(request: Request, form: dict[str, list[str]] = Depends(form_of)) -> Re
     target = _safe_next(_one(form, "next"))
     nonce = request.cookies.get(auth.LOGIN_COOKIE) or ""
     if not nonce or not auth.token_matches(nonce, _one(form, "login_csrf") or ""):
-        raise Refused(403, "the sign-in form expired or came from elsewhere; reload it and try again")
+        raise PageRefused(403, "the sign-in form expired or came from elsewhere; reload it and try again")
     if not auth.token_matches(token, given):
         log.warning("console: failed sign-in from %s", request.client.host if request.client else "?")
         fresh = auth.login_nonce()
@@ -279,7 +262,7 @@ def logout(request: Request, session: auth.Session = Depends(acting)) -> Respons
 @router.get("/static/{name}")
 def static(name: str, session: auth.Session = Depends(current)) -> Response:
     if name not in STATIC:
-        raise Refused(404, "no such file")
+        raise PageRefused(404, "no such file")
     return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name],
                     headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
 
@@ -394,7 +377,7 @@ def subscriber(request: Request, who: str, at: str | None = None,
     with pool_of(request).connection() as conn:
         page = load_subscriber(conn, services_of(request).policy, who, when)
     if page is None:
-        raise Refused(404, f"no subscription found for {who!r}")
+        raise PageRefused(404, f"no subscription found for {who!r}")
     return render(request, session, "subscriber.html", who=who, at=when, at_input=_local_input(when) if at else "",
                   **page)
 
@@ -402,11 +385,11 @@ def subscriber(request: Request, who: str, at: str | None = None,
 @router.get("/entries/{position}")
 def entry(request: Request, position: str, session: auth.Session = Depends(current)) -> HTMLResponse:
     if not position.isascii() or not position.isdigit() or int(position) >= 2**63:
-        raise Refused(404, f"no log entry {position!r}")
+        raise PageRefused(404, f"no log entry {position!r}")
     with pool_of(request).connection() as conn:
         found = queries.entry(conn, int(position))
     if found is None:
-        raise Refused(404, f"no log entry #{position}")
+        raise PageRefused(404, f"no log entry #{position}")
     return render(request, session, "entry.html", entry=found)
 
 
@@ -415,7 +398,7 @@ def explain(request: Request, ref: str, session: auth.Session = Depends(current)
     with pool_of(request).connection() as conn:
         found = audit.explain(conn, ref)
     if found is None:
-        raise Refused(404, f"no transition or message {ref!r}")
+        raise PageRefused(404, f"no transition or message {ref!r}")
     by_message: dict[str, list[dict[str, Any]]] = {}
     for a in found.attempts:
         by_message.setdefault(a["message_id"], []).append(a)
@@ -426,7 +409,7 @@ def explain(request: Request, ref: str, session: auth.Session = Depends(current)
 def deliveries(request: Request, app_id: str = "", destination: str = "", status: str = "", since: str = "",
                until: str = "", session: auth.Session = Depends(current)) -> HTMLResponse:
     if status not in ("", "pending", "dead", "delivered"):
-        raise Refused(400, "status: one of pending, dead, delivered")
+        raise PageRefused(400, "status: one of pending, dead, delivered")
     start, end = _time(since, "since"), _time(until, "until")
     with pool_of(request).connection() as conn:
         items = queries.feed(conn, app_id=app_id or None, destination=destination or None, status=status or None,
@@ -445,7 +428,7 @@ def message(request: Request, message_id: str, session: auth.Session = Depends(c
     with pool_of(request).connection() as conn:
         found = queries.message(conn, message_id)
     if found is None:
-        raise Refused(404, f"no message {message_id!r}")
+        raise PageRefused(404, f"no message {message_id!r}")
     route = routes_from(services_of(request).settings.apps).get((found.row["app_id"], found.row["destination"]))
     return render(request, session, "message.html", m=found.row, attempts=found.attempts,
                   endpoint=route.endpoint.rstrip("/") + "/v1/batch" if route else None)
@@ -507,7 +490,7 @@ def _pause_or_resume(request: Request, session: auth.Session, form: dict[str, li
                      perform: Callable[[Any, str, list[str]], None]) -> Response:
     app_id, destination = _one(form, "app_id") or "", _one(form, "destination") or None
     if not app_id:
-        raise Refused(400, "app_id: required")
+        raise PageRefused(400, "app_id: required")
     name = f"{app_id} / {destination}" if destination else f"every destination of {app_id}"
     if _one(form, "confirm") != "yes":
         fields = [("app_id", app_id)] + ([("destination", destination)] if destination else [])
@@ -519,7 +502,7 @@ def _pause_or_resume(request: Request, session: auth.Session, form: dict[str, li
             try:
                 names = ops.targets(conn, services.policy, app_id, destination, resuming=verb == "resume")
             except UnknownTarget as exc:
-                raise Refused(404, str(exc)) from None
+                raise PageRefused(404, str(exc)) from None
             perform(conn, app_id, names)
         if verb == "resume":
             wake_relay(conn)
