@@ -183,6 +183,19 @@ def test_status_codes_per_refusal() -> None:
     assert status_for(UnknownApp("no such app", "app_id")) == 404
 
 
+def test_every_transient_refusal_is_a_503_with_retry_after() -> None:
+    """One rule for every source: Apple's OCSP out of reach, a store API down: 503 and Retry-After;
+    a refusal the sender cannot cure by waiting carries no Retry-After."""
+    from subledger.app.http.webhooks import refusal
+    from subledger.core.errors import BadSignature, SignatureUncheckable, SourceUnavailable
+
+    for exc in (SignatureUncheckable("online certificate (OCSP) check could not complete; transient", "x"),
+                SourceUnavailable("the Play Developer API did not answer")):
+        answer = refusal(exc)
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) >= 1, exc
+    assert "retry-after" not in refusal(BadSignature("does not verify", "signedPayload")).headers
+
+
 def test_apple_environment_not_accepted_is_403(db_url: str, root: Path) -> None:
     data = config_dict(root)
     data["apps"][APPLE_APP]["apple"]["environments"] = ["Sandbox"]

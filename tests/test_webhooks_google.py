@@ -178,7 +178,7 @@ def test_google_unavailable_is_503_and_a_redelivery_succeeds(client: TestClient,
     google.faults.extend([fault] * 3)  # 1 + 2 retries
     response = client.post(PATH, content=body(2), headers=JSON)
     assert response.status_code == 503, response.text
-    assert "Play Developer API" in response.json()["error"]
+    assert "Play Developer API" in response.json()["error"] and int(response.headers["Retry-After"]) >= 1
     assert log_count(db_url) == 0
     assert client.post(PATH, content=body(2), headers=JSON).json()["result"] == "new"
 

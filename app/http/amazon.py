@@ -37,7 +37,6 @@ from subledger.core.sources import amazon as amazon_source
 from subledger.outbox.ingest import Incoming, ingest
 
 log = logging.getLogger("subledger.webhooks")
-RETRY_AFTER = {"Retry-After": "30"}
 
 AMAZON_BODY = docs.raw_body(
     {"type": "object", "required": ["Type", "MessageId", "Message", "Signature", "SigningCertURL"], "properties": {
@@ -63,7 +62,7 @@ def amazon_router(services: Services, pool: ConnectionPool, adapters: Sources) -
 
     def unavailable(exc: SourceUnavailable) -> JSONResponse:
         log.warning("Amazon delivery not processed: %s", exc)
-        return JSONResponse({"error": str(exc)}, status_code=503, headers=RETRY_AFTER)
+        return refusal(exc)  # a 503 with Retry-After, as every webhook's Transient refusal
 
     def store(notification: Notification, raw: bytes) -> JSONResponse:
         with connection() as conn:

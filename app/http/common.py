@@ -89,7 +89,7 @@ async def read_body(request: Request) -> bytes:
 # -- errors -------------------------------------------------------------------------------------
 
 
-def database_refusal(exc: BaseException, retry_after: float) -> tuple[dict[str, str], dict[str, str]]:
+def database_refusal(exc: BaseException, seconds: float) -> tuple[dict[str, str], dict[str, str]]:
     """Body and headers of a 503 for a database failure: the detail goes to the log under an id,
     the client gets the id and no driver or SQL text (it can hold table names, values, hosts)."""
     error_id = uuid.uuid4().hex[:16]
@@ -97,7 +97,13 @@ def database_refusal(exc: BaseException, retry_after: float) -> tuple[dict[str, 
     log.warning("%s [error_id=%s]: %s", "database unavailable" if unavailable else "database error",
                 error_id, " ".join(str(exc).split()) or type(exc).__name__, extra={"error_id": error_id})
     body = {"error": "database unavailable" if unavailable else "database error", "error_id": error_id}
-    return body, {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return body, retry_after(seconds)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The `Retry-After` header every 503 carries (RFC 9110: whole seconds, at least 1), so a client
+    or proxy that honours it never retries at once and never is told 0."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,7 +10,7 @@ nothing:
     bundle / app / environment · 404 an app with no credentials for this source · 413 too large ·
     422 a well-formed body that states an impossible fact · 424 the Play Developer API refused our
     service account. A database outage (or Apple's OCSP responder, or the Play Developer API, out of
-    reach) is a 503.
+    reach) is a 503 with `Retry-After` (`refusal`, the one rule for every source).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 from subledger.app import google_api
 from subledger.app.bootstrap import Services
 from subledger.app.http import docs
-from subledger.app.http.common import read_body
+from subledger.app.http.common import read_body, retry_after
 from subledger.app.sources import Sources, StripeLinks, build_sources
 from subledger.core.errors import (
     BadSignature,
@@ -51,7 +51,13 @@ WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
 WEBHOOK_OK = docs.ok(docs.WEBHOOK_RESULT, "Accepted (`new`) or repeated (`duplicate`): the store stops retrying")
 
 
-def status_for(exc: PayloadRejected) -> int:
+# A Transient refusal (Apple's OCSP, the Play API, RVS or an SNS certificate out of reach) asks the
+# sender to come back: 30 s is past our own retries of the source's API, and below the stores'
+# redelivery backoffs, so the header costs them nothing and tells a proxy or a person when to retry.
+TRANSIENT_RETRY_AFTER_SECONDS = 30
+
+
+def status_for(exc: PayloadRejected | SourceUnavailable) -> int:
     if isinstance(exc, Transient):
         return 503  # e.g. online (OCSP) checks could not reach Apple: not the sender's fault, retry
     if isinstance(exc, CredentialsRefused):
@@ -67,11 +73,18 @@ def status_for(exc: PayloadRejected) -> int:
     return 400
 
 
-def refusal(exc: PayloadRejected) -> JSONResponse:
-    body: dict[str, Any] = {"error": exc.reason}
-    if exc.field:
-        body["field"] = exc.field
-    return JSONResponse(body, status_code=status_for(exc))
+def refusal(exc: PayloadRejected | SourceUnavailable) -> JSONResponse:
+    """The one place a webhook's refusal becomes an answer, so one rule holds for every source: a
+    Transient one is a 503 *with* `Retry-After` (as the database's 503s are), the rest a 4xx."""
+    body: dict[str, Any]
+    if isinstance(exc, PayloadRejected):
+        body = {"error": exc.reason}
+        if exc.field:
+            body["field"] = exc.field
+    else:
+        body = {"error": str(exc)}
+    headers = retry_after(TRANSIENT_RETRY_AFTER_SECONDS) if isinstance(exc, Transient) else None
+    return JSONResponse(body, status_code=status_for(exc), headers=headers)
 
 
 def parse(call: Callable[[], Notification]) -> Notification | JSONResponse:
@@ -155,7 +168,7 @@ def webhook_router(
         except PayloadRejected as exc:
             return refusal(exc)
         except SourceUnavailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
+            return refusal(exc)
         app_id = adapter.config.app_id
         with connection() as conn:
             seen = google_api.already_logged(conn, push.external_id)
@@ -167,7 +180,7 @@ def webhook_router(
             return refusal(exc)
         except SourceUnavailable as exc:
             log.warning("Google Play state not fetched for message %s: %s", push.external_id, exc)
-            return JSONResponse({"error": str(exc)}, status_code=503)
+            return refusal(exc)
         with connection() as conn:
             links = google_api.GoogleLinks(conn, app_id)
             notification = parse(lambda: adapter.notification(push, chain=links, fetched=fetched))
