@@ -61,10 +61,12 @@ REQUEST_SECONDS = Histogram(
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 def outbox_exposition(conn: psycopg.Connection, known: Iterable[tuple[str, str]] = ()) -> bytes:
-    """Gauges read from the database now: depth, dead letters, oldest pending age, paused flags.
+    """Gauges read from the database now: depth, dead letters, oldest pending age, paused and
+    failing flags (failing: 0 for every known destination, so an alert on `== 1` has a series).
 
     `known` (app_id, destination) pairs are reported even when they have no rows, as zeros.
     """
+    known = list(known)  # iterated twice: the depth zeros and the failing zeros
     registry = CollectorRegistry()
     pending = GaugeMetricFamily("subledger_outbox_pending", "Outbox rows waiting to be delivered.",
                                 labels=["app_id", "destination"])
@@ -83,12 +85,19 @@ def outbox_exposition(conn: psycopg.Connection, known: Iterable[tuple[str, str]]
         pending.add_metric([app_id, destination], float(depth.pending))
         dead.add_metric([app_id, destination], float(depth.dead))
         oldest.add_metric([app_id, destination], depth.oldest_pending_seconds)
-    for (app_id, destination), is_paused in outbox_sql.paused_flags(conn).items():
+    failing = GaugeMetricFamily("subledger_destination_failing",
+                                "1 while the relay marks a destination failing (5xx, timeouts): its backlog "
+                                "waits behind one probe.", labels=["app_id", "destination"])
+    flags = outbox_sql.paused_flags(conn)
+    for (app_id, destination), is_paused in flags.items():
         paused.add_metric([app_id, destination], 1.0 if is_paused else 0.0)
+    down = {(f.app_id, f.destination) for f in outbox_sql.failing_states(conn)}
+    for app_id, destination in sorted(set(flags) | set(known) | down):
+        failing.add_metric([app_id, destination], 1.0 if (app_id, destination) in down else 0.0)
 
     class _Snapshot(Collector):
         def collect(self) -> Iterable[Metric]:
-            return [pending, dead, oldest, paused]
+            return [pending, dead, oldest, paused, failing]
 
     registry.register(_Snapshot())
     return generate_latest(registry)

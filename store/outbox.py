@@ -16,7 +16,7 @@ relay/operations side (claim, outcomes, leases, destination state, operator read
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -759,6 +759,28 @@ class Readiness:
     oldest_pending_seconds: float  # 0 when nothing is pending
     paused: list[tuple[str, str, str | None, datetime | None]]  # app_id, destination, reason, since
     rate_limited: list[tuple[str, str, datetime]]  # app_id, destination, until (a 429's Retry-After)
+    failing: list[Failing] = field(default_factory=list)  # held behind a probe (5xx, timeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class Failing:
+    """A destination the relay marks failing: since when, how many requests failed, the last reason."""
+
+    app_id: str
+    destination: str
+    since: datetime
+    failures: int
+    reason: str | None
+
+
+def failing_states(conn: psycopg.Connection) -> list[Failing]:
+    """Every destination in an outage now (`failing_since` set by the relay), paused or not, so
+    `/readyz` and `/metrics` show an endpoint that is down before its backlog grows old."""
+    rows = conn.execute(
+        "SELECT app_id, destination, failing_since, failures, failing_reason FROM destination_state"
+        " WHERE failing_since IS NOT NULL ORDER BY 1, 2"
+    ).fetchall()
+    return [Failing(str(a), str(d), since, int(n), r) for a, d, since, n, r in rows]
 
 
 def readiness(conn: psycopg.Connection) -> Readiness:
@@ -777,4 +799,5 @@ def readiness(conn: psycopg.Connection) -> Readiness:
     return Readiness(
         pending=int(row[0]), dead=int(row[1]), oldest_pending_seconds=float(row[2] or 0),
         paused=[(a, d, r, t) for a, d, r, t in paused], rate_limited=[(a, d, t) for a, d, t in waiting],
+        failing=failing_states(conn),
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import psycopg
-from fake_segment import FakeSegment, ingest_events, lifecycle, routes_for, settings_for
+from fake_segment import APP, FakeSegment, ingest_events, lifecycle, routes_for, settings_for
 from fastapi.testclient import TestClient
 
 from subledger.app.bootstrap import build
 from subledger.app.http import create_app
-from subledger.outbox.relay import Relay
+from subledger.core.delivery import Backoff
+from subledger.outbox.relay import Relay, RelayConfig
+from subledger.outbox.sink import Reply
 
 
 def _value(text: str, name: str, **labels: str) -> float:
@@ -50,3 +52,30 @@ def test_metrics_and_readyz(db_url: str) -> None:
         assert _value(text, "subledger_outbox_pending", app_id="com.test.app", destination="segment") == 0
         assert "subledger_delivery_latency_seconds_bucket" in text
         assert "subledger_relay_redeliveries_past_dedup_window_total" in text
+
+
+def test_a_failing_destination_degrades_readyz_and_sets_its_gauge(db_url: str) -> None:
+    """A 5xx marks the destination failing: `/readyz` says degraded and lists it, the gauge is 1;
+    the probe's 2xx ends the outage and both go back (0, ok)."""
+    with FakeSegment() as fake:
+        settings = settings_for(fake.url)
+        ingest_events(db_url, settings, lifecycle(1))
+        fake.then(Reply(500, {"error": "boom"}))
+        relay = Relay(db_url, routes_for(settings), RelayConfig(backoff=Backoff(0.02, 0.1)))
+        try:
+            relay.run_pass()
+            with TestClient(create_app(build(settings, database_url=db_url))) as client:
+                ready = client.get("/readyz").json()
+                assert ready["status"] == "degraded" and ready["paused_destinations"] == []
+                (failing,) = ready["failing_destinations"]
+                assert (failing["app_id"], failing["destination"], failing["failures"]) == (APP, "segment", 1)
+                assert "500" in failing["reason"] and failing["since"]
+                down = client.get("/metrics").text
+                assert _value(down, "subledger_destination_failing", app_id=APP, destination="segment") == 1
+                relay.drain_all(timeout=10)
+                ready = client.get("/readyz").json()
+                assert (ready["status"], ready["failing_destinations"], ready["pending"]) == ("ok", [], 0)
+                up = client.get("/metrics").text
+                assert _value(up, "subledger_destination_failing", app_id=APP, destination="segment") == 0
+        finally:
+            relay.close()

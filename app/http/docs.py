@@ -267,6 +267,7 @@ READY: dict[str, Any] = {
         "oldest_pending_seconds": {"type": "number"},
         "paused_destinations": ANY_OBJECTS,
         "rate_limited_destinations": ANY_OBJECTS,
+        "failing_destinations": ANY_OBJECTS,
     },
 }
 NOT_READY: Responses = {503: {

@@ -33,7 +33,7 @@ def readyz(request: Request) -> JSONResponse:
         refusal, headers = database_refusal(exc, services_of(request).database_timeout)
         return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
     body = {
-        "status": "degraded" if found.paused else "ok",
+        "status": "degraded" if found.paused or found.failing else "ok",
         "pending": found.pending,
         "dead": found.dead,
         "oldest_pending_seconds": found.oldest_pending_seconds,
@@ -43,6 +43,11 @@ def readyz(request: Request) -> JSONResponse:
         ],
         "rate_limited_destinations": [
             {"app_id": a, "destination": d, "until": t.isoformat()} for a, d, t in found.rate_limited
+        ],
+        "failing_destinations": [  # the relay holds their backlog behind one probe until one answers
+            {"app_id": f.app_id, "destination": f.destination, "since": f.since.isoformat(),
+             "failures": f.failures, "reason": f.reason}
+            for f in found.failing
         ],
     }
     return JSONResponse(body, status_code=200)
