@@ -38,6 +38,7 @@ def build_relay(
         batch_rows=batch_rows,
         lease=timedelta(seconds=lease_seconds),
         backoff=Backoff(backoff_base, backoff_cap),
+        database_timeout=services.database_timeout,  # as the HTTP pool: one setting for every connection
     )
     return Relay(services.database_url, routes_from(services.settings.apps), config, clock=services.clock)
 
@@ -56,7 +57,8 @@ def build_scheduler(
         policy=services.policy,
         grace=grace_by_app(services.settings.apps),
         config=SchedulerConfig(relay_interval=interval, expirations=expirations,
-                               prune_interval=retention.interval_minutes * 60),
+                               prune_interval=retention.interval_minutes * 60,
+                               database_timeout=services.database_timeout),
         clock=services.clock,
         retention=retention.policy() if retention.enabled else None,
     )

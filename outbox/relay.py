@@ -59,7 +59,7 @@ from subledger.outbox.dispatch import Dispatcher, Outcome
 from subledger.outbox.routes import Route
 from subledger.outbox.segment import SegmentClient
 from subledger.store import outbox as store
-from subledger.store.db import connect
+from subledger.store.db import DEFAULT_TIMEOUT_SECONDS, connect
 from subledger.store.outbox import ClaimedRow, DeadLetter, Lease, RetryLater, Tried
 
 log = logging.getLogger("subledger.relay")
@@ -98,6 +98,9 @@ class RelayConfig:
     """The destination's backoff is `backoff` capped at this: probes stay frequent, and cheap."""
     probe_rows: int = 1
     """Rows in a probe of a failing destination: one small request."""
+    database_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    """How long a (re)connection to the database may take (`database_timeout_seconds`): during an
+    outage a pass fails within it and the next run retries, rather than hanging a job on a dead host."""
 
     @property
     def destination_backoff(self) -> Backoff:
@@ -169,7 +172,7 @@ class Relay:
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.database_url, autocommit=True)
+            self._conn = connect(self.database_url, autocommit=True, timeout=self.config.database_timeout)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -210,7 +213,7 @@ class Relay:
         if not held:
             return 0
         if self._hb_conn is None or self._hb_conn.closed:
-            self._hb_conn = connect(self.database_url, autocommit=True)
+            self._hb_conn = connect(self.database_url, autocommit=True, timeout=self.config.database_timeout)
         with self._write_lock:
             until = self.clock() + self.config.lease
             renewed = store.renew_lease(self._hb_conn, held, Lease(self.config.owner, until))

@@ -44,7 +44,7 @@ from subledger.outbox.relay import Relay
 from subledger.store import log as event_log
 from subledger.store import outbox as outbox_sql
 from subledger.store import projections, retention
-from subledger.store.db import connect
+from subledger.store.db import DEFAULT_TIMEOUT_SECONDS, connect
 from subledger.store.retention import Pruned, Retention
 
 log = logging.getLogger("subledger.scheduler")
@@ -85,6 +85,8 @@ class SchedulerConfig:
     prune_interval: float = 3600.0
     prune_delay: float = 60.0
     """The first prune runs this long after start (not at once, and not only after a whole interval)."""
+    database_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    """How long a job's or the listener's connection may take (`database_timeout_seconds`)."""
 
 
 class Scheduler:
@@ -204,7 +206,8 @@ class Scheduler:
 
     def expiration_job(self) -> int:
         """Rule 6: ingest inferred expirations for periods that ended more than the grace ago."""
-        return infer_expirations(self.database_url, self.policy, self.grace, self.clock(), stop=self._stop)
+        return infer_expirations(self.database_url, self.policy, self.grace, self.clock(), stop=self._stop,
+                                 timeout=self.config.database_timeout)
 
     def prune_job(self) -> Pruned | None:
         """Retention (store/retention.py): small batches, each its own short transaction, so neither
@@ -215,7 +218,7 @@ class Scheduler:
             (app_id, d.name) for app_id, dests in self.policy.destinations.items() for d in dests
         }
         try:
-            with connect(self.database_url) as conn:
+            with connect(self.database_url, timeout=self.config.database_timeout) as conn:
                 pruned = retention.prune(conn, self.retention, self.clock(), configured=configured,
                                          stop=self._stop)
         except StoreError as exc:
@@ -235,7 +238,7 @@ class Scheduler:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                conn = connect(self.database_url, autocommit=True)
+                conn = connect(self.database_url, autocommit=True, timeout=self.config.database_timeout)
             except Exception as exc:  # kept alive whatever happens: the relay's wake-ups depend on it
                 self.listener_healthy = False
                 log.warning("listener cannot connect (%s); retrying in %.1f s, the relay polls meanwhile",
@@ -281,11 +284,12 @@ def infer_expirations(
     now: datetime,
     *,
     stop: threading.Event | None = None,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
 ) -> int:
     """Ingest one inferred expiration per overdue subscription; returns how many were new."""
     shortest = min([*grace.values(), DEFAULT_GRACE])
     made = 0
-    with connect(database_url) as conn:
+    with connect(database_url, timeout=timeout) as conn:
         after: tuple[datetime, str] | None = None
         # Paged, so subscriptions whose inference was a no-op never starve the ones behind them.
         while not (stop is not None and stop.is_set()):

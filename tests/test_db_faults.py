@@ -376,3 +376,35 @@ def test_never_migrated_database_is_one_line_naming_the_fix(pg_server: str, tmp_
         with psycopg.connect(pg_server, autocommit=True) as conn:
             conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 psycopg.sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def _silent_database() -> Iterator[str]:
+    """A URL whose host takes the TCP connection and never answers (a hung or firewalled server):
+    only a connection timeout ends the wait."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)  # never accepted: the kernel completes the handshake, nobody speaks
+        yield f"postgresql://postgres@127.0.0.1:{server.getsockname()[1]}/postgres?sslmode=disable"
+
+
+def test_relay_and_scheduler_connect_within_the_configured_database_timeout(tmp_path: Path) -> None:
+    """`database_timeout_seconds` bounds the relay's and the scheduler's connections too, not only
+    the HTTP pool's: with 1 s, a silent database fails each in 2 s (psycopg's floor for a connect
+    timeout); the default would be 5 s."""
+    from subledger.app.worker import build_relay, build_scheduler
+    from subledger.core.errors import StoreUnavailable
+
+    settings = settings_module.from_dict({**config_dict(write_root(tmp_path)), "database_timeout_seconds": 1})
+    with _silent_database() as url:
+        services = build(settings, database_url=url)
+        relay = build_relay(services)
+        scheduler = build_scheduler(services, relay)
+        try:
+            for job in (relay.run_pass, scheduler.expiration_job):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    job()
+                assert time.monotonic() - started < 4.0, job
+        finally:
+            relay.close()
