@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -101,12 +102,28 @@ def print_next_steps(console: Console, url: str) -> None:
     masked = " (password masked)" if ":***@" in shown else ""
     console.print(f"[bold]demo database[/bold] {shown}{masked}", soft_wrap=True, highlight=False)
     console.print("try next:", highlight=False)
+    program = command_name()
     for command in ("audit timeline user_ada", "audit stats"):
-        console.print(f"  subledger {command} --database-url '{shown}'", soft_wrap=True, highlight=False,
+        console.print(f"  {program} {command} --database-url '{shown}'", soft_wrap=True, highlight=False,
                       markup=False)
     if not os.environ.get("SUBLEDGER_DATABASE_URL"):
-        console.print("the embedded PostgreSQL keeps running for later commands: `subledger db status` shows it, "
-                      "`subledger db stop` stops it", soft_wrap=True, highlight=False, markup=False)
+        console.print(f"the embedded PostgreSQL keeps running for later commands: `{program} db status` shows it, "
+                      f"`{program} db stop` stops it", soft_wrap=True, highlight=False, markup=False)
+
+
+def command_name() -> str:
+    """`subledger` when the shell finds it; else the script's own path (`make demo` runs .venv/bin/subledger,
+    which is not on PATH until the venv is activated), so the suggested commands work when pasted."""
+    import shutil
+    import sys
+
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if shutil.which("subledger") or script is None or script.name != "subledger" or not script.exists():
+        return "subledger"
+    try:
+        return str(script.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.resolve())
 
 
 def print_received(console: Console, messages: list[dict[str, Any]]) -> None:

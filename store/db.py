@@ -31,6 +31,7 @@ from psycopg.rows import Row
 from psycopg_pool import ConnectionPool
 
 from subledger.core.errors import (
+    ConfigError,
     Conflict,
     Locked,
     PermissionDenied,
@@ -72,9 +73,23 @@ def embedded_url(directory: Path | None = None) -> str:
 
 
 def resolve_url(explicit: str | None = None) -> str:
-    """`explicit`, else SUBLEDGER_DATABASE_URL, else the embedded server."""
+    """`explicit`, else SUBLEDGER_DATABASE_URL, else the embedded server; a URL libpq cannot read
+    is a one-line configuration error here, before anything tries to connect with it."""
     url = explicit or os.environ.get("SUBLEDGER_DATABASE_URL")
-    return normalize_url(url) if url else embedded_url()
+    if not url:
+        return embedded_url()
+    url = normalize_url(url)
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        # libpq's message quotes the text, which may hold a password: name the expected forms instead
+        raise ConfigError(
+            "database_url",
+            "not a PostgreSQL URL (postgresql://user:password@host:5432/dbname) or key=value connection string",
+        ) from None
+    return url
 
 
 def normalize_url(url: str) -> str:

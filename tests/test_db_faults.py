@@ -357,6 +357,16 @@ def test_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
         assert "s3cret" not in result.output
 
 
+def test_a_malformed_database_url_is_one_line_without_echoing_it(tmp_path: Path) -> None:
+    env = {"SUBLEDGER_DATA_DIR": str(tmp_path), "SUBLEDGER_CONFIG": ""}
+    for url in ("not-a-url", "host=h password=s3cret-pw dbname", "postgresql://u:s3cret-pw@h:5432/db?sslmode=nope x"):
+        for command in COMMANDS:
+            result = CliRunner().invoke(cli, [*command, "--database-url", url], input="", env=env)
+            line = _one_error_line(result)
+            assert line.startswith("error: config database_url: not a PostgreSQL URL"), (command, url, line)
+            assert "s3cret" not in result.output and result.exit_code == 2
+
+
 @pytest.mark.usefixtures("_logging_restored")
 def test_never_migrated_database_is_one_line_naming_the_fix(pg_server: str, tmp_path: Path) -> None:
     name = f"sl_empty_{uuid.uuid4().hex[:10]}"

@@ -22,7 +22,7 @@ def prune(
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Prune delivery detail older than `[retention]` in small batches (the event log is never pruned)."""
+    """Prune delivery detail older than the configured retention, in small batches (never the event log)."""
     with connection(config, database_url) as (services, conn):
         settings = services.settings
         configured = {(app_id, name) for app_id, app in settings.apps.items() for name in app.destinations}
