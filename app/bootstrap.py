@@ -35,6 +35,7 @@ def build(settings: Settings, *, database_url: str | None = None, clock: Clock =
     policy = IngestPolicy(
         destinations=settings.destinations(),
         horizon=settings.historical_horizon,
+        reconciliation_horizon=settings.reconciliation_publish,
         settle_delay={
             app_id: timedelta(seconds=app.settle_delay_seconds) for app_id, app in settings.apps.items()
         },

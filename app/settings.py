@@ -146,6 +146,9 @@ class StripeSourceSettings(_Strict):
     endpoint_secrets: list[str] = Field(min_length=1)  # whsec_…; several while rolling a secret
     metadata_key: str = Field(default="app_user_id", min_length=1)
     tolerance_seconds: int = Field(default=300, ge=0)  # 0 turns the timestamp age check off
+    # reconciliation (`subledger reconcile stripe`): a restricted key that may read events
+    api_key: str | None = Field(default=None, min_length=1)
+    api_base_url: str = Field(default="https://api.stripe.com", min_length=1)
 
     @field_validator("endpoint_secrets", mode="before")
     @classmethod
@@ -309,6 +312,8 @@ class FileSettings(_Strict):
     api_token: str | None = None
     database_url: str | None = None
     historical_horizon_hours: float = Field(default=72, gt=0)
+    # a fact recovered by reconciliation is published up to this old (README: Reconciliation)
+    reconciliation_publish_days: float = Field(default=30, gt=0)
     accept_unconfigured_apps: bool = False
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
@@ -342,6 +347,8 @@ class Settings(_Strict):
     # tries; False never does, and refuses to run on a schema that is behind.
     migrate: bool | None = None
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    # a fact recovered by reconciliation is published up to this old (outbox/ingest._horizon)
+    reconciliation_publish: timedelta = timedelta(days=30)
 
     def destinations(self, library_version: str | None = None) -> dict[str, tuple[Destination, ...]]:
         lib = library_version or package_version()
@@ -484,6 +491,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         api_token=(env.api_token if env else None) or parsed.api_token,
         database_url=(env.database_url if env else None) or parsed.database_url,
         historical_horizon=timedelta(hours=parsed.historical_horizon_hours),
+        reconciliation_publish=timedelta(days=parsed.reconciliation_publish_days),
         accept_unconfigured_apps=parsed.accept_unconfigured_apps,
         max_body_bytes=parsed.max_body_bytes,
         apps=parsed.apps,

@@ -26,7 +26,11 @@ GENESIS = b"\x00" * 32
 
 
 HASHED_COLUMNS = ("source", "external_id", "app_id", "subscription_key", "received_at", "historical", "raw",
-                  "facts")
+                  "facts", "arrival")
+# How a fact reached the log (event_log.arrival). A push is the hash format every entry had before
+# reconciliation existed, so it is left out of the hashed bytes; any other arrival is hashed.
+ARRIVALS = ("push", "reconciliation", "import")
+DEFAULT_ARRIVAL = "push"
 CHAINED_COLUMNS = ("position", "hash")
 DERIVED_COLUMNS = ("kind", "app_user_id", "environment", "occurred_at")
 COVERAGE = {
@@ -55,9 +59,16 @@ def entry_for_hash(
     historical: bool,
     raw: bytes,
     facts: dict[str, Any],
+    arrival: str = DEFAULT_ARRIVAL,
 ) -> dict[str, Any]:
-    """What the hash commits to: every column a reader relies on, the raw body by its digest."""
+    """What the hash commits to: every column a reader relies on, the raw body by its digest.
+
+    `arrival` is committed to only when it is not a push, so the hashes written before the column
+    existed (all pushes) stay valid, and an edit of the column either way changes the hash.
+    """
+    extra: dict[str, Any] = {} if arrival == DEFAULT_ARRIVAL else {"arrival": arrival}
     return {
+        **extra,
         "source": source,
         "external_id": external_id,
         "app_id": app_id,

@@ -27,6 +27,7 @@ from subledger.store.outbox import OutboxRow
 from subledger.store.unit_of_work import UnitOfWork
 
 DEFAULT_HORIZON = timedelta(hours=72)
+DEFAULT_RECONCILIATION_HORIZON = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class IngestPolicy:
 
     destinations: Mapping[str, tuple[Destination, ...]] = field(default_factory=dict)
     horizon: timedelta = DEFAULT_HORIZON
+    # how old a fact recovered by reconciliation may be and still be published (outbox/ingest._horizon)
+    reconciliation_horizon: timedelta = DEFAULT_RECONCILIATION_HORIZON
     settle_delay: Mapping[str, timedelta] = field(default_factory=dict)
 
     def destinations_for(self, app_id: str) -> tuple[Destination, ...]:

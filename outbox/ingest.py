@@ -30,6 +30,8 @@ class Incoming:
     notification: Notification
     raw: bytes
     historical: bool = False
+    # push (a webhook), reconciliation (recovered from a store's API) or import (core/chain.ARRIVALS)
+    arrival: str = "push"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def ingest(
                 notification=item.notification,
                 raw=item.raw,
                 received_at=now,
-                historical=item.historical or _is_history(item.notification, now, policy.horizon),
+                historical=item.historical or _is_history(item.notification, now, _horizon(item, policy)),
+                arrival=item.arrival,
             )
             for item in items
         ]
@@ -103,6 +106,19 @@ def ingest(
         else Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "duplicate")
         for r in results
     ]
+
+
+def _horizon(item: Incoming, policy: IngestPolicy) -> timedelta:
+    """The publishing rule's one home: which horizon makes `item` history.
+
+    A fact recovered by reconciliation is news to subledger however old it is (the push channel
+    lost it; nothing downstream has heard of it), so it is published with its true occurred_at up
+    to `policy.reconciliation_horizon` (30 days unless configured); beyond that it is history like
+    any other old fact. Never shorter than the push horizon, so recovering a fact cannot demote it.
+    """
+    if item.arrival == "reconciliation":
+        return max(policy.horizon, policy.reconciliation_horizon)
+    return policy.horizon
 
 
 def _is_history(notification: Notification, now: datetime, horizon: timedelta) -> bool:

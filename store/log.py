@@ -22,16 +22,16 @@ from typing import Any
 import orjson
 import psycopg
 
-from subledger.core.chain import chain_hash, entry_for_hash
+from subledger.core.chain import DEFAULT_ARRIVAL, chain_hash, entry_for_hash
 from subledger.core.derive import Located
 from subledger.core.events import CanonicalEvent, event_from_facts, format_time
 from subledger.core.sources import Notification
 from subledger.store.rows import write_rows
 
 COLUMNS = ("position", "source", "external_id", "app_id", "kind", "subscription_key", "app_user_id",
-           "environment", "occurred_at", "received_at", "historical", "raw", "facts", "hash")
+           "environment", "occurred_at", "received_at", "historical", "raw", "facts", "hash", "arrival")
 TYPES = ("int8", "text", "text", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "bool",
-         "bytea", "jsonb", "bytea")
+         "bytea", "jsonb", "bytea", "text")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,7 @@ class Entry:
     raw: bytes
     received_at: datetime
     historical: bool
+    arrival: str = DEFAULT_ARRIVAL
 
     @property
     def key(self) -> tuple[str, str]:
@@ -114,6 +115,7 @@ def plan(entries: Sequence[Entry], head: Head) -> tuple[list[Appended | AlreadyS
                 historical=entry.historical,
                 raw=entry.raw,
                 facts=facts,
+                arrival=entry.arrival,
             ),
         )
         position += 1
@@ -124,6 +126,7 @@ def plan(entries: Sequence[Entry], head: Head) -> tuple[list[Appended | AlreadyS
             first.environment.value if first else None,
             min((e.occurred_at for e in n.events), default=None),
             entry.received_at, entry.historical, entry.raw, orjson.dumps(facts).decode(), chained,
+            entry.arrival,
         ))
         results.append(Appended(position, entry))
     return results, LogWrites(rows, duplicates, (position, chained) if rows else None)
@@ -144,11 +147,12 @@ def write(conn: psycopg.Connection, writes: LogWrites, *, copy: bool) -> None:
 CTE = (
     ("new_log", """
   INSERT INTO event_log (position, source, external_id, app_id, kind, subscription_key, app_user_id, environment,
-                         occurred_at, received_at, historical, raw, facts, hash)
+                         occurred_at, received_at, historical, raw, facts, hash, arrival)
   SELECT r.p, r.s, r.e, r.a, r.k, r.sk, r.u, r.env, r.oc, r.rc, r.h, decode(r.raw, 'base64'), r.f,
-         decode(r.hs, 'hex')
+         decode(r.hs, 'hex'), r.ar
   FROM d, jsonb_to_recordset(d.j->'log') AS r(p int8, s text, e text, a text, k text, sk text, u text, env text,
-                                              oc timestamptz, rc timestamptz, h bool, raw text, f jsonb, hs text)
+                                              oc timestamptz, rc timestamptz, h bool, raw text, f jsonb, hs text,
+                                              ar text)
 """),
     ("new_head", """
   UPDATE log_head SET position = (d.j->>'head_position')::int8, hash = decode(d.j->>'head_hash', 'hex')
@@ -166,8 +170,8 @@ def cte_data(writes: LogWrites) -> dict[str, Any]:
     data: dict[str, Any] = {
         "log": [
             {"p": p, "s": s, "e": e, "a": a, "k": k, "sk": sk, "u": u, "env": env, "oc": oc, "rc": rc, "h": h,
-             "raw": base64.b64encode(raw).decode(), "f": orjson.Fragment(f), "hs": hs.hex()}
-            for p, s, e, a, k, sk, u, env, oc, rc, h, raw, f, hs in writes.rows
+             "raw": base64.b64encode(raw).decode(), "f": orjson.Fragment(f), "hs": hs.hex(), "ar": ar}
+            for p, s, e, a, k, sk, u, env, oc, rc, h, raw, f, hs, ar in writes.rows
         ],
         "duplicates": [{"s": s, "e": e, "rc": rc} for s, e, rc in writes.duplicates],
     }

@@ -123,6 +123,8 @@ class EventLog(SQLModel, table=True):
     raw: bytes = _bytea()
     facts: Any = _jsonb()
     hash: bytes = _bytea()
+    # push | reconciliation | import (0008); hashed when not `push` (core/chain.py)
+    arrival: str = _text(default="push", sa_column_kwargs={"server_default": "push"})
 
 
 class DuplicateReceipt(SQLModel, table=True):
@@ -315,6 +317,17 @@ class RetentionWatermark(SQLModel, table=True):
     pruned_before: datetime = _timestamptz()
     pruned_at: datetime = _timestamptz()
     rows: int = _bigint(default=0, sa_column_kwargs={"server_default": text("0")})
+
+
+class ReconciliationCursor(SQLModel, table=True):
+    """Per source and app: the store time a reconciler has read up to, so a run resumes (0008)."""
+
+    __tablename__ = "reconciliation_cursors"
+
+    source: str = _text(primary_key=True)
+    app_id: str = _text(primary_key=True)
+    read_until: datetime = _timestamptz()
+    updated_at: datetime = _timestamptz()
 
 
 metadata: Final[MetaData] = SQLModel.metadata

@@ -45,7 +45,7 @@ MAX_PROBLEMS = 50
 
 CHAIN_SQL = """
 SELECT position, source, external_id, app_id, subscription_key, received_at, historical, raw, facts, hash,
-  kind, app_user_id, environment, occurred_at
+  arrival, kind, app_user_id, environment, occurred_at
 FROM event_log ORDER BY position
 """
 HISTORY_SQL = """
@@ -155,7 +155,7 @@ def verify(conn: psycopg.Connection, *, progress: Progress | None = None) -> Ver
 def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
     previous, expected_position = GENESIS, 1
     for (position, source, external_id, app_id, key, received_at, historical, raw, facts, stored,
-         *columns) in _stream(conn, "subledger_verify_chain", CHAIN_SQL):
+         arrival, *columns) in _stream(conn, "subledger_verify_chain", CHAIN_SQL):
         stored = bytes(stored)
         if position != expected_position:
             result.add(Problem("chain", f"expected position {expected_position}, found {position} (a gap)",
@@ -163,6 +163,7 @@ def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Prog
         entry = entry_for_hash(
             source=source, external_id=external_id, app_id=app_id, subscription_key=key or "",
             received_at=format_time(received_at), historical=bool(historical), raw=bytes(raw), facts=facts,
+            arrival=arrival,
         )
         if chain_hash(previous, entry) != stored and not any(
             chain_hash(previous, {**entry, "facts": respelt}) == stored for respelt in respellings(facts)
