@@ -207,13 +207,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_summarizes_logs_json_and_exits_0_on_sigterm(tmp_path: Path, db_url: str) -> None:
-    secret = "s3cret-pw"
-    url = make_conninfo(db_url, password=secret)
+def _serve_until_healthy(tmp_path: Path, url: str, *args: str) -> tuple[int, str]:
+    """Start `subledger serve` (JSON logs), wait for /healthz, SIGTERM it; its exit code and stderr."""
     port = _free_port()
     env = _env(tmp_path, SUBLEDGER_LOG_FORMAT="json")
     env.pop("SUBLEDGER_API_TOKEN", None)
-    proc = subprocess.Popen([SUBLEDGER, "serve", "--port", str(port), "--database-url", url],
+    proc = subprocess.Popen([SUBLEDGER, "serve", "--port", str(port), "--database-url", url, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -233,7 +232,33 @@ def test_serve_summarizes_logs_json_and_exits_0_on_sigterm(tmp_path: Path, db_ur
             proc.kill()
             proc.communicate()
             raise
-    assert proc.returncode == 0, err
+    return proc.returncode, err
+
+
+def test_serve_logs_its_migration_in_json_too(tmp_path: Path, pg_server: str) -> None:
+    """A serve that migrates an empty database says so in the same JSON lines as everything else."""
+    import uuid
+
+    from subledger.store.db import with_database
+
+    name = f"sl_fresh_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        code, err = _serve_until_healthy(tmp_path, with_database(pg_server, name), "--migrate", "--no-scheduler")
+        assert code == 0, err
+        lines = [json.loads(line) for line in err.strip().splitlines()]  # a plain line fails here
+        assert any(line["message"].startswith("database schema migrated from revision none") for line in lines)
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_serve_summarizes_logs_json_and_exits_0_on_sigterm(tmp_path: Path, db_url: str) -> None:
+    secret = "s3cret-pw"
+    url = make_conninfo(db_url, password=secret)
+    code, err = _serve_until_healthy(tmp_path, url)
+    assert code == 0, err
     lines = [json.loads(line) for line in err.strip().splitlines()]  # every line is JSON, uvicorn's too
     messages = [line["message"] for line in lines]
     text = "\n".join(messages)

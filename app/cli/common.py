@@ -8,7 +8,7 @@ import this one; it imports none of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,8 +60,12 @@ def services_for(config: Path | None, database_url: str | None) -> Services:
         raise fail(str(exc)) from None
 
 
-def prepare_schema(services: Services, migrate_flag: bool | None) -> None:
-    """serve/relay/ingest: run on a current schema; migrate only when allowed or told to (one line if not)."""
+def prepare_schema(services: Services, migrate_flag: bool | None,
+                   announce: Callable[[str], object] | None = None) -> None:
+    """serve/relay/ingest: run on a current schema; migrate only when allowed or told to (one line if not).
+
+    `announce` tells of a migration done: a log line for serve and relay (so their stderr stays one
+    format, JSON when not on a terminal), a printed line for ingest."""
     from subledger.store import migrate  # deferred: Alembic and SQLAlchemy (~1 s) load only to open a database
 
     chosen = services.settings.migrate if migrate_flag is None else migrate_flag
@@ -70,7 +74,10 @@ def prepare_schema(services: Services, migrate_flag: bool | None) -> None:
     except StoreError as exc:
         raise fail(str(exc)) from None
     if "migrated" in done:
-        err.print(done, highlight=False)
+        if announce is None:
+            err.print(done, highlight=False)
+        else:
+            announce(done)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ demo load their libraries only when run, so `subledger --help` and the short com
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -48,8 +49,8 @@ def serve(
     if not 0 <= port <= 65535:
         raise fail(f"--port: must be between 0 and 65535, got {port}")
     services = services_for(config, database_url)
-    prepare_schema(services, migrate)
     configure_logging()
+    prepare_schema(services, migrate, announce=logging.getLogger("subledger.startup").info)
     summarize(services, listen=f"{host}:{port}", relay=scheduler, explicit_url=database_url).emit()
     jobs = build_scheduler(services, build_relay(services)) if scheduler else None
     if jobs is not None:
@@ -83,8 +84,8 @@ def relay(
     from subledger.app.worker import build_relay, build_scheduler, configure_logging, run_until_signal
 
     services = services_for(config, database_url)
-    prepare_schema(services, migrate)
     configure_logging()
+    prepare_schema(services, migrate, announce=logging.getLogger("subledger.startup").info)
     try:
         worker = build_relay(
             services, batch_rows=batch_rows, lease_seconds=lease_seconds,
