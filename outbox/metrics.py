@@ -11,10 +11,11 @@ from collections.abc import Iterable
 
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from subledger.store import outbox as outbox_sql
+from subledger.store import reconciliation as reconciliation_sql
 
 DELIVERED = Counter(
     "subledger_relay_delivered_total",
@@ -95,9 +96,17 @@ def outbox_exposition(conn: psycopg.Connection, known: Iterable[tuple[str, str]]
     for app_id, destination in sorted(set(flags) | set(known) | down):
         failing.add_metric([app_id, destination], 1.0 if (app_id, destination) in down else 0.0)
 
+    # the gap report: facts reconciliation recovered that push never delivered, counted in the log
+    # itself (its `arrival`), so the count is right whichever process reconciled
+    recovered = CounterMetricFamily("subledger_reconciliation_recovered",
+                                    "Log entries recovered by reconciliation that no webhook delivered; any "
+                                    "increase means a store's push channel lost facts.", labels=["app_id", "source"])
+    for (app_id, source), count in sorted(reconciliation_sql.recovered_counts(conn).items()):
+        recovered.add_metric([app_id, source], float(count))
+
     class _Snapshot(Collector):
         def collect(self) -> Iterable[Metric]:
-            return [pending, dead, oldest, paused, failing]
+            return [pending, dead, oldest, paused, failing, recovered]
 
     registry.register(_Snapshot())
     return generate_latest(registry)

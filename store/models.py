@@ -107,6 +107,7 @@ class EventLog(SQLModel, table=True):
         Index("event_log_subscription", "subscription_key", "occurred_at"),
         Index("event_log_app_user", "app_user_id", postgresql_where=text("app_user_id IS NOT NULL")),
         Index("event_log_received", "received_at", postgresql_include=["source", "app_id", "environment"]),
+        Index("event_log_not_pushed", "arrival", "app_id", "source", postgresql_where=text("arrival <> 'push'")),
     )
 
     position: int = Field(primary_key=True, sa_type=BigInteger(), sa_column_kwargs={"autoincrement": False})

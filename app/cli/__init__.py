@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from subledger.app.cli import audit, db, ingest, maintenance, outbox, retention, run
+from subledger.app.cli import audit, db, ingest, maintenance, outbox, reconcile, retention, run
 from subledger.app.cli.common import fail, out
 from subledger.app.settings import package_version
 from subledger.app.wording import plain
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(db.db_app, name="db")
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(outbox.outbox_app, name="outbox")
+app.add_typer(reconcile.reconcile_app, name="reconcile")
 app.command("replay")(maintenance.replay)
 app.command("verify")(maintenance.verify)
 app.command("prune")(retention.prune)

@@ -35,6 +35,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import stripe as stripe_sdk
 
 from subledger.core import events, safejson
@@ -644,3 +645,46 @@ class _Mapping:
 def stream_key(app_id: str, subscription_id: str) -> str:
     """The subscription key a Stripe subscription's events get (for stored-only events)."""
     return events.stream_key(app_id, Store.STRIPE, subscription_id)
+
+
+
+# -- reconciliation: what the events API lists is what a webhook carries ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    """One page of `GET /v1/events`: the events (newest first, as Stripe lists them) and whether more follow."""
+
+    events: tuple[dict[str, Any], ...]
+    has_more: bool
+
+    @property
+    def last_id(self) -> str | None:
+        """The `starting_after` of the next page."""
+        return str(self.events[-1]["id"]) if self.events else None
+
+
+def events_page(body: bytes) -> EventsPage:
+    """Parse a list answer, held to the limits of a body we receive; each item must be an event with an id.
+
+    Raises MalformedPayload / InvalidEvent naming the field when the answer is not a Stripe list.
+    """
+    decoded = safejson.loads(body)
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("data"), list):
+        raise InvalidEvent("is not a Stripe list (no data array)", "data")
+    events: list[dict[str, Any]] = []
+    for index, event in enumerate(decoded["data"]):
+        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] \
+                or not isinstance(event.get("created"), int):
+            raise InvalidEvent("is not an event (no id or created)", f"data[{index}]")
+        events.append(event)
+    return EventsPage(tuple(events), decoded.get("has_more") is True)
+
+
+def recovered_body(event: Mapping[str, Any]) -> bytes:
+    """The raw body logged for an event the API listed: the event object a webhook POSTs, as JSON.
+
+    The same object, so `parse_unverified` maps it to the same Notification and the same external
+    id (the event id) as its webhook: a recovered event whose webhook did arrive is a duplicate.
+    """
+    return orjson.dumps(event)
