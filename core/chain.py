@@ -16,6 +16,7 @@ import hashlib
 import itertools
 from collections.abc import Iterator
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -29,8 +30,14 @@ HASHED_COLUMNS = ("source", "external_id", "app_id", "subscription_key", "receiv
                   "facts", "arrival")
 # How a fact reached the log (event_log.arrival). A push is the hash format every entry had before
 # reconciliation existed, so it is left out of the hashed bytes; any other arrival is hashed.
-ARRIVALS = ("push", "reconciliation", "import")
-DEFAULT_ARRIVAL = "push"
+class Arrival(StrEnum):
+    PUSH = "push"  # a webhook (or an API call) delivered it
+    RECONCILIATION = "reconciliation"  # recovered from a store's API after push lost it
+    IMPORT = "import"  # reserved for bulk imports; nothing writes it yet
+
+
+ARRIVALS = tuple(a.value for a in Arrival)
+DEFAULT_ARRIVAL = Arrival.PUSH.value
 CHAINED_COLUMNS = ("position", "hash")
 DERIVED_COLUMNS = ("kind", "app_user_id", "environment", "occurred_at")
 COVERAGE = {

@@ -37,7 +37,7 @@ ENTRIES_SQL = """
 SELECT l.position, l.source, l.external_id, l.app_id, l.kind, l.subscription_key, l.app_user_id,
   l.environment, l.occurred_at, l.received_at, l.historical,
   (SELECT count(*) FROM duplicate_receipts d
-    WHERE d.source = l.source AND d.external_id = l.external_id) AS duplicates
+    WHERE d.source = l.source AND d.external_id = l.external_id) AS duplicates, l.arrival
 FROM event_log l
 WHERE l.subscription_key = ANY(%(keys)s)
 ORDER BY l.occurred_at, l.position
@@ -90,6 +90,7 @@ class LogItem:
     received_at: datetime
     historical: bool
     duplicates: int
+    arrival: str = "push"  # push, reconciliation or import (core.chain.Arrival)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,17 +317,19 @@ class EventFilter:
     since: datetime | None = None
     until: datetime | None = None
     subscriber: str | None = None
+    arrival: str | None = None
 
 
 EVENTS_SQL = """
 SELECT position, source, external_id, app_id, kind, subscription_key, app_user_id, environment,
-  occurred_at, received_at, historical, facts, raw, hash
+  occurred_at, received_at, historical, arrival, facts, raw, hash
 FROM event_log
 WHERE (%(app_id)s::text IS NULL OR app_id = %(app_id)s)
   AND (%(source)s::text IS NULL OR source = %(source)s)
   AND (%(type)s::text IS NULL OR kind = %(type)s
        OR facts->'events' @> jsonb_build_array(jsonb_build_object('type', %(type)s::text)))
   AND (%(environment)s::text IS NULL OR environment = %(environment)s)
+  AND (%(arrival)s::text IS NULL OR arrival = %(arrival)s)
   AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s)
   AND (%(until)s::timestamptz IS NULL OR occurred_at < %(until)s)
   AND (%(keys)s::text[] IS NULL OR subscription_key = ANY(%(keys)s) OR app_user_id = %(who)s)
@@ -345,7 +348,7 @@ def events(conn: psycopg.Connection, f: EventFilter) -> Iterator[dict[str, Any]]
         keys = resolve(conn, f.subscriber)
     params = {
         "app_id": f.app_id, "source": f.source, "type": f.type, "environment": f.environment,
-        "since": f.since, "until": f.until, "keys": keys, "who": f.subscriber,
+        "since": f.since, "until": f.until, "keys": keys, "who": f.subscriber, "arrival": f.arrival,
     }
     with conn.cursor(name="subledger_audit_events", row_factory=dict_row) as cur:
         cur.itersize = FETCH_ROWS

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
-from test_source_stripe import event, invoice, subscription
+from test_source_stripe import USER, event, invoice, subscription
 from typer.testing import CliRunner
 from webhooks_support import STRIPE_APP, Pipeline, config_dict, stripe_headers, write_root
 
@@ -33,6 +33,7 @@ from subledger.store import reconciliation
 from subledger.store.verify import verify
 
 API_KEY = "rk_test_reconcile"
+TOKEN = "audit-token"
 PATH = f"/webhooks/stripe/{STRIPE_APP}"
 
 
@@ -127,6 +128,7 @@ def settings_for(segment_url: str, stripe_url: str, root: Path) -> Any:
     app = raw["apps"][STRIPE_APP]
     app["stripe"].update(api_key=API_KEY, api_base_url=stripe_url)
     app["destinations"]["segment"]["publish_historical"] = False
+    raw["api_token"] = TOKEN
     return settings_module.from_dict(raw)
 
 
@@ -204,6 +206,19 @@ def test_dropped_webhooks_are_recovered_published_once_and_never_twice(
         assert verify(conn).ok
     metrics = p.client.get("/metrics").text
     assert f'subledger_reconciliation_recovered_total{{app_id="{STRIPE_APP}",source="stripe"}} 2.0' in metrics
+
+    # how each fact arrived: in the timeline, and as an `audit events` filter (HTTP and CLI)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    timeline = p.client.get(f"/v1/audit/timeline/{USER}", headers=auth).json()
+    assert {e["external_id"]: e["arrival"] for e in timeline["entries"]} == {
+        "evt_start": "push", "evt_renew": "reconciliation", "evt_cancel": "reconciliation"}
+    lines = p.client.get("/v1/audit/events", params={"arrival": "reconciliation"}, headers=auth).text.splitlines()
+    assert [json.loads(line)["external_id"] for line in lines] == ["evt_renew", "evt_cancel"]
+    refused = p.client.get("/v1/audit/events", params={"arrival": "carrier-pigeon"}, headers=auth)
+    assert refused.status_code == 422 and refused.json()["field"] == "arrival"
+    cli_lines = CliRunner().invoke(cli, ["audit", "events", "--arrival", "push", "--database-url", p.db_url])
+    assert cli_lines.exit_code == 0, cli_lines.output
+    assert [json.loads(line)["external_id"] for line in cli_lines.stdout.splitlines()] == ["evt_start", "evt_noise"]
 
 
 def test_with_every_webhook_delivered_reconciliation_recovers_nothing(

@@ -29,6 +29,7 @@ from subledger.app.cli.common import (
     shown_time,
 )
 from subledger.app.wording import plural
+from subledger.core.chain import Arrival
 from subledger.core.events import Environment, EventType, Source
 from subledger.store import audit
 
@@ -55,11 +56,11 @@ def timeline(
         return
     out.print(f"[bold]{subscriber}[/bold]: {', '.join(found.subscriptions)}", highlight=False)
     entries = Table(title="log entries", title_justify="left")
-    for col in ("pos", "source", "id", "type", "occurred", "received", "dup", "hist"):
+    for col in ("pos", "source", "id", "type", "occurred", "received", "arrival", "dup", "hist"):
         entries.add_column(col)
     for e in found.entries:
         entries.add_row(str(e.position), e.source, e.external_id, e.kind, shown_time(e.occurred_at),
-                        shown_time(e.received_at), str(e.duplicates) if e.duplicates else "",
+                        shown_time(e.received_at), e.arrival, str(e.duplicates) if e.duplicates else "",
                         "yes" if e.historical else "")
     out.print(entries)
     transitions = Table(title="transitions", title_justify="left")
@@ -185,6 +186,8 @@ def events(
     since: Annotated[str | None, typer.Option("--since", help="occurred_at ≥ this time.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="occurred_at < this time.")] = None,
     subscriber: Annotated[str | None, typer.Option("--subscriber", help="App user id or subscription key.")] = None,
+    arrival: Annotated[Arrival | None, typer.Option("--arrival", help="Only entries that arrived this way "
+                                                                      "(reconciliation: what push lost).")] = None,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
@@ -194,7 +197,7 @@ def events(
         environment=environment and environment.value,
         since=parse_when(since, "--since") if since else None,
         until=parse_when(until, "--until") if until else None,
-        subscriber=subscriber,
+        subscriber=subscriber, arrival=arrival and arrival.value,
     )
     stdout = sys.stdout.buffer
     count = 0

@@ -19,6 +19,7 @@ from pydantic import AfterValidator
 from subledger.app.http import docs
 from subledger.app.http.common import now_of, pool_of, require_token
 from subledger.app.wording import one_of
+from subledger.core.chain import Arrival
 from subledger.core.errors import ApiError
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE, Environment, EventType, Source
 from subledger.store import audit
@@ -99,14 +100,16 @@ def get_events(
     since: TimeQuery = None,
     until: TimeQuery = None,
     subscriber: str | None = None,
+    arrival: str | None = None,
 ) -> StreamingResponse:
     for name, value, allowed, what in (("source", source, Source, "source"), ("type", type, EventType, "event type"),
-                                       ("environment", environment, Environment, "environment")):
+                                       ("environment", environment, Environment, "environment"),
+                                       ("arrival", arrival, Arrival, "arrival")):
         reason = one_of(value, allowed, what)
         if reason is not None:
             raise ApiError(422, f"{name}: {reason}", field=name)
     flt = audit.EventFilter(app_id=app_id, source=source, type=type, environment=environment,
-                            since=utc(since), until=utc(until), subscriber=subscriber)
+                            since=utc(since), until=utc(until), subscriber=subscriber, arrival=arrival)
     pool = pool_of(request)
 
     def lines() -> Iterator[bytes]:
