@@ -25,6 +25,7 @@ from subledger.app.cli import app as cli
 from subledger.app.reconcile import reconcile_stripe
 from subledger.app.sources import build_sources
 from subledger.app.stripe_api import StripeEvents
+from subledger.core.errors import SourceUnavailable
 from subledger.core.events import parse_event
 from subledger.core.render import Destination
 from subledger.core.sources import Notification
@@ -42,8 +43,9 @@ class FakeStripe:
     `starting_after`, `has_more`; pages of `page_size` (Stripe caps `limit`); 429 for the first `throttle` calls."""
 
     def __init__(self, events: list[dict[str, Any]], failed: set[str], *, page_size: int = 2,
-                 throttle: int = 1) -> None:
+                 throttle: int = 1, faults: dict[int, int] | None = None) -> None:
         self.events, self.failed, self.page_size, self.throttle = events, failed, page_size, throttle
+        self.faults = faults or {}  # request number (1-based) → the status answered instead of the page
         self.requests: list[dict[str, list[str]]] = []
         fake = self
 
@@ -56,6 +58,11 @@ class FakeStripe:
                     return self._reply(401, {"error": {"message": "Invalid API Key provided"}})
                 if len(fake.requests) <= fake.throttle:
                     return self._reply(429, {"error": {"message": "Too many requests"}}, {"Retry-After": "0"})
+                fault = fake.faults.get(len(fake.requests))
+                if fault == 200:
+                    return self._reply(200, {"object": "list", "data": [{"no": "id"}]})
+                if fault is not None:
+                    return self._reply(fault, {"error": {"message": "boom"}})
                 if url.path != "/v1/events":
                     return self._reply(404, {"error": {"message": "no such route"}})
                 self._reply(200, fake.page(query))
@@ -313,3 +320,26 @@ def test_an_edited_arrival_is_caught_and_a_push_hashes_as_before(conn: psycopg.C
     conn.commit()
     result = verify(conn)
     assert not result.ok and result.first_bad_position == 2
+
+
+def test_a_page_that_fails_once_is_retried_and_a_broken_answer_stops_the_run_writing_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    events = lifecycle(now)
+    with FakeStripe(events, set(DROPPED), page_size=1, throttle=0, faults={2: 503}) as stripe:
+        api = StripeEvents(api_key=API_KEY, base_url=stripe.url, sleep=lambda _: None)
+        pages = [e["id"] for page in api.pages(now - timedelta(days=30), failures_only=True) for e in page.events]
+        api.close()
+        assert pages == ["evt_cancel", "evt_renew"]
+        assert (api.calls.requests, api.calls.pages) == (3, 2)  # page 2 failed once, then answered
+        assert stripe.requests[2]["starting_after"] == ["evt_cancel"]
+    with FakeStripe(events, set(DROPPED), throttle=0, faults={1: 200}) as stripe, \
+            psycopg.connect(db_url) as conn:
+        settings = settings_for("http://127.0.0.1:9", stripe.url, write_root(tmp_path))
+        api = StripeEvents(api_key=API_KEY, base_url=stripe.url, sleep=lambda _: None)
+        with pytest.raises(SourceUnavailable, match="not a list of events"):
+            reconcile_stripe(conn, build_sources(settings), api, STRIPE_APP, IngestPolicy(), now)
+        api.close()
+        assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (0,)
+        assert reconciliation.cursor(conn, "stripe", STRIPE_APP) is None
