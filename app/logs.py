@@ -52,6 +52,8 @@ def configure(level: int = logging.INFO, fmt: str | None = None) -> None:
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic narrates each step at INFO; a start-up migration is told by one line of ours instead
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def uvicorn_log_config(fmt: str | None = None) -> dict[str, Any]:
