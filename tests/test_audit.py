@@ -22,7 +22,9 @@ from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.store import audit
 
-NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)  # the injected clock; every time below is relative to it
+IN_TRIAL = (NOW - timedelta(hours=58)).isoformat()
+A_DAY_AGO = (NOW - timedelta(hours=24)).isoformat()
 APP = "com.example"
 KEY = f"{APP}/other/sub1"
 POLICY = IngestPolicy(destinations={APP: (Destination(name="segment", app_id=APP),
@@ -191,14 +193,14 @@ def test_http_mirrors_the_queries(client: TestClient) -> None:
     assert [t["superseded"] for t in body["transitions"]] == [False, False, True, False]
     by_key = client.get(f"/v1/audit/timeline/{KEY}", headers=AUTH)
     assert by_key.json()["subscriptions"] == [KEY]
-    state = client.get(f"/v1/audit/state/{KEY}", params={"at": "2026-11-26T02:00:00Z"}, headers=AUTH)
+    state = client.get(f"/v1/audit/state/{KEY}", params={"at": IN_TRIAL}, headers=AUTH)
     assert state.status_code == 200 and state.json()["state"]["status"] == "trial"
     tid = body["transitions"][1]["id"]
     explained = client.get(f"/v1/audit/explain/{tid}", headers=AUTH).json()
     assert explained["entry"]["external_id"] == "a2" and len(explained["messages"]) == 2
     lines = client.get("/v1/audit/events", params={"subscriber": "u1"}, headers=AUTH).text.splitlines()
     assert [json.loads(x)["external_id"] for x in lines] == ["a1", "a3", "a2"]
-    stats = client.get("/v1/audit/stats", params={"since": "2026-11-27T12:00:00Z"}, headers=AUTH).json()
+    stats = client.get("/v1/audit/stats", params={"since": A_DAY_AGO}, headers=AUTH).json()
     assert stats["pending"] == 6 and stats["dead"] == 1
     for missing in ("/v1/audit/timeline/nobody", "/v1/audit/state/a/b/c", "/v1/audit/explain/tr_nope"):
         response = client.get(missing, headers=AUTH)
@@ -219,7 +221,7 @@ def test_cli_json_and_tables(ledger: psycopg.Connection, db_url: str, monkeypatc
     assert json.loads(result.stdout)["subscriptions"] == [KEY]
     table = runner.invoke(cli, ["audit", "timeline", "u1", *base])
     assert table.exit_code == 0 and "SUPERSEDED" in table.stdout and "rc_trial_converted_event" in table.stdout
-    state = runner.invoke(cli, ["audit", "state", KEY, "--at", "2026-11-26T02:00:00Z", "--json", *base])
+    state = runner.invoke(cli, ["audit", "state", KEY, "--at", IN_TRIAL, "--json", *base])
     assert json.loads(state.stdout)["state"]["status"] == "trial"
     tid = json.loads(result.stdout)["transitions"][1]["id"]
     explained = runner.invoke(cli, ["audit", "explain", tid, *base])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -12,12 +12,13 @@ from subledger.core.events import format_time, parse_event
 from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 
-NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)  # injected into ingest; facts are dated from it
+RECENT = (NOW - timedelta(hours=2)).isoformat()
 
 
 def _event(i: int, **extra: object) -> Incoming:
     data = {
-        "id": f"e{i}", "app_id": "app", "type": "purchase", "occurred_at": "2026-11-28T10:00:00Z",
+        "id": f"e{i}", "app_id": "app", "type": "purchase", "occurred_at": RECENT,
         "subscription_id": f"s{i}", "product_id": "p", **extra,
     }
     return Incoming(Notification.of(parse_event(data)), repr(data).encode())
@@ -84,7 +85,7 @@ def test_hash_chain_links_every_entry(filled: psycopg.Connection) -> None:
 def test_raw_payload_is_kept_verbatim(conn: psycopg.Connection) -> None:
     raw = b'{"id": "v1",  "weird spacing": true}'
     event = parse_event(
-        {"id": "v1", "app_id": "a", "type": "purchase", "occurred_at": "2026-11-28T10:00:00Z",
+        {"id": "v1", "app_id": "a", "type": "purchase", "occurred_at": RECENT,
          "subscription_id": "s", "product_id": "p"}
     )
     ingest(conn, [Incoming(Notification.of(event), raw)], IngestPolicy(), NOW)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,7 +25,7 @@ NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)  # the service's injected clock: ev
 
 def event(eid: str = "e1", **extra: Any) -> dict[str, Any]:
     base = {
-        "id": eid, "app_id": APP, "type": "purchase", "occurred_at": "2026-11-28T10:00:00Z",
+        "id": eid, "app_id": APP, "type": "purchase", "occurred_at": (NOW - timedelta(hours=2)).isoformat(),
         "subscription_id": "s1", "product_id": "monthly", "price": "4.99", "currency": "EUR",
     }
     base.update(extra)

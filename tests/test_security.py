@@ -11,6 +11,7 @@ import base64
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -73,7 +74,7 @@ FORGED_SNS = json.dumps({
     "Type": "Notification", "MessageId": "m-1", "TopicArn": "arn:aws:sns:us-east-1:1:rtn",
     "Message": json.dumps({"appPackageName": AMAZON_APP, "notificationType": "SUBSCRIPTION_PURCHASED",
                            "appUserId": "u", "receiptId": "r", "timestamp": 1764300000000}),
-    "Timestamp": "2026-11-28T00:00:00.000Z", "SignatureVersion": "1", "Signature": "AAAA",
+    "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "SignatureVersion": "1", "Signature": "AAAA",
     "SigningCertURL": "https://sns.us-east-1.amazonaws.com.attacker.example/cert.pem",
 }).encode()
 

@@ -24,10 +24,12 @@ from subledger.core.delivery import (
     plan,
     requested_wait,
 )
+from subledger.core.render import iso_millis
 from subledger.outbox.segment import SegmentClient
 from subledger.outbox.sink import Reply, Reset, Sink
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+SENT_AT = iso_millis(NOW)  # encoding only: any instant will do
 NO_JITTER = Backoff(1.0, 300.0)
 
 
@@ -136,8 +138,8 @@ def test_halves() -> None:
 
 
 def test_encode_batch_is_valid_json() -> None:
-    body = encode_batch([b'{"a": 1}', b'{"b": 2}'], "2026-11-28T12:00:00.000Z")
-    assert json.loads(body) == {"batch": [{"a": 1}, {"b": 2}], "sentAt": "2026-11-28T12:00:00.000Z"}
+    body = encode_batch([b'{"a": 1}', b'{"b": 2}'], SENT_AT)
+    assert json.loads(body) == {"batch": [{"a": 1}, {"b": 2}], "sentAt": SENT_AT}
 
 
 def test_client_posts_basic_auth_and_the_stored_bytes() -> None:
