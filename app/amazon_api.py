@@ -27,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -36,6 +36,8 @@ import httpx
 import psycopg
 from prometheus_client import Counter
 
+from subledger.app import chain_links
+from subledger.app.chain_links import LoggedChain
 from subledger.app.settings import AmazonSourceSettings
 from subledger.core import safejson
 from subledger.core.errors import (
@@ -49,8 +51,6 @@ from subledger.core.errors import (
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import amazon as amazon_source
-from subledger.store import log as event_log
-from subledger.store import lookups
 
 log = logging.getLogger("subledger.amazon")
 CERT_TTL_SECONDS = 3600.0
@@ -288,31 +288,16 @@ def split_capture(raw: bytes) -> tuple[amazon_source.Envelope, amazon_source.Fet
 # --- the chain lookup through the log ----------------------------------------------------------
 
 
-@dataclass
-class ReceiptLinks:
-    """`ChainLookup`: receipt id → the subscription id its facts were logged under."""
+class ReceiptLinks(LoggedChain):
+    """`ChainLookup`: receipt → the subscription id its facts were logged under."""
 
-    conn: psycopg.Connection | None
-    app_id: str
-    seen: dict[str, str] = field(default_factory=dict)
-
-    def remember(self, notification: Notification) -> None:
-        for event in notification.events:
-            receipt = event.attributes.get("amazon_receipt_id")
-            if isinstance(receipt, str) and event.subscription_id:
-                self.seen.setdefault(receipt, event.subscription_id)
-
-    def __call__(self, receipt: str) -> str | None:
-        found = self.seen.get(receipt)
-        if found is not None or self.conn is None:
-            return found
-        return lookups.amazon_subscription_for_receipt(self.conn, self.app_id, receipt)
+    SOURCE = Source.AMAZON
+    ATTRIBUTE = "amazon_receipt_id"
 
 
 def already_logged(conn: psycopg.Connection, external_id: str) -> bool:
-    """A redelivered notification is answered from the log, without calling RVS again."""
-    with conn.transaction():  # short: no transaction left open in front of the ingest
-        return event_log.contains(conn, Source.AMAZON.value, external_id)
+    """A redelivery is answered from the log, without calling the store's API again."""
+    return chain_links.already_logged(conn, Source.AMAZON, external_id)
 
 
 def duplicate_of(rtn: amazon_source.Rtn, app_id: str) -> Notification:

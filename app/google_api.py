@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +36,8 @@ import httpx
 import psycopg
 from prometheus_client import Counter
 
+from subledger.app import chain_links
+from subledger.app.chain_links import LoggedChain
 from subledger.app.settings import GoogleSourceSettings
 from subledger.core import safejson
 from subledger.core.errors import (
@@ -49,8 +51,6 @@ from subledger.core.errors import (
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import google as google_source
-from subledger.store import log as event_log
-from subledger.store import lookups
 
 log = logging.getLogger("subledger.google")
 SCOPE = "https://www.googleapis.com/auth/androidpublisher"
@@ -340,31 +340,16 @@ def split_capture(raw: bytes) -> tuple[bytes, google_source.Fetched | None]:
 # --- the chain lookup through the log ----------------------------------------------------------
 
 
-@dataclass
-class GoogleLinks:
+class GoogleLinks(LoggedChain):
     """`ChainLookup`: purchase token → the subscription id its facts were logged under."""
 
-    conn: psycopg.Connection | None
-    app_id: str
-    seen: dict[str, str] = field(default_factory=dict)
-
-    def remember(self, notification: Notification) -> None:
-        for event in notification.events:
-            token = event.attributes.get("google_purchase_token")
-            if isinstance(token, str) and event.subscription_id:
-                self.seen.setdefault(token, event.subscription_id)
-
-    def __call__(self, token: str) -> str | None:
-        found = self.seen.get(token)
-        if found is not None or self.conn is None:
-            return found
-        return lookups.google_subscription_for_token(self.conn, self.app_id, token)
+    SOURCE = Source.GOOGLE
+    ATTRIBUTE = "google_purchase_token"
 
 
 def already_logged(conn: psycopg.Connection, external_id: str) -> bool:
-    """A redelivered push is answered from the log, without calling Google again."""
-    with conn.transaction():  # short: no transaction left open in front of the ingest
-        return event_log.contains(conn, Source.GOOGLE.value, external_id)
+    """A redelivery is answered from the log, without calling the store's API again."""
+    return chain_links.already_logged(conn, Source.GOOGLE, external_id)
 
 
 def duplicate_of(push: google_source.Push, app_id: str) -> Notification:

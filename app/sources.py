@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 import psycopg
 
 from subledger.app.amazon_api import AmazonSource, Certificates, ReceiptLinks, SnsVerifier, confirmation_verifier
 from subledger.app.amazon_api import split_capture as amazon_split_capture
 from subledger.app.canonical import Rejection
+from subledger.app.chain_links import LoggedChain
 from subledger.app.google_api import GoogleLinks, GoogleSource, split_capture
 from subledger.app.settings import Settings, check_routing_keys, read_certificate
 from subledger.core.errors import BadSignature, ConfigError, PayloadRejected, SourceUnavailable, StoreError, UnknownApp
@@ -313,25 +314,15 @@ def google_captured(
     """A captured Play push (a line of `ingest --format google`): the fetch results stored in the line
     (`subledger_fetched`) when present, else fetched now as the app is configured. The line is stored
     as it was given. `links` (per app) carry chain roots between the lines of one import."""
-    try:
+
+    def mapped() -> tuple[Notification, LoggedChain]:
         body, stored = split_capture(raw)
         push = google_source.parse_push(body)
         adapter = sources.google_for(push.package_name)
-        app_links = links.get(adapter.config.app_id)
-        if app_links is None:
-            app_links = links[adapter.config.app_id] = GoogleLinks(conn, adapter.config.app_id)
-        notification = adapter.notification(push, chain=app_links, fetched=stored)
-        refuse_unstorable(notification)
-    except PayloadRejected as exc:  # CredentialsRefused included
-        return Rejection(exc.field, exc.reason)
-    except SourceUnavailable as exc:
-        return Rejection(None, f"{exc}; ingest the file again later (repeats are duplicates)")
-    except (StoreError, ConfigError):
-        raise
-    except Exception as exc:  # an adapter bug on a hostile line: that line is refused, the import goes on
-        return unmappable(exc)
-    app_links.remember(notification)
-    return Incoming(notification, raw, historical=historical)
+        chain = _chain_for(links, GoogleLinks, conn, adapter.config.app_id)
+        return adapter.notification(push, chain=chain, fetched=stored), chain
+
+    return _captured_with_fetch(raw, mapped, historical)
 
 
 def amazon_captured(
@@ -342,14 +333,36 @@ def amazon_captured(
     Stripe's (a signing certificate may be gone by the time a capture is replayed); the RVS answer
     stored in the line (`subledger_fetched`) when present, else fetched now. The line is stored as
     it was given. `links` (per app) carry chain roots between the lines of one import."""
-    try:
+
+    def mapped() -> tuple[Notification, LoggedChain]:
         envelope, stored = amazon_split_capture(raw)
         rtn = amazon_source.parse_notification(envelope)
         adapter = sources.amazon_for(rtn.package_name)
-        app_links = links.get(adapter.config.app_id)
-        if app_links is None:
-            app_links = links[adapter.config.app_id] = ReceiptLinks(conn, adapter.config.app_id)
-        notification = adapter.notification(rtn, chain=app_links, fetched=stored)
+        chain = _chain_for(links, ReceiptLinks, conn, adapter.config.app_id)
+        return adapter.notification(rtn, chain=chain, fetched=stored), chain
+
+    return _captured_with_fetch(raw, mapped, historical)
+
+
+Chain = TypeVar("Chain", bound=LoggedChain)
+
+
+def _chain_for(links: dict[str, Chain], kind: type[Chain], conn: psycopg.Connection | None, app_id: str) -> Chain:
+    """The app's chain lookup for this import, made on its first line."""
+    found = links.get(app_id)
+    if found is None:
+        found = links[app_id] = kind(conn, app_id)
+    return found
+
+
+def _captured_with_fetch(
+    raw: bytes, mapped: Callable[[], tuple[Notification, LoggedChain]], historical: bool
+) -> Incoming | Rejection:
+    """What a captured line of a fetching source (Google, Amazon) becomes: refusals and an API that
+    is down are that line's rejection, an adapter bug too (with an error id); a database or config
+    error stops the import. A mapped line's ids join the chain for the lines after it."""
+    try:
+        notification, chain = mapped()
         refuse_unstorable(notification)
     except PayloadRejected as exc:  # CredentialsRefused included
         return Rejection(exc.field, exc.reason)
@@ -359,5 +372,5 @@ def amazon_captured(
         raise
     except Exception as exc:  # an adapter bug on a hostile line: that line is refused, the import goes on
         return unmappable(exc)
-    app_links.remember(notification)
+    chain.remember(notification)
     return Incoming(notification, raw, historical=historical)

@@ -111,40 +111,29 @@ def subscriptions_of(conn: psycopg.Connection, app_id: str, users: list[str]) ->
     return [str(key) for (key,) in rows]
 
 
-# Google Play: a linked purchase token's chain root is found through the facts logged under it.
-GOOGLE_TOKEN_SQL = """
+# A chain of store ids (a Google Play purchase token, an Amazon receipt) reaches its root through the
+# facts logged under it: the first fact whose attribute names the id carries the subscription id.
+CHAIN_ROOT_SQL = """
 SELECT e->>'subscription_id'
 FROM event_log l, jsonb_array_elements(l.facts->'events') e
-WHERE l.source = 'google' AND l.app_id = %(app)s
+WHERE l.source = %(source)s AND l.app_id = %(app)s
   AND l.facts @> %(contains)s::jsonb
-  AND e->'attributes'->>'google_purchase_token' = %(token)s
+  AND e->'attributes'->>%(attribute)s = %(value)s
   AND e->>'subscription_id' IS NOT NULL
 ORDER BY l.position
 LIMIT 1
 """
 
 
-def google_subscription_for_token(conn: psycopg.Connection, app_id: str, token: str) -> str | None:
-    """The subscription id the first facts naming this Google purchase token were logged under, if any.
+def subscription_for_attribute(
+    conn: psycopg.Connection, app_id: str, source: str, attribute: str, value: str
+) -> str | None:
+    """The subscription id the first facts of `source` whose `attributes[attribute]` is `value` were
+    logged under, if any (Google's `google_purchase_token`, Amazon's `amazon_receipt_id`).
 
     Runs in its own short transaction, so it never leaves one open in front of an ingest."""
-    contains = _contains(attributes={"google_purchase_token": token})
+    params = {"source": source, "app": app_id, "attribute": attribute, "value": value,
+              "contains": _contains(attributes={attribute: value})}
     with conn.transaction():
-        row = conn.execute(GOOGLE_TOKEN_SQL, {"app": app_id, "token": token, "contains": contains}).fetchone()
-    return None if row is None else str(row[0])
-
-
-# Amazon: the receipt an immediate tier change replaced names the chain its new receipt joins.
-AMAZON_RECEIPT_SQL = GOOGLE_TOKEN_SQL.replace("l.source = 'google'", "l.source = 'amazon'").replace(
-    "'google_purchase_token'", "'amazon_receipt_id'")
-assert "'amazon'" in AMAZON_RECEIPT_SQL and "'amazon_receipt_id'" in AMAZON_RECEIPT_SQL  # the same query, Amazon's keys
-
-
-def amazon_subscription_for_receipt(conn: psycopg.Connection, app_id: str, receipt: str) -> str | None:
-    """The subscription id the first facts naming this Amazon receipt were logged under, if any.
-
-    Runs in its own short transaction, so it never leaves one open in front of an ingest."""
-    contains = _contains(attributes={"amazon_receipt_id": receipt})
-    with conn.transaction():
-        row = conn.execute(AMAZON_RECEIPT_SQL, {"app": app_id, "token": receipt, "contains": contains}).fetchone()
+        row = conn.execute(CHAIN_ROOT_SQL, params).fetchone()
     return None if row is None else str(row[0])
