@@ -39,6 +39,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    literal_column,
     text,
     true,
 )
@@ -84,6 +85,20 @@ def _serial() -> Any:
     return Field(default=None, primary_key=True, sa_type=BigInteger())
 
 
+# The store ids a log entry's facts name beyond the subscription id (0009): the expression of the GIN
+# index `event_log_references`, spelled as PostgreSQL spells it back. store/console.py searches it.
+FACT_REFERENCES: Final = (
+    "(((((((jsonb_path_query_array(facts, '$.\"events\"[*].\"transaction_id\"'::jsonpath)"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"refund_id\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"google_purchase_token\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"amazon_receipt_id\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"amazon_cancelled_receipt_id\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_invoice\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_payment_intent\"'::jsonpath))"
+    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_charge\"'::jsonpath))"
+)
+
+
 # -- the log: its head, its entries, the receipts of duplicates (0001, 0003, 0005) -------------------
 
 
@@ -108,6 +123,9 @@ class EventLog(SQLModel, table=True):
         Index("event_log_app_user", "app_user_id", postgresql_where=text("app_user_id IS NOT NULL")),
         Index("event_log_received", "received_at", postgresql_include=["source", "app_id", "environment"]),
         Index("event_log_not_pushed", "arrival", "app_id", "source", postgresql_where=text("arrival <> 'push'")),
+        # the store ids the facts name (0009; the console's search by transaction id, store/console.py)
+        Index("event_log_references", literal_column(FACT_REFERENCES).label("refs"), postgresql_using="gin",
+              postgresql_ops={"refs": "jsonb_path_ops"}),
     )
 
     position: int = Field(primary_key=True, sa_type=BigInteger(), sa_column_kwargs={"autoincrement": False})
@@ -180,6 +198,9 @@ class Transition(SQLModel, table=True):
         Index("transitions_subscriber", "subscriber"),
         Index("transitions_created", "created_at",
               postgresql_include=["kind", "app_id", "event_source", "environment", "superseded_at"]),
+        # revenue per day (0009): index-only over the transitions that carry a price
+        Index("transitions_revenue", "occurred_at", postgresql_include=["app_id", "price", "currency", "superseded_at"],
+              postgresql_where=text("price IS NOT NULL")),
     )
 
     id: str = _text(primary_key=True)
@@ -197,6 +218,11 @@ class Transition(SQLModel, table=True):
         default=None, sa_column=Column("event_source", TEXT, Computed("body->>'event_source'", persisted=True)))
     environment: str | None = Field(
         default=None, sa_column=Column("environment", TEXT, Computed("body->>'environment'", persisted=True)))
+    # the body's price and currency as the fold wrote them, text (0009): `transitions_revenue` covers them
+    price: str | None = Field(
+        default=None, sa_column=Column("price", TEXT, Computed("body->>'price'", persisted=True)))
+    currency: str | None = Field(
+        default=None, sa_column=Column("currency", TEXT, Computed("body->>'currency'", persisted=True)))
 
 
 # -- the outbox, its attempts, delivered records and destinations' state (0001, 0002, 0005, 0006) ---
@@ -329,6 +355,20 @@ class ReconciliationCursor(SQLModel, table=True):
     app_id: str = _text(primary_key=True)
     read_until: datetime = _timestamptz()
     updated_at: datetime = _timestamptz()
+
+
+class VerifyRun(SQLModel, table=True):
+    """One `subledger verify` result, keyed by when it finished; the console shows the latest (0009)."""
+
+    __tablename__ = "verify_runs"
+
+    finished_at: datetime = Field(primary_key=True, sa_type=TIMESTAMPTZ)
+    started_at: datetime = _timestamptz()
+    ok: bool = _boolean()
+    entries: int = _bigint()
+    subscriptions: int = _bigint()
+    problem_count: int = _bigint()
+    first_bad_position: int | None = _bigint(nullable=True)
 
 
 metadata: Final[MetaData] = SQLModel.metadata
