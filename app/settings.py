@@ -120,6 +120,25 @@ class AppleSourceSettings(_Strict):
     )
     root_certificates: list[str] = Field(min_length=1)  # files: Apple Root CA - G3 (DER or PEM)
     enable_online_checks: bool = False
+    # reconciliation (`subledger reconcile apple`): an In-App Purchase key for the App Store Server API
+    api_key: str | None = Field(default=None, min_length=1)  # a path to the .p8, or its PEM ("${NAME}")
+    key_id: str | None = Field(default=None, min_length=1)
+    issuer_id: str | None = Field(default=None, min_length=1)
+    api_base_url: str | None = None  # default: Apple's host of each environment; tests name a local fake
+    history_days: float = Field(default=30, gt=0, le=180)  # the daily (--all) run's reach; Apple keeps 180
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base_url(cls, value: str | None) -> str | None:
+        return None if value is None else _base_url(value, "https://api.storekit.apple.com")
+
+    @model_validator(mode="after")
+    def _api_credentials(self) -> AppleSourceSettings:
+        given = [name for name in ("api_key", "key_id", "issuer_id") if getattr(self, name)]
+        if given and len(given) < 3:
+            raise ValueError("api_key, key_id and issuer_id go together (App Store Connect → Users and Access → "
+                             "Integrations → In-App Purchase)")
+        return self
 
     @field_validator("root_certificates")
     @classmethod

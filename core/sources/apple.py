@@ -29,6 +29,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from appstoreserverlibrary.models.Environment import Environment as AppleEnvironment
 from appstoreserverlibrary.models.JWSRenewalInfoDecodedPayload import JWSRenewalInfoDecodedPayload
 from appstoreserverlibrary.models.JWSTransactionDecodedPayload import JWSTransactionDecodedPayload
@@ -189,6 +190,44 @@ def unverified_bundle_id(body: bytes) -> str | None:
         return as_str(_section(_peek(_signed_payload(body), "signedPayload")).get("bundleId"))
     except MalformedPayload:
         return None
+
+
+# --- reconciliation: records of Apple's notification history -----------------------------------
+
+
+def recovered_body(signed_payload: str) -> bytes:
+    """The body logged for a record of Apple's notification history: the JSON Apple POSTs.
+
+    A history record's `signedPayload` is the very JWS the webhook carried, so `AppleAdapter.parse`
+    maps this body to the same Notification and the same external id (the notificationUUID): a
+    recovered notification whose webhook did arrive is a duplicate, never a second fact.
+    """
+    return orjson.dumps({"signedPayload": signed_payload})
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A history record as it claims to be (unverified): enough to skip what the log holds and to
+    ingest the rest oldest first. The claims are verified by `AppleAdapter.parse` before use."""
+
+    notification_uuid: str
+    signed_date: int
+    signed_payload: str
+
+
+def listed(signed_payload: str) -> Listed:
+    """The notificationUUID and signedDate a history record claims; an unreadable record is listed
+    under its payload (it never matches a logged id, and the adapter refuses it with the reason)."""
+    try:
+        claims = _peek(signed_payload, "signedPayload")
+    except PayloadRejected:
+        claims = {}
+    uuid, signed = claims.get("notificationUUID"), claims.get("signedDate")
+    return Listed(
+        uuid if isinstance(uuid, str) and uuid else f"unreadable:{signed_payload[:64]}",
+        signed if isinstance(signed, int) and not isinstance(signed, bool) else 0,
+        signed_payload,
+    )
 
 
 # --- parsing helpers -------------------------------------------------------------------------

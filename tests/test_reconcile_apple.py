@@ -1,0 +1,237 @@
+"""Apple reconciliation end to end: notifications dropped on the way, the App Store Server API's
+notification history read from a fake Apple on 127.0.0.1 (through Apple's own library, its bearer
+token checked), the lost facts logged (arrival = reconciliation), published once, never twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from apple_signing import APP_APPLE_ID, BUNDLE_ID, ms, notification_payload, renewal_info, sign, transaction
+from fake_apple_api import ISSUER_ID, KEY_ID, FakeAppleApi, Record, make_key
+from webhooks_support import APPLE_APP, CA, Pipeline, config_dict, tracks, write_root
+
+from subledger.app import settings as settings_module
+from subledger.app.apple_api import AppleApi, from_settings
+from subledger.app.bootstrap import build
+from subledger.app.reconcile_apple import reconcile_apple, window_start
+from subledger.app.sources import build_sources
+from subledger.core.errors import SourceUnavailable
+from subledger.store import reconciliation
+from subledger.store.verify import verify
+
+USER = "7e3fb20b-4cdb-47cc-936d-99d65f608138"  # the transactions' appAccountToken
+OTID = "2000000111111111"
+PROD = "Production"
+JSON = {"Content-Type": "application/json"}
+KEY, PEM = make_key()
+CLOCK = 1_900_000_000.0  # what the API's clock says when a Retry-After is read (a UNIX time)
+
+
+@dataclass(frozen=True)
+class Note:
+    uuid: str
+    signed_payload: str
+    at: datetime
+
+    @property
+    def body(self) -> bytes:
+        return json.dumps({"signedPayload": self.signed_payload}).encode()
+
+
+def txn(tid: str, at: datetime, **extra: Any) -> dict[str, Any]:
+    return transaction(transaction_id=tid, purchase=at, expires=at + timedelta(days=30), environment=PROD, **extra)
+
+
+def note(uuid: str, kind: str, subtype: str | None, at: datetime, **kwargs: Any) -> Note:
+    payload = notification_payload(CA, kind, subtype, environment=PROD, signed=at, notification_uuid=uuid, **kwargs)
+    return Note(uuid, sign(payload, CA), at)
+
+
+def lifecycle(now: datetime) -> list[Note]:
+    """A purchase two days ago, a TEST notification, the renewal a day ago, auto-renew switched off two
+    hours ago: all younger than the 72 h horizon, so every fact is news whichever way it arrives."""
+    t = now.replace(microsecond=0)
+    buy, renew = t - timedelta(hours=48), t - timedelta(hours=24)
+    test_data = {"environment": PROD, "bundleId": BUNDLE_ID, "appAppleId": APP_APPLE_ID}
+    return [
+        note("n-buy", "SUBSCRIBED", "INITIAL_BUY", buy, txn=txn("t1", buy)),
+        note("n-test", "TEST", None, buy + timedelta(minutes=5), data=test_data),
+        note("n-renew", "DID_RENEW", None, renew, txn=txn("t2", renew)),
+        note("n-off", "DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED", t - timedelta(hours=2),
+             txn=txn("t2", renew), renewal=renewal_info(auto_renew=False, environment=PROD, signed=t)),
+    ]
+
+
+DROPPED = {"n-renew", "n-off"}
+EXPECTED = ["rc_initial_purchase_event", "rc_renewal_event", "rc_cancellation_event"]  # in occurrence order
+
+
+def records(notes: list[Note], failed: set[str]) -> list[Record]:
+    return [Record(n.signed_payload, ms(n.at), n.uuid in failed) for n in notes]
+
+
+def apple_settings(root: Path, segment_url: str, api_url: str, key_path: Path) -> Any:
+    raw = config_dict(root, segment_url, environments=[PROD], api_key=str(key_path), key_id=KEY_ID,
+                      issuer_id=ISSUER_ID, api_base_url=api_url)
+    return settings_module.from_dict(raw)
+
+
+@dataclass
+class World:
+    p: Pipeline
+    apple: FakeAppleApi
+    notes: list[Note]
+    sleeps: list[float]
+
+    def push(self, skip: set[str]) -> None:
+        for n in self.notes:
+            if n.uuid not in skip:
+                assert self.p.post("/webhooks/apple", n.body, JSON)["result"] == "new"
+
+    def api(self) -> AppleApi:
+        apple = self.p.settings.apps[APPLE_APP].apple
+        return from_settings(apple, BUNDLE_ID, sleep=self.sleeps.append, clock=lambda: CLOCK)
+
+    def run(self, *, all_types: bool = False, dry_run: bool = False, since: datetime | None = None) -> dict[str, Any]:
+        services = build(self.p.settings, database_url=self.p.db_url)
+        with psycopg.connect(self.p.db_url) as conn:
+            summary = reconcile_apple(conn, build_sources(self.p.settings), self.api(), APPLE_APP, services.policy,
+                                      datetime.now(UTC), since=since, all_types=all_types, dry_run=dry_run)
+        return summary.as_json()
+
+
+@pytest.fixture
+def world(db_url: str, tmp_path: Path) -> Iterator[World]:
+    """A pipeline whose Apple app reads a fake App Store Server API holding the lifecycle's notifications,
+    DROPPED marked failed; pages of one record, the first call throttled."""
+    from fake_segment import FakeSegment
+    from fastapi.testclient import TestClient
+
+    from subledger.app.http import create_app
+
+    notes = lifecycle(datetime.now(UTC))
+    key_path = tmp_path / "SubscriptionKey_TESTKEY123.p8"
+    key_path.write_bytes(PEM)
+    with FakeSegment() as segment, FakeAppleApi(KEY.public_key(), records(notes, DROPPED), page_size=1, throttle=1,
+                                                retry_after_ms=int(CLOCK * 1000) + 1500) as apple:
+        settings = apple_settings(write_root(tmp_path), segment.url, apple.url, key_path)
+        with TestClient(create_app(build(settings, database_url=db_url), pool_size=2)) as client:
+            yield World(Pipeline(client, segment, settings, db_url), apple, notes, [])
+
+
+def events(p: Pipeline) -> list[str]:
+    return [t["event"] for t in tracks(p.relay())]
+
+
+def test_dropped_notifications_are_recovered_published_once_in_order_and_never_twice(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.push(skip=DROPPED)
+    assert events(world.p) == ["rc_initial_purchase_event"]
+
+    with caplog.at_level(logging.WARNING, logger="subledger.reconcile"):
+        first = world.run()
+    # a 429 first (Retry-After: 1.5 s from the API's clock), then the two failed records, a page each
+    assert (first["recovered"], first["duplicates"], first["listed"]) == (2, 0, 2)
+    assert (first["pages"], first["api_calls"], first["throttled"], first["mode"]) == (2, 3, 1, "failures")
+    assert world.sleeps == [1.5]
+    assert first["recovered_ids"] == ["n-renew", "n-off"]  # ingested oldest first
+    assert any("recovered 2 apple notification(s)" in r.getMessage() and APPLE_APP in r.getMessage()
+               for r in caplog.records)
+    assert events(world.p) == EXPECTED  # each once (Pipeline.relay asserts no duplicate messageId), in order
+
+    again = world.run(all_types=True)
+    assert (again["recovered"], again["duplicates"], again["listed"], again["mode"]) == (0, 4, 4, "all")
+    assert events(world.p) == EXPECTED
+
+    with psycopg.connect(world.p.db_url) as conn:
+        arrivals = dict(conn.execute("SELECT external_id, arrival FROM event_log").fetchall())
+        assert arrivals == {"n-buy": "push", "n-test": "push", "n-renew": "reconciliation",
+                            "n-off": "reconciliation"}
+        assert reconciliation.recovered_counts(conn) == {(APPLE_APP, "apple"): 2}
+        assert reconciliation.cursor(conn, "apple/failures", APPLE_APP) is not None
+        assert reconciliation.cursor(conn, "apple/all", APPLE_APP) is not None
+        assert verify(conn).ok
+    metrics = world.p.client.get("/metrics").text
+    assert f'subledger_reconciliation_recovered_total{{app_id="{APPLE_APP}",source="apple"}} 2.0' in metrics
+
+    # the library's bearer token, on every request: ES256, our key id, issuer, bundle id, audience, 5 min
+    assert len(world.apple.tokens) == len(world.apple.requests)
+    for token in world.apple.tokens:
+        assert (token["header"]["alg"], token["header"]["kid"]) == ("ES256", KEY_ID)
+        assert (token["iss"], token["bid"], token["aud"]) == (ISSUER_ID, BUNDLE_ID, "appstoreconnect-v1")
+        assert 0 < token["exp"] - datetime.now(UTC).timestamp() <= 300
+    # the frequent run asked for failures only, from 72 h back; the daily one for everything
+    bodies = [body for method, path, _, body in world.apple.requests if path == "/inApps/v1/notifications/history"]
+    assert bodies[0]["onlyFailures"] is True and "onlyFailures" not in bodies[-1]
+    assert abs(bodies[0]["endDate"] - bodies[0]["startDate"] - 72 * 3600 * 1000) < 60_000
+
+
+def test_with_every_notification_delivered_reconciliation_recovers_nothing(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.push(skip=set())
+    assert events(world.p) == EXPECTED
+    for r in world.apple.records:
+        r.failed = r.signed_date == ms(world.notes[2].at)  # Apple counted one failed although it was retried
+    with caplog.at_level(logging.WARNING, logger="subledger.reconcile"):
+        failures, everything = world.run(), world.run(all_types=True)
+    assert (failures["recovered"], failures["duplicates"]) == (0, 1)
+    assert (everything["recovered"], everything["duplicates"]) == (0, 4)
+    assert not [r for r in caplog.records if "recovered" in r.getMessage()]
+    assert events(world.p) == EXPECTED
+    with psycopg.connect(world.p.db_url) as conn:
+        assert reconciliation.recovered_counts(conn) == {}
+
+
+def test_a_dry_run_writes_nothing(world: World) -> None:
+    world.push(skip=DROPPED)
+    dry = world.run(dry_run=True)
+    assert (dry["recovered"], dry["dry_run"], dry["recovered_ids"]) == (2, True, ["n-renew", "n-off"])
+    with psycopg.connect(world.p.db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (2,)
+        assert reconciliation.cursor(conn, "apple/failures", APPLE_APP) is None
+
+
+def test_a_page_that_fails_once_is_retried_and_a_run_the_api_stops_writes_nothing(world: World) -> None:
+    world.push(skip=DROPPED)
+    world.apple.throttle, world.apple.faults = 0, {2: 500}
+    first = world.run()
+    assert (first["recovered"], first["pages"], first["api_calls"], first["throttled"]) == (2, 2, 3, 0)
+    history = [q for _, path, q, _ in world.apple.requests if path == "/inApps/v1/notifications/history"]
+    assert [q.get("paginationToken") for q in history] == [None, ["page-1"], ["page-1"]]  # the failed page again
+
+    world.apple.records.append(Record(note("n-late", "DID_RENEW", None, datetime.now(UTC) - timedelta(hours=1),
+                                           txn=txn("t3", datetime.now(UTC))).signed_payload,
+                                      ms(datetime.now(UTC) - timedelta(hours=1)), True))
+    world.apple.faults = {len(world.apple.requests) + n: 503 for n in range(2, 8)}  # page 2 never answers
+    with pytest.raises(SourceUnavailable, match="did not answer after 6 attempts"):
+        world.run(all_types=True)
+    with psycopg.connect(world.p.db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (4,)
+        assert reconciliation.cursor(conn, "apple/all", APPLE_APP) is None
+
+
+def test_the_window(world: World) -> None:
+    now = datetime.now(UTC)
+    api = world.api()
+    with psycopg.connect(world.p.db_url) as conn:
+        assert window_start(conn, APPLE_APP, api, now, None, all_types=False) == now - timedelta(hours=72)
+        assert window_start(conn, APPLE_APP, api, now, None, all_types=True) == now - timedelta(days=30)
+        # a cursor resumes the run 72 h before it; the frequent run still covers the last 72 h
+        reconciliation.advance(conn, "apple/all", APPLE_APP, now - timedelta(days=2), now)
+        reconciliation.advance(conn, "apple/failures", APPLE_APP, now - timedelta(days=9), now)
+        conn.commit()
+        assert window_start(conn, APPLE_APP, api, now, None, all_types=True) == now - timedelta(days=5)
+        assert window_start(conn, APPLE_APP, api, now, None, all_types=False) == now - timedelta(days=12)
+        # --since reaches past history_days, never past Apple's 180 days
+        long_ago = now - timedelta(days=400)
+        assert window_start(conn, APPLE_APP, api, now, long_ago, all_types=True) > now - timedelta(days=180)
