@@ -34,7 +34,8 @@ from subledger.app.sources import Sources
 from subledger.core.errors import BadSignature, PayloadRejected, SourceUnavailable
 from subledger.core.sources import Notification
 from subledger.core.sources import amazon as amazon_source
-from subledger.outbox.ingest import Incoming, ingest
+from subledger.outbox.group_commit import GroupCommit
+from subledger.outbox.ingest import Incoming
 
 log = logging.getLogger("subledger.webhooks")
 
@@ -51,7 +52,7 @@ AMAZON_BODY = docs.raw_body(
 )
 
 
-def amazon_router(services: Services, pool: ConnectionPool, adapters: Sources) -> APIRouter:
+def amazon_router(services: Services, pool: ConnectionPool, committer: GroupCommit, adapters: Sources) -> APIRouter:
     """The Amazon endpoint over the adapters `create_app` built once for every webhook."""
     router = APIRouter(tags=["webhooks"])
 
@@ -65,8 +66,7 @@ def amazon_router(services: Services, pool: ConnectionPool, adapters: Sources) -
         return refusal(exc)  # a 503 with Retry-After, as every webhook's Transient refusal
 
     def store(notification: Notification, raw: bytes) -> JSONResponse:
-        with connection() as conn:
-            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
+        (outcome,) = committer.ingest([Incoming(notification, raw)])
         return accepted(outcome, notification)
 
     def confirmation(envelope: amazon_source.Envelope) -> JSONResponse:
@@ -116,10 +116,7 @@ def amazon_router(services: Services, pool: ConnectionPool, adapters: Sources) -
         with connection() as conn:
             links = amazon_api.ReceiptLinks(conn, app_id)
             notification = parse(lambda: adapter.notification(rtn, chain=links, fetched=fetched))
-            if isinstance(notification, JSONResponse):
-                return notification
-            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
-        return accepted(outcome, notification)
+        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
 
     @router.post(
         "/webhooks/amazon",

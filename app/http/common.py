@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from subledger.app.bootstrap import Services
 from subledger.app.wording import validation_reason
 from subledger.core.errors import ApiError, StoreError, StoreUnavailable
+from subledger.outbox.group_commit import GroupCommit
 
 log = logging.getLogger("subledger.http")
 
@@ -37,6 +38,12 @@ def services_of(request: Request) -> Services:
 def pool_of(request: Request) -> ConnectionPool:
     pool: ConnectionPool = request.app.state.pool
     return pool
+
+
+def committer_of(request: Request) -> GroupCommit:
+    """The service's group commit: every append goes through it (outbox/group_commit.py)."""
+    committer: GroupCommit = request.app.state.committer
+    return committer
 
 
 def now_of(request: Request) -> datetime:

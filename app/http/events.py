@@ -9,15 +9,14 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from subledger.app.canonical import Rejection, to_incoming
 from subledger.app.http import docs
-from subledger.app.http.common import pool_of, read_body, require_token, services_of
+from subledger.app.http.common import committer_of, read_body, require_token, services_of
 from subledger.core import safejson
 from subledger.core.errors import ApiError, PayloadRejected
-from subledger.outbox.ingest import Incoming, Outcome, ingest
+from subledger.outbox.ingest import Incoming
 
 MAX_BATCH = docs.MAX_BATCH  # events per request; the OpenAPI document states the same limit
 
@@ -34,7 +33,6 @@ router = APIRouter(dependencies=[Depends(require_token)])
 )
 async def post_events(request: Request) -> JSONResponse:
     services = services_of(request)
-    pool = pool_of(request)
     body = await read_body(request)
     try:  # one decoder for untrusted JSON: depth, numbers and text held to limits (core.safejson)
         is_array, values = safejson.loads_each(body)
@@ -56,12 +54,8 @@ async def post_events(request: Request) -> JSONResponse:
         else:
             accepted.append((i, checked))
 
-    def run_ingest(items: list[Incoming]) -> list[Outcome]:
-        with pool.connection() as conn:
-            return ingest(conn, items, services.policy, services.clock())
-
-    if accepted:
-        outcomes = await run_in_threadpool(run_ingest, [inc for _, inc in accepted])
+    if accepted:  # shares a transaction with concurrent requests; answered after its commit
+        outcomes = await committer_of(request).ingest_async([inc for _, inc in accepted])
         for (i, _), outcome in zip(accepted, outcomes, strict=True):
             results[i] = {
                 "id": outcome.external_id,

@@ -43,8 +43,9 @@ from subledger.core.errors import (
 )
 from subledger.core.sources import Notification, refuse_unstorable
 from subledger.core.sources import revenuecat as revenuecat_source
+from subledger.outbox.group_commit import GroupCommit
 from subledger.outbox.identify import apply_transfer
-from subledger.outbox.ingest import Incoming, Outcome, ingest, wake_relay
+from subledger.outbox.ingest import Incoming, Outcome, wake_relay
 
 log = logging.getLogger("subledger.webhooks")
 WRONG_TARGET_FIELDS = frozenset({"bundleId", "appAppleId", "environment"})
@@ -115,9 +116,12 @@ def accepted(outcome: Outcome, notification: Notification) -> JSONResponse:
 
 
 def webhook_router(
-    services: Services, pool: ConnectionPool, sources: Sources | None = None
+    services: Services, pool: ConnectionPool, committer: GroupCommit, sources: Sources | None = None
 ) -> APIRouter:
-    """The webhook endpoints over the service's pool; builds (and so validates) the adapters once."""
+    """The webhook endpoints over the service's pool; builds (and so validates) the adapters once.
+
+    Reads (links, redeliveries) take a pooled connection; every append goes through `committer`,
+    which shares one transaction among concurrent deliveries (outbox/group_commit.py)."""
     adapters = sources if sources is not None else build_sources(services.settings)
     router = APIRouter(tags=["webhooks"])
 
@@ -128,8 +132,7 @@ def webhook_router(
             yield conn
 
     def store(notification: Notification, raw: bytes) -> JSONResponse:
-        with connection() as conn:
-            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
+        (outcome,) = committer.ingest([Incoming(notification, raw)])
         return accepted(outcome, notification)
 
     def apple(raw: bytes) -> JSONResponse:
@@ -144,10 +147,7 @@ def webhook_router(
         with connection() as conn:
             links = StripeLinks(conn, app_id)
             notification = parse(lambda: adapters.parse_stripe(app_id, raw, signature, services.clock(), links))
-            if isinstance(notification, JSONResponse):
-                return notification
-            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
-        return accepted(outcome, notification)
+        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
 
     def revenuecat(app_id: str, raw: bytes, authorization: str | None) -> JSONResponse:
         notification = parse(lambda: adapters.parse_revenuecat(app_id, raw, authorization))
@@ -184,10 +184,7 @@ def webhook_router(
         with connection() as conn:
             links = google_api.GoogleLinks(conn, app_id)
             notification = parse(lambda: adapter.notification(push, chain=links, fetched=fetched))
-            if isinstance(notification, JSONResponse):
-                return notification
-            (outcome,) = ingest(conn, [Incoming(notification, raw)], services.policy, services.clock())
-        return accepted(outcome, notification)
+        return notification if isinstance(notification, JSONResponse) else store(notification, raw)
 
     def transfer(app_id: str, raw: bytes) -> None:
         """TRANSFER: the sender's subscriptions now belong to the receiver, linked and told as the links
