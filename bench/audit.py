@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import OUT, Report, fresh_database, write_config
+from bench.common import Report, fresh_database, out_dir, write_config
 from bench.generate import APP, write_ndjson
 from bench.ingest import _cli
 from subledger.store import audit
@@ -95,8 +95,7 @@ def _deliver_tenth(conn: psycopg.Connection) -> int:
 
 def run(report: Report, quick: bool) -> None:
     count = 50_000 if quick else 1_000_000
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = str(OUT / f"events-{count}.ndjson")
+    path = str(out_dir() / f"events-{count}.ndjson")
     if not os.path.exists(path):
         write_ndjson(path, count)
     url = fresh_database("subledger_bench_audit")
@@ -122,14 +121,13 @@ def run(report: Report, quick: bool) -> None:
     report.add(
         "audit timeline",
         f"one subscriber of {count:,} events, server ms (median of {RUNS}); event_log seq scans: {seq}",
-        f"{timeline:.2f} ms",
-        f"target {TIMELINE_TARGET_MS:.0f} ms",
+        f"{timeline:.2f} ms", "-",
         f"{timeline / TIMELINE_TARGET_MS:.2f} of target" + ("" if seq == 0 else " (SEQ SCAN!)"),
+        f"< {TIMELINE_TARGET_MS:.0f} ms", timeline < TIMELINE_TARGET_MS and seq == 0,
     )
     report.add(
         "audit stats",
         f"a day holding all {count:,} events, server ms (median of {RUNS})",
-        f"{stats:,.0f} ms",
-        f"target {STATS_TARGET_MS:,.0f} ms",
-        f"{stats / STATS_TARGET_MS:.2f} of target",
+        f"{stats:,.0f} ms", "-", f"{stats / STATS_TARGET_MS:.2f} of target",
+        f"< {STATS_TARGET_MS:,.0f} ms", stats < STATS_TARGET_MS,
     )

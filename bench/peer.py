@@ -1,0 +1,132 @@
+"""One event per transaction: subledger's ingest against a bare insert loop and the `eventsourcing` library.
+
+All three run in this process, one after the other, on the same PostgreSQL server, each into a
+fresh database, one event per transaction:
+
+- subledger: `ingest()` of one canonical event (validate, append to the hash chain, fold, render
+  the Segment messages, write log + projection + transitions + outbox rows);
+- bare: a psycopg loop inserting the same log and outbox rows, nothing derived;
+- the peer: `eventsourcing`'s `Application.save` of an aggregate with one new event (its
+  PostgreSQL recorder: an optimistic-concurrency insert of the stored event, plus the notification
+  log), the per-event work of a general event-sourcing library. It is an optional extra
+  (`pip install -e '.[bench]'`); without it the row says so and the bench goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from bench.common import Report, fresh_database, times, write_config
+from bench.generate import APP, events
+
+
+def subledger_rate(items: list[dict[str, Any]], raws: list[bytes]) -> float:
+    from subledger.app import settings as settings_module
+    from subledger.app.bootstrap import build
+    from subledger.app.canonical import Rejection, to_incoming
+    from subledger.outbox.ingest import ingest
+
+    config = settings_module.load(write_config(APP))
+    url = fresh_database("subledger_bench_tx")
+    services = build(config, database_url=url)
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for item, raw in zip(items, raws, strict=True):
+            incoming = to_incoming(item, raw, config)
+            assert not isinstance(incoming, Rejection)
+            ingest(conn, [incoming], services.policy, datetime.now(UTC), notify=False)
+        return len(items) / (time.perf_counter() - started)
+
+
+def bare_rate(items: list[dict[str, Any]], raws: list[bytes]) -> float:
+    url = fresh_database("subledger_bench_tx_bare")
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for n, (item, raw) in enumerate(zip(items, raws, strict=True), start=1):
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO event_log (position, source, external_id, app_id, kind, subscription_key,"
+                    " app_user_id, occurred_at, received_at, raw, facts, hash)"
+                    " VALUES (%s, 'custom', %s, %s, %s, %s, %s, %s, now(), %s, %s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (n, item["id"], item["app_id"], item["type"], item["subscription_id"], item.get("app_user_id"),
+                     item["occurred_at"], raw, raw.decode(), hashlib.sha256(raw).digest()),
+                )
+                conn.execute(
+                    "INSERT INTO outbox (message_id, transition_id, destination, app_id, subscriber, body,"
+                    " available_at, created_at) VALUES (%s, %s, 'segment', %s, %s, %s, now(), now())",
+                    (f"m{n}", f"t{n}", item["app_id"], item.get("app_user_id") or "anon", raw.decode()),
+                )
+        return len(items) / (time.perf_counter() - started)
+
+
+def eventsourcing_rate(items: list[dict[str, Any]]) -> float | None:
+    """Saves per second of `eventsourcing`'s Application, one event per save; None when not installed."""
+    try:
+        from eventsourcing.application import Application
+        from eventsourcing.domain import Aggregate, event
+    except ImportError:
+        return None
+
+    class Subscription(Aggregate):
+        @event("Started")
+        def __init__(self, key: str, fact: dict[str, Any]) -> None:
+            self.key = key
+            self.facts = [fact]
+
+        @event("Fact")
+        def record(self, fact: dict[str, Any]) -> None:
+            self.facts.append(fact)
+
+    url = fresh_database("subledger_bench_peer", migrated=False)
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(info.get("dbname", "postgres")),
+        "POSTGRES_HOST": str(info.get("host", "127.0.0.1")),
+        "POSTGRES_PORT": str(info.get("port", "5432")),
+        "POSTGRES_USER": str(info.get("user", "postgres")),
+        "POSTGRES_PASSWORD": str(info.get("password", "")),
+        "CREATE_TABLE": "y",
+    }
+    app: Any = Application(env=env)
+    try:
+        aggregates: dict[str, Any] = {}
+        started = time.perf_counter()
+        for item in items:
+            fact = {k: v for k, v in item.items() if isinstance(v, str)}
+            aggregate = aggregates.get(item["subscription_id"])
+            if aggregate is None:
+                aggregate = aggregates[item["subscription_id"]] = Subscription(item["subscription_id"], fact)
+            else:
+                aggregate.record(fact)
+            app.save(aggregate)
+        rate = len(items) / (time.perf_counter() - started)
+        check: UUID = next(iter(aggregates.values())).id
+        assert app.repository.get(check).key
+        return rate
+    finally:
+        app.close()
+
+
+def run(report: Report, count: int) -> None:
+    items = list(events(count, seed=7))
+    raws = [json.dumps(i, separators=(",", ":")).encode() for i in items]
+    ours = subledger_rate(items, raws)
+    bare = bare_rate(items, raws)
+    report.add("per event", f"{count:,} events, one transaction each, in process", f"{ours:,.0f} events/s",
+               f"bare insert loop (log + outbox rows) {bare:,.0f}/s", times(ours / bare), "-")
+    peer = eventsourcing_rate(items)
+    if peer is None:
+        report.add("per event", "eventsourcing Application.save, 1 event/save", f"{ours:,.0f} events/s",
+                   "not installed (pip install -e '.[bench]')", "-", "≥ 2x")
+        return
+    report.add("per event", "against eventsourcing Application.save, 1 event per save", f"{ours:,.0f} events/s",
+               f"eventsourcing[postgres] {peer:,.0f} saves/s", times(ours / peer), "≥ 2x", ours >= 2 * peer)
