@@ -149,3 +149,36 @@ def respellings(facts: Any) -> Iterator[Any]:
                     target = target[step]
                 target[path[-1]] = replacement
         yield respelt
+
+
+# -- partitioned chains --------------------------------------------------------------------------------
+# The log may be N chains instead of one (store/log.py, docs/scale-out.md): an entry's chain is a
+# stable hash of its subscription key, so all of one subscription's entries share a chain.
+
+SLOT_BITS = 60  # fits a positive bigint, so SQL can take the same `slot % n`
+
+
+def chain_slot(subscription_key: str | None) -> int:
+    """The number an entry's chain is taken from, `slot % chains`: the first 60 bits of the key's
+    SHA-256, fixed by the key's bytes alone (any process, any version, and SQL agree). An entry without
+    a subscription key has slot 0, so it is in chain 0 whatever the number of chains."""
+    if not subscription_key:
+        return 0
+    return int.from_bytes(hashlib.sha256(subscription_key.encode()).digest()[:8], "big") >> (64 - SLOT_BITS)
+
+
+def chain_of(subscription_key: str | None, chains: int) -> int:
+    """Which of `chains` chains an entry of `subscription_key` belongs to."""
+    return chain_slot(subscription_key) % chains
+
+
+def seal(heads: list[bytes]) -> bytes:
+    """What every chain of a new epoch starts from: the closing epoch's last hashes, chain by chain,
+    hashed together, so each new chain links the whole history before it."""
+    return hashlib.sha256(b"".join(heads)).digest()
+
+
+def first_positions(first_position: int, chains: int) -> list[int]:
+    """The position before each chain's first one in an epoch starting at `first_position`: chain `c`
+    takes `first_position + c`, then every `chains`-th position after it."""
+    return [first_position + c - chains for c in range(chains)]

@@ -113,6 +113,34 @@ class LogHead(SQLModel, table=True):
     hash: bytes = _bytea()
 
 
+class LogHeads(SQLModel, table=True):
+    """The heads of chains 1..n-1 when the log is partitioned (0010); chain 0's head is `log_head`."""
+
+    __tablename__ = "log_heads"
+    __table_args__ = (CheckConstraint("chain > 0", name="log_heads_chain_check"),)
+
+    chain: int = _integer(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    position: int = _bigint()
+    hash: bytes = _bytea()
+
+
+class LogEpoch(SQLModel, table=True):
+    """A change of the number of chains (0010): none means the log has only ever had one."""
+
+    __tablename__ = "log_epochs"
+    __table_args__ = (
+        CheckConstraint("epoch > 0", name="log_epochs_epoch_check"),
+        CheckConstraint("chains > 0", name="log_epochs_chains_check"),
+    )
+
+    epoch: int = _integer(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    chains: int = _integer()
+    first_position: int = _bigint()
+    seal: bytes = _bytea()
+    entries_before: int = _bigint()
+    started_at: datetime = _timestamptz()
+
+
 class EventLog(SQLModel, table=True):
     """The append-only, hash-chained log (its triggers live in migration 0001)."""
 

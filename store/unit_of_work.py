@@ -4,10 +4,11 @@ An ingest (and a replay) first decides everything it will write, then writes eac
 Two ways in, chosen by size:
 
 - Small batches (a webhook, an API call: at most `SMALL_BATCH` entries) are BEGIN, two statements
-  and COMMIT. `begin` is one statement (migration 0004's `subledger_ingest_begin`): it locks the
-  chain head, finds which keys are already logged, locks the batch's subscription states and
-  reads identity links. The commit is one statement: a chain of data-modifying CTEs, one part per
-  table, with one JSON parameter. That costs the client one `orjson.dumps` instead of adapting
+  and COMMIT. `begin` is one statement (migration 0010's `subledger_ingest_begin`): it locks the
+  heads of the batch's chains (only those: ingests of other chains go on meanwhile), finds which
+  keys are already logged, locks the batch's subscription states and reads identity links. The
+  commit is one statement: a chain of data-modifying CTEs, one part per table, with one JSON
+  parameter. That costs the client one `orjson.dumps` instead of adapting
   dozens of arrays (that adaptation cost more than the inserts did).
 - Big batches (file imports) COPY each table: COPY is the fastest way in for thousands of rows,
   but costs round trips to set up that a handful of rows would not win back. The log goes in at
@@ -32,6 +33,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from subledger.core.chain import chain_slot
 from subledger.core.lifecycle import SubscriptionState, Transition
 from subledger.store import log, projections
 from subledger.store import outbox as outbox_sql
@@ -54,18 +56,22 @@ def begin(
     keys: Sequence[str],
     link_pairs: Iterable[tuple[str, str]],
 ) -> Begun:
-    """Start an ingest in one round trip: the locked chain head (with which of `entries` are already
-    logged), the locked states of `keys` and the identity links of the (app_id, key) pairs."""
+    """Start an ingest in one round trip: the locked heads of the entries' chains (with which of
+    `entries` are already logged), the locked states of `keys` and the identity links of the
+    (app_id, key) pairs. The server picks the chains (`slot % chains` of the current epoch) and locks
+    their heads in ascending order, so two ingests never wait on each other in a cycle."""
     param = {
         "entries": [{"source": e.key[0], "external_id": e.key[1]} for e in entries],
+        "slots": sorted({chain_slot(e.notification.key()) for e in entries}),
         "keys": list(keys),
         "links": [{"app_id": app_id, "store_subscription": key} for app_id, key in link_pairs],
     }
     row = conn.execute("SELECT * FROM subledger_ingest_begin(%s::jsonb)", (orjson.dumps(param).decode(),)).fetchone()
     assert row is not None, "run `subledger db upgrade`"
-    position, hash_, seen, states, links = row
+    chains, head_chains, positions, hashes, seen, states, links = row
+    tips = {int(c): (int(p), bytes(h)) for c, p, h in zip(head_chains, positions, hashes, strict=True)}
     return Begun(
-        head=log.Head(int(position), bytes(hash_), frozenset(tuple(k.split("\x1f", 1)) for k in seen)),
+        head=log.Head(tips, frozenset(tuple(k.split("\x1f", 1)) for k in seen), int(chains)),
         states={key: SubscriptionState.from_json(state) for key, state in states.items()},
         links=dict(links),
     )

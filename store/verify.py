@@ -12,6 +12,13 @@ them); each is re-derived from the facts (`core.chain.derived_columns`) and comp
 owner who switches the trigger off and edits one is named by position and column. Logs written
 before this check existed verify unchanged: the hash format is the same.
 
+A partitioned log (`[log] chains = N`, store/log.py) is walked in the same single pass: one running
+hash per chain, each entry checked against the previous entry *of its chain*, each chain's positions
+advancing by exactly N (a missing entry is a gap in its chain), each entry in the chain its
+subscription key hashes to, each epoch's seal equal to the one recomputed from the chains it closed,
+and each current head equal to the end of its chain. Problems then name the chain; a log that has
+only ever had one chain is checked and reported exactly as before.
+
 Everything streams through server-side cursors inside one read-only REPEATABLE READ transaction:
 memory stays flat whatever the log's size, and the chain, the head and the projections are all
 read from one snapshot, so a concurrent ingest can never look like damage.
@@ -34,11 +41,21 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
-from subledger.core.chain import DERIVED_COLUMNS, GENESIS, chain_hash, derived_columns, entry_for_hash, respellings
+from subledger.core.chain import (
+    DERIVED_COLUMNS,
+    chain_hash,
+    chain_of,
+    derived_columns,
+    entry_for_hash,
+    first_positions,
+    respellings,
+    seal,
+)
 from subledger.core.derive import Known, Located, derive
 from subledger.core.errors import InvalidEvent
 from subledger.core.events import event_from_facts, format_time
 from subledger.core.lifecycle import TransitionKind, subscriber_id, transition_id
+from subledger.store import log
 
 FETCH = 2000
 MAX_PROBLEMS = 50
@@ -71,7 +88,8 @@ class Problem:
     """`kind`: chain, head, projection or transition; `position` for the log, `subscription` otherwise.
 
     `column` names the column that disagrees when one can be named (a derived log column, or a
-    projection column), so a reader of `--json` need not parse `detail`.
+    projection column), so a reader of `--json` need not parse `detail`. `chain` names the chain of a
+    chain or head problem when the log is partitioned (None for a log that has only had one).
     """
 
     kind: str
@@ -79,6 +97,7 @@ class Problem:
     position: int | None = None
     subscription: str | None = None
     column: str | None = None
+    chain: int | None = None
 
     def describe(self) -> str:
         where = f"position {self.position}" if self.position is not None else f"subscription {self.subscription}"
@@ -114,7 +133,7 @@ class Verification:
             "problem_count": self.problem_count,
             "problems": [
                 {"kind": p.kind, "position": p.position, "subscription": p.subscription, "column": p.column,
-                 "detail": p.detail}
+                 "chain": p.chain, "detail": p.detail}
                 for p in self.problems
             ],
         }
@@ -152,14 +171,60 @@ def verify(conn: psycopg.Connection, *, progress: Progress | None = None) -> Ver
     return result
 
 
+class _Walk:
+    """Where each chain of the current epoch stands while the log streams by in position order."""
+
+    def __init__(self, epochs: list[log.Epoch]) -> None:
+        self.epochs = epochs
+        self.index = 0
+        self.partitioned = any(e.chains > 1 for e in epochs)
+        self.previous: list[bytes] = []
+        self.expected: list[int] = []
+        self.start(epochs[0])
+
+    @property
+    def epoch(self) -> log.Epoch:
+        return self.epochs[self.index]
+
+    def start(self, epoch: log.Epoch) -> None:
+        self.previous = [epoch.seal] * epoch.chains
+        self.expected = [p + epoch.chains for p in first_positions(epoch.first_position, epoch.chains)]
+
+    def where(self, chain: int) -> str:
+        """The prefix a problem's detail gets: nothing for a one-chain log."""
+        return f"chain {chain}: " if self.partitioned else ""
+
+    def advance_to(self, position: int | None, result: Verification) -> None:
+        """Close every epoch that ends before `position` (None: all of them), checking each seal."""
+        while self.index + 1 < len(self.epochs) and (
+                position is None or position >= self.epochs[self.index + 1].first_position):
+            following = self.epochs[self.index + 1]
+            if seal(self.previous) != following.seal:
+                result.add(Problem("chain", f"epoch {following.epoch} starts from a seal that does not match the "
+                                            f"last hashes of epoch {self.epoch.epoch}'s chains (an entry before "
+                                            "it, or the seal, was changed)", position=following.first_position))
+            self.index += 1
+            self.start(following)  # from the stored seal, so one bad seal is not blamed on every entry
+
+
 def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Progress | None) -> None:
-    previous, expected_position = GENESIS, 1
+    walk = _Walk(log.epochs(conn))
     for (position, source, external_id, app_id, key, received_at, historical, raw, facts, stored,
          arrival, *columns) in _stream(conn, "subledger_verify_chain", CHAIN_SQL):
         stored = bytes(stored)
+        walk.advance_to(position, result)
+        epoch = walk.epoch
+        chain = (position - epoch.first_position) % epoch.chains
+        named = chain if walk.partitioned else None
+        expected_position = walk.expected[chain]
         if position != expected_position:
-            result.add(Problem("chain", f"expected position {expected_position}, found {position} (a gap)",
-                               position=expected_position))
+            result.add(Problem("chain", f"{walk.where(chain)}expected position {expected_position}, found {position} "
+                                        "(a gap)", position=expected_position, chain=named))
+        if epoch.chains > 1 and chain_of(key, epoch.chains) != chain:
+            result.add(Problem("chain", f"{walk.where(chain)}{source}:{external_id}: its subscription key belongs to "
+                                        f"chain {chain_of(key, epoch.chains)}", position=position, chain=named,
+                               column="subscription_key"))
+        previous = walk.previous[chain]
         entry = entry_for_hash(
             source=source, external_id=external_id, app_id=app_id, subscription_key=key or "",
             received_at=format_time(received_at), historical=bool(historical), raw=bytes(raw), facts=facts,
@@ -168,19 +233,35 @@ def _verify_chain(conn: psycopg.Connection, result: Verification, progress: Prog
         if chain_hash(previous, entry) != stored and not any(
             chain_hash(previous, {**entry, "facts": respelt}) == stored for respelt in respellings(facts)
         ):
-            result.add(Problem("chain", f"{source}:{external_id}: the stored hash does not match the entry "
-                                        "(the entry or its hash was changed)", position=position))
+            result.add(Problem("chain", f"{walk.where(chain)}{source}:{external_id}: the stored hash does not match "
+                                        "the entry (the entry or its hash was changed)", position=position,
+                               chain=named))
         _check_derived(result, position, f"{source}:{external_id}", key, facts, columns)
-        previous, expected_position = stored, position + 1
+        walk.previous[chain], walk.expected[chain] = stored, position + epoch.chains
         result.entries += 1
         if progress is not None and result.entries % FETCH == 0:
             progress("chain", FETCH)
-    row = conn.execute("SELECT position, hash FROM log_head").fetchone()
-    if row is None:
-        result.add(Problem("head", "log_head row is missing"))
-    elif int(row[0]) != expected_position - 1 or bytes(row[1]) != previous:
-        result.add(Problem("head", f"log_head says position {row[0]}, the log ends at {expected_position - 1} "
-                                   "or with another hash"))
+    walk.advance_to(None, result)
+    _verify_heads(conn, walk, result)
+
+
+def _verify_heads(conn: psycopg.Connection, walk: _Walk, result: Verification) -> None:
+    """Each chain of the current epoch must end where its head says."""
+    stored = log.heads(conn)
+    chains = walk.epoch.chains
+    for chain in range(chains):
+        end = (walk.expected[chain] - chains, walk.previous[chain])
+        if not walk.partitioned:
+            if 0 not in stored:
+                result.add(Problem("head", "log_head row is missing"))
+            elif stored[0] != end:
+                result.add(Problem("head", f"log_head says position {stored[0][0]}, the log ends at {end[0]} "
+                                           "or with another hash"))
+        elif chain not in stored:
+            result.add(Problem("head", f"chain {chain}'s head row is missing", chain=chain))
+        elif stored[chain] != end:
+            result.add(Problem("head", f"chain {chain}'s head says position {stored[chain][0]}, the chain ends at "
+                                       f"{end[0]} or with another hash", chain=chain))
 
 
 def _check_derived(
@@ -327,8 +408,10 @@ def _check_transitions(
 
 
 def sizes(conn: psycopg.Connection) -> tuple[int, int]:
-    """(log entries, projections) for `verify`'s progress bar: the head's position and a row count."""
-    head = conn.execute("SELECT position FROM log_head").fetchone()
+    """(log entries, projections) for `verify`'s progress bar: read from the heads (and the epochs of a
+    partitioned log), and a row count."""
+    current = log.epochs(conn)[-1]
+    entries = current.entries_before + log.entries_in(current, log.heads(conn))
     projections = conn.execute("SELECT count(*) FROM subscriptions").fetchone()
     conn.rollback()
-    return (int(head[0]) if head else 0), (int(projections[0]) if projections else 0)
+    return entries, (int(projections[0]) if projections else 0)
