@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -114,6 +115,8 @@ class PlayApi:
         self.client = httpx.Client(base_url=settings.api_base_url, timeout=settings.timeout_seconds)
         self.token = _Token(settings)
         self.sleep = sleep
+        self.requests = 0  # HTTP requests sent (retries included): a reconciliation run reports them
+        self.throttled = 0  # of which Google answered 429 (quota)
 
     def close(self) -> None:
         self.client.close()
@@ -130,15 +133,34 @@ class PlayApi:
     def order(self, package: str, order_id: str) -> dict[str, Any] | google_source.Failure:
         return self._get("orders", f"/androidpublisher/v3/applications/{_q(package)}/orders/{_q(order_id)}")
 
-    def _get(self, resource: str, path: str) -> dict[str, Any] | google_source.Failure:
+    def voided_purchases(
+        self, package: str, start: datetime, end: datetime, page_token: str | None, max_results: int = 1000
+    ) -> dict[str, Any] | google_source.Failure:
+        """One page of `purchases.voidedpurchases.list`, subscriptions included (`type=1`).
+
+        The window is in Google's time of seeing the void (not `voidedTimeMillis`); Google ignores
+        it once a continuation `token` is given, so a page is asked for by the token alone."""
+        params: dict[str, str | int] = {"type": 1, "maxResults": max_results}
+        if page_token:
+            params["token"] = page_token
+        else:
+            params["startTime"] = _millis(start)
+            params["endTime"] = _millis(end)
+        path = f"/androidpublisher/v3/applications/{_q(package)}/purchases/voidedpurchases"
+        return self._get("voidedpurchases", path, params)
+
+    def _get(
+        self, resource: str, path: str, params: Mapping[str, str | int] | None = None
+    ) -> dict[str, Any] | google_source.Failure:
         attempts = 1 + self.settings.retries
         problem = ""
         for attempt in range(attempts):
             if attempt:
                 FETCHES.labels(self.app_id, resource, "retried").inc()
                 self.sleep(self.settings.backoff_seconds * 2 ** (attempt - 1))
+            self.requests += 1
             try:
-                response = self.client.get(path, headers={"Authorization": self.token.header()})
+                response = self.client.get(path, params=params, headers={"Authorization": self.token.header()})
             except httpx.TimeoutException:
                 problem = f"timed out after {self.settings.timeout_seconds} s"
                 continue
@@ -161,6 +183,7 @@ class PlayApi:
                 problem = "answered 200 with a body that is not a JSON object"
                 continue
             if status == 429 or status >= 500:
+                self.throttled += status == 429
                 problem = f"answered {status}"
                 continue
             reason = _google_error(response)
@@ -180,6 +203,10 @@ class PlayApi:
 
 def _q(part: str) -> str:
     return quote(part, safe="")
+
+
+def _millis(when: datetime) -> int:
+    return int(when.timestamp()) * 1000 + when.microsecond // 1000
 
 
 def _google_error(response: httpx.Response) -> str:
@@ -281,7 +308,8 @@ class GoogleSource:
     def fetch(self, push: google_source.Push) -> google_source.Fetched:
         """Everything the mapping of `push` needs from Google (nothing for a test notification)."""
         package = self.config.package_name
-        subscription = product = order = None
+        subscription: dict[str, Any] | None = None
+        product: dict[str, Any] | None = None
         if push.wants_subscription and push.purchase_token:
             got = self.api.subscription(package, push.purchase_token)
             if isinstance(got, google_source.Failure):
@@ -292,6 +320,16 @@ class GoogleSource:
             if isinstance(got, google_source.Failure):
                 return google_source.Fetched(failure=got)
             product = got
+        return self.fetched_with(push, subscription, product)
+
+    def fetched_with(
+        self, push: google_source.Push, subscription: Mapping[str, Any] | None,
+        product: Mapping[str, Any] | None = None,
+    ) -> google_source.Fetched:
+        """`fetch` once the subscription (or product) is in hand: the order, for money, as `fetch` reads
+        it (reconciliation fetched the subscription itself before it knew which push it stands for)."""
+        package = self.config.package_name
+        order: dict[str, Any] | None = None
         order_error = None
         wanted = push.family != "voided" or push.product_type == 1
         order_id = google_source.order_to_fetch(push, subscription, product) if wanted else None

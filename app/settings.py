@@ -211,6 +211,10 @@ class GoogleSourceSettings(_Strict):
     push_audience: str | None = Field(default=None, min_length=1)
     push_service_account_email: str | None = Field(default=None, min_length=1)
     push_certs_url: str | None = None  # default: Google's; only tests point it elsewhere
+    # `subledger reconcile google`: the subscriptionsv2 sweep's bound per run, and how long after a
+    # period's end a live subscription must have stayed silent before it is asked about.
+    sweep_limit: int = Field(default=500, ge=0, le=100_000)
+    sweep_margin_minutes: float = Field(default=60, ge=0)
 
     @field_validator("api_base_url")
     @classmethod

@@ -1,7 +1,9 @@
 """A fake Google for the Play tests: a real HTTP server on 127.0.0.1.
 
 It serves the three Play Developer API resources subledger fetches (subscriptionsv2, products,
-orders) from dictionaries a test fills and changes between deliveries, checks the bearer token,
+orders) from dictionaries a test fills and changes between deliveries, and `voidedpurchases.list`
+(startTime/endTime on `voidedTimeMillis`, `type`, `maxResults` ≤ 1000, continuation tokens, pages
+of `voided_page_size`, a page answering a scripted status the first time only), checks the bearer token,
 answers scripted faults (5xx, 429, a 404/410, a 401/403, a hang longer than the client timeout) to
 the next requests, records every request, and publishes the certificate of a throwaway RSA key at
 `/oauth2/v1/certs` so Pub/Sub-style OIDC push tokens signed by `push_token` verify.
@@ -21,7 +23,7 @@ from collections import deque
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -78,6 +80,9 @@ class FakeGoogle:
         self.orders: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, int] = {}  # token or order id → status answered for it, always
         self.faults: deque[int | str] = deque()
+        self.voided: list[dict[str, Any]] = []  # VoidedPurchase objects, as voidedpurchases.list lists them
+        self.voided_page_size = 1000
+        self.voided_fail_once: dict[int, int] = {}  # page number (1-based) → status answered once, then the page
         self.requests: list[str] = []
         self.lock = threading.Lock()
         fake = self
@@ -181,6 +186,8 @@ class FakeGoogle:
         if parts[0] != PACKAGE:
             return 404, {"error": {"code": 404, "message": "No application was found for the given package name."}}
         rest = parts[1:]
+        if rest == ["purchases", "voidedpurchases"]:
+            return self.voided_page(parse_qs(urlsplit(path).query))
         found: dict[str, Any] | None = None
         key = ""
         if rest[:3] == ["purchases", "subscriptionsv2", "tokens"] and len(rest) == 4:
@@ -198,6 +205,43 @@ class FakeGoogle:
         if found is None:
             return 404, {"error": {"code": 404, "message": "The purchase token was not found."}}
         return 200, found
+
+
+    def voided_page(self, query: dict[str, list[str]]) -> tuple[int, Any]:
+        """One page of voided purchases, oldest first. A continuation token carries the first query's
+        window and type (Google ignores startTime/endTime once a token is given)."""
+        limit = int(query.get("maxResults", ["1000"])[0])
+        if not 0 < limit <= 1000:
+            return 400, {"error": {"code": 400, "message": "maxResults must be in [1, 1000]"}}
+        token = query.get("token", [None])[0]
+        if token is not None:
+            try:
+                start, end, kind, offset = (int(x) for x in base64.urlsafe_b64decode(token).decode().split(":"))
+            except ValueError:
+                return 400, {"error": {"code": 400, "message": "Invalid pagination token."}}
+        else:
+            now = int(time.time() * 1000)
+            start = int(query.get("startTime", [str(now - 30 * 86_400_000)])[0])
+            end = int(query.get("endTime", [str(now)])[0])
+            kind, offset = int(query.get("type", ["0"])[0]), 0
+            if start < now - 30 * 86_400_000 - 60_000:
+                return 400, {"error": {"code": 400, "message": "startTime is too far in the past."}}
+        page_number = offset // self.voided_page_size + 1
+        with self.lock:
+            failure = self.voided_fail_once.pop(page_number, None)
+        if failure is not None:
+            return failure, {"error": {"code": failure, "message": f"scripted {failure} for page {page_number}"}}
+        chosen = sorted((v for v in self.voided if start <= int(v["voidedTimeMillis"]) <= end
+                         and (kind == 1 or v["purchaseToken"] not in self.subscriptions)),
+                        key=lambda v: (int(v["voidedTimeMillis"]), v["orderId"]))
+        size = min(limit, self.voided_page_size)
+        page = chosen[offset:offset + size]
+        body: dict[str, Any] = {"pageInfo": {"totalResults": len(page), "resultPerPage": size, "startIndex": offset},
+                                "voidedPurchases": page}
+        if offset + size < len(chosen):
+            following = base64.urlsafe_b64encode(f"{start}:{end}:{kind}:{offset + size}".encode()).decode()
+            body["tokenPagination"] = {"nextPageToken": following}
+        return 200, body
 
 
 # --- builders --------------------------------------------------------------------------------
@@ -312,3 +356,11 @@ def order(order_id: str, product: str, total: str, *, currency: str = "USD", pha
             "subscriptionDetails": {"basePlanId": "monthly", "offerPhaseDetails": {PHASE_DETAILS[phase]: {}}},
         }],
     }
+
+
+def voided_purchase(token: str, order_id: str, voided: datetime, *, purchased: datetime | None = None,
+                    source: int = 0, reason: int = 1) -> dict[str, Any]:
+    """A VoidedPurchase as `purchases.voidedpurchases.list` lists it (int64 times as strings)."""
+    return {"kind": "androidpublisher#voidedPurchase", "purchaseToken": token,
+            "purchaseTimeMillis": millis(purchased or voided - timedelta(days=1)), "voidedTimeMillis": millis(voided),
+            "orderId": order_id, "voidedSource": source, "voidedReason": reason}

@@ -703,3 +703,114 @@ def _money(money: Mapping[str, Any], name: str) -> tuple[Decimal | None, str | N
     if amount < 0:
         raise InvalidEvent("must not be negative", name)
     return (amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount), currency
+
+
+# --- reconciliation: what the Play Developer API says, as the push it stands for ---------------
+#
+# A reconciler logs what it learns from Google as the DeveloperNotification a push would have carried
+# (unwrapped, without a message id), so the mapping above makes its facts and its external id is that
+# body's digest (`rtdn:<sha256>`, as for any unwrapped push): a second run builds the same body from
+# the same answer and is a duplicate, and a capture line of it (the body plus `subledger_fetched`)
+# maps back to the same facts without Google. A push of the same fact that arrives later has its own
+# message id, so it is an entry of its own whose facts the fold finds already applied (the same order
+# refunded or charged, an expiration after an expiration). The body names its origin under
+# `subledgerReconciliation`, which the mapping ignores.
+
+RECONCILED = "subledgerReconciliation"
+ACTIVE = "SUBSCRIPTION_STATE_ACTIVE"
+CANCELED = "SUBSCRIPTION_STATE_CANCELED"
+EXPIRED = "SUBSCRIPTION_STATE_EXPIRED"
+IN_GRACE = "SUBSCRIPTION_STATE_IN_GRACE_PERIOD"
+ON_HOLD = "SUBSCRIPTION_STATE_ON_HOLD"
+PAUSED = "SUBSCRIPTION_STATE_PAUSED"
+_EPOCH_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Voided:
+    """One `purchases.voidedpurchases.list` item: a purchase or renewal order refunded, revoked or charged back."""
+
+    purchase_token: str
+    order_id: str
+    voided_at: datetime
+    voided_source: int | None = None  # 0 user, 1 developer, 2 Google
+    voided_reason: int | None = None  # 0 other, 1 remorse, ..., 7 chargeback (Google's numbering)
+
+
+def parse_voided(item: Any) -> Voided:
+    """A listed VoidedPurchase → Voided; raises MalformedPayload / InvalidEvent naming the field."""
+    if not isinstance(item, dict):
+        raise MalformedPayload("must be an object", "voidedPurchases[]")
+    token = _token(item.get("purchaseToken"), "voidedPurchases[].purchaseToken")
+    order = as_str(item.get("orderId"))
+    if order is None or len(order) > 200 or "\x00" in order:
+        raise InvalidEvent("is required (≤ 200 characters)", "voidedPurchases[].orderId")
+    voided_at = unix_time(item.get("voidedTimeMillis"), "voidedPurchases[].voidedTimeMillis", text=True)
+    return Voided(token, order, voided_at, as_int(item.get("voidedSource")), as_int(item.get("voidedReason")))
+
+
+def voided_body(package: str, voided: Voided, subscription: Mapping[str, Any] | None) -> bytes:
+    """The push a voided subscription order stands for, given the subscription as fetched now.
+
+    A `voidedPurchaseNotification` (a refund of the order), unless Google's state shows access ended
+    with it (expired, its latest order the voided one): then `SUBSCRIPTION_REVOKED`, the refund and
+    the expiration the push path logs for a revocation. Dated when Google voided the order.
+    """
+    revoked = (
+        subscription is not None
+        and subscription.get("subscriptionState") == EXPIRED
+        and _latest_order(subscription) == voided.order_id
+    )
+    inner: dict[str, Any]
+    if revoked:
+        inner = {"subscriptionNotification": {"version": "1.0", "notificationType": 12,
+                                              "purchaseToken": voided.purchase_token}}
+    else:
+        inner = {"voidedPurchaseNotification": {"purchaseToken": voided.purchase_token, "orderId": voided.order_id,
+                                                "productType": 1, "refundType": 1}}
+    origin = {"resource": "purchases.voidedpurchases", "voidedSource": voided.voided_source,
+              "voidedReason": voided.voided_reason}
+    return _reconciled_body(package, voided.voided_at, inner, origin)
+
+
+def voided_probe(package: str, voided: Voided) -> Push:
+    """The voided push before anything is fetched: what `fetch` needs (the token, the order)."""
+    return parse_push(voided_body(package, voided, None))
+
+
+def sweep_body(
+    package: str, token: str, subscription: Mapping[str, Any], *, known_expiry: datetime, billing_issue: bool
+) -> bytes | None:
+    """The push a live-but-ended subscription's fetched state stands for, or None when it says nothing new.
+
+    Against the projection (`known_expiry`, `billing_issue`): a later expiry while active (or
+    cancelled) is a renewal at the end of the known period (a recovery when a billing issue was
+    open); expired (or cancelled and ended) is the expiration, dated at Google's expiry; grace or
+    hold opens a billing issue, paused a pause, at the known period end. Still active with the same
+    expiry (Google has not renewed yet), pending, or the old token of a replacement: nothing.
+    """
+    state = as_str(subscription.get("subscriptionState"))
+    expiry = _maybe_time(_line_item(subscription).get("expiryTime"))
+    if "replacementCancellation" in as_dict(subscription.get("canceledStateContext")):
+        return None  # the old token of an upgrade/downgrade: the new token tells what happened
+    kind: int
+    at = known_expiry
+    if state in (ACTIVE, CANCELED) and expiry is not None and expiry > known_expiry:
+        kind = 1 if billing_issue else 2
+    elif state == EXPIRED or (state == CANCELED and expiry is not None and expiry <= known_expiry):
+        kind, at = 13, expiry or known_expiry
+    elif state in (IN_GRACE, ON_HOLD) and not billing_issue:
+        kind = 6 if state == IN_GRACE else 5
+    elif state == PAUSED:
+        kind = 10
+    else:
+        return None
+    inner = {"subscriptionNotification": {"version": "1.0", "notificationType": kind, "purchaseToken": token}}
+    return _reconciled_body(package, at, inner, {"resource": "purchases.subscriptionsv2", "state": state})
+
+
+def _reconciled_body(package: str, at: datetime, inner: dict[str, Any], origin: dict[str, Any]) -> bytes:
+    millis = int(at.timestamp()) * _EPOCH_MS + at.microsecond // 1000
+    notification = {"version": "1.0", "packageName": package, "eventTimeMillis": str(millis), **inner,
+                    RECONCILED: {k: v for k, v in origin.items() if v is not None}}
+    return json.dumps(notification, sort_keys=True, separators=(",", ":")).encode()
