@@ -25,13 +25,17 @@ from datetime import datetime, timedelta
 from typing import Final
 
 import psycopg
+from appstoreserverlibrary.models.JWSRenewalInfoDecodedPayload import JWSRenewalInfoDecodedPayload
+from appstoreserverlibrary.models.JWSTransactionDecodedPayload import JWSTransactionDecodedPayload
+from appstoreserverlibrary.models.StatusResponse import StatusResponse
 
 from subledger.app.apple_api import HISTORY_LIMIT, AppleApi
 from subledger.app.reconcile import Summary
 from subledger.app.sources import Sources
-from subledger.core.errors import PayloadRejected, UnknownApp
+from subledger.core.errors import InvalidEvent, PayloadRejected, UnknownApp
 from subledger.core.sources import apple as apple_source
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+from subledger.store import log as log_rows
 from subledger.store import reconciliation as rows
 
 log = logging.getLogger("subledger.reconcile")
@@ -122,6 +126,78 @@ def reconcile_apple(
         with conn.transaction():
             rows.advance(conn, ALL_CURSOR if all_types else FAILURES_CURSOR, app_id, now, now)
     return summary
+
+
+def refresh_subscription(
+    conn: psycopg.Connection,
+    sources: Sources,
+    api: AppleApi,
+    app_id: str,
+    policy: IngestPolicy,
+    now: datetime,
+    transaction_id: str,
+    *,
+    dry_run: bool = False,
+) -> Summary:
+    """Ask Apple for one subscription's statuses and transaction history (V2), ingest the facts the
+    log lacks (core/sources/apple.py `recover_subscription` says which, and their ids). No cursor.
+
+    `transaction_id` is the subscription's original transaction id, or any of its transactions'.
+    `listed` counts the signed transactions read; `duplicates` those whose charge was logged.
+    """
+    adapter = adapter_for(sources, app_id)
+    api.bundle_id = api.bundle_id or adapter.config.bundle_id
+    conn.commit()
+    summary = Summary(app_id, SOURCE, "subscription", now, dry_run)
+    try:
+        found = api.subscription(transaction_id)
+    finally:
+        summary.pages, summary.api_calls, summary.throttled = api.calls.pages, api.calls.requests, api.calls.throttled
+    if found is None:
+        raise InvalidEvent(f"Apple knows no transaction {transaction_id!r} of this app in "
+                           f"{' or '.join(api.environments)}", "--subscription")
+    environment, statuses, signed = found
+    verified: list[tuple[str, JWSTransactionDecodedPayload]] = []
+    for jws in signed:
+        try:
+            verified.append((jws, adapter.verified_transaction(environment, jws)))
+        except PayloadRejected as exc:
+            summary.refused += 1
+            log.warning("reconcile apple %s: a signed transaction refused: %s", app_id, exc)
+    original = next((t.originalTransactionId for _, t in verified if t.transactionId == transaction_id), None)
+    original = original or transaction_id
+    mine = [(jws, t) for jws, t in verified if t.originalTransactionId == original]
+    status, renewal, signed_renewal = _status_of(adapter, environment, statuses, original, summary)
+    summary.listed = len(mine)
+    logged = [located.event for located in log_rows.history(conn, apple_source.stream_key(app_id, original))]
+    conn.commit()
+    recovered = apple_source.recover_subscription(
+        adapter.config, environment, [t for _, t in mine], logged,
+        signed_transactions={str(t.transactionId): jws for jws, t in mine},
+        status=status, renewal=renewal, signed_renewal=signed_renewal)
+    charges = sum(1 for r in recovered if r.notification.external_id.startswith("-transaction:"))
+    summary.duplicates = len(mine) - charges
+    items = [Incoming(r.notification, r.raw, arrival=rows.RECONCILIATION) for r in recovered]
+    ingest_recovered(conn, summary, items, policy, now)
+    return summary
+
+
+def _status_of(adapter: apple_source.AppleAdapter, environment: str, statuses: StatusResponse, original: str,
+               summary: Summary) -> tuple[int | None, JWSRenewalInfoDecodedPayload | None, str | None]:
+    """The subscription's status (1 active ... 5 revoked) and verified renewal info, from its statuses."""
+    for group in statuses.data or []:
+        for item in group.lastTransactions or []:
+            if item.originalTransactionId != original:
+                continue
+            renewal = None
+            if item.signedRenewalInfo:
+                try:
+                    renewal = adapter.verified_renewal(environment, item.signedRenewalInfo)
+                except PayloadRejected as exc:
+                    summary.refused += 1
+                    log.warning("reconcile apple %s: a signed renewal info refused: %s", summary.app_id, exc)
+            return item.rawStatus, renewal, item.signedRenewalInfo
+    return None, None, None
 
 
 def ingest_recovered(conn: psycopg.Connection, summary: Summary, items: list[Incoming], policy: IngestPolicy,

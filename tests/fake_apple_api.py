@@ -125,16 +125,25 @@ class FakeAppleApi:
         if method == "POST" and path == "/inApps/v1/notifications/history":
             return _reply(h, 200, self.history(body or {}, query.get("paginationToken", [None])[0]))
         if method == "GET" and path.startswith("/inApps/v1/subscriptions/"):
-            found = self.subscriptions.get(path.rsplit("/", 1)[1])
+            found = self.find(path.rsplit("/", 1)[1])
             if found is None:
                 return _reply(h, 404, {"errorCode": 4040010, "errorMessage": "Transaction id not found."})
             return _reply(h, 200, found.statuses)
         if method == "GET" and path.startswith("/inApps/v2/history/"):
-            found = self.subscriptions.get(path.rsplit("/", 1)[1])
+            found = self.find(path.rsplit("/", 1)[1])
             if found is None:
                 return _reply(h, 404, {"errorCode": 4040010, "errorMessage": "Transaction id not found."})
             return _reply(h, 200, self.transactions(found, query.get("revision", [None])[0]))
         _reply(h, 404, {"errorCode": 4040000, "errorMessage": "no such route"})
+
+    def find(self, transaction_id: str) -> Subscription | None:
+        """Apple takes any transaction id of the customer: the original one, or any of its transactions'."""
+        for original, found in self.subscriptions.items():
+            ids = {jwt.decode(jws, options={"verify_signature": False})["transactionId"]
+                   for jws in found.signed_transactions}
+            if transaction_id == original or transaction_id in ids:
+                return found
+        return None
 
     def _verify(self, authorization: str) -> dict[str, Any] | None:
         if not authorization.startswith("Bearer "):

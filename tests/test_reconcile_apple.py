@@ -15,15 +15,15 @@ from typing import Any
 import psycopg
 import pytest
 from apple_signing import APP_APPLE_ID, BUNDLE_ID, ms, notification_payload, renewal_info, sign, transaction
-from fake_apple_api import ISSUER_ID, KEY_ID, FakeAppleApi, Record, make_key
+from fake_apple_api import ISSUER_ID, KEY_ID, FakeAppleApi, Record, Subscription, make_key
 from webhooks_support import APPLE_APP, CA, Pipeline, config_dict, tracks, write_root
 
 from subledger.app import settings as settings_module
 from subledger.app.apple_api import AppleApi, from_settings
 from subledger.app.bootstrap import build
-from subledger.app.reconcile_apple import reconcile_apple, window_start
+from subledger.app.reconcile_apple import reconcile_apple, refresh_subscription, window_start
 from subledger.app.sources import build_sources
-from subledger.core.errors import SourceUnavailable
+from subledger.core.errors import InvalidEvent, SourceUnavailable
 from subledger.store import reconciliation
 from subledger.store.verify import verify
 
@@ -235,3 +235,63 @@ def test_the_window(world: World) -> None:
         # --since reaches past history_days, never past Apple's 180 days
         long_ago = now - timedelta(days=400)
         assert window_start(conn, APPLE_APP, api, now, long_ago, all_types=True) > now - timedelta(days=180)
+
+
+def statuses(status: int, latest: dict[str, Any], renewal: dict[str, Any]) -> dict[str, Any]:
+    """Get All Subscription Statuses' answer for the one subscription OTID."""
+    return {"environment": PROD, "bundleId": BUNDLE_ID, "appAppleId": APP_APPLE_ID, "data": [
+        {"subscriptionGroupIdentifier": "55555", "lastTransactions": [
+            {"status": status, "originalTransactionId": OTID, "signedTransactionInfo": sign(latest, CA),
+             "signedRenewalInfo": sign(renewal, CA)}]}]}
+
+
+def test_a_subscription_refresh_recovers_a_missed_renewal_and_expiration_once(world: World) -> None:
+    buy = world.notes[0]
+    assert world.p.post("/webhooks/apple", buy.body, JSON)["result"] == "new"  # nothing after it arrived
+    now = datetime.now(UTC).replace(microsecond=0)
+    renewed = now - timedelta(hours=24)
+    t1 = txn("t1", buy.at)
+    t2 = transaction(transaction_id="t2", purchase=renewed, expires=now - timedelta(hours=1), environment=PROD)
+    world.apple.subscriptions[OTID] = Subscription(
+        statuses(1, t2, renewal_info(environment=PROD, signed=now)), [sign(t1, CA), sign(t2, CA)])
+    assert events(world.p) == ["rc_initial_purchase_event"]
+    services = build(world.p.settings, database_url=world.p.db_url)
+
+    def refresh(transaction_id: str = OTID) -> dict[str, Any]:
+        with psycopg.connect(world.p.db_url) as conn:
+            summary = refresh_subscription(conn, build_sources(world.p.settings), world.api(), APPLE_APP,
+                                           services.policy, datetime.now(UTC), transaction_id)
+        return summary.as_json()
+
+    first = refresh()
+    # a 429, the statuses, then the history in two pages of one (the fake's page size)
+    assert (first["recovered"], first["duplicates"], first["listed"], first["mode"]) == (1, 1, 2, "subscription")
+    assert (first["api_calls"], first["pages"], first["throttled"]) == (4, 2, 1)
+    assert first["recovered_ids"] == ["-transaction:t2"]
+    assert [q.get("revision") for _, p, q, _ in world.apple.requests if p.startswith("/inApps/v2/history/")] == [
+        None, ["rev-1"]]
+    assert events(world.p) == ["rc_initial_purchase_event", "rc_renewal_event"]
+    assert refresh("t2")["recovered"] == 0  # any of its transaction ids names the subscription
+
+    # Apple now says it expired (the user had turned auto-renew off): one expiration, once
+    world.apple.subscriptions[OTID].statuses = statuses(2, t2, renewal_info(auto_renew=False, environment=PROD,
+                                                                            signed=now, expirationIntent=1))
+    expired = refresh()
+    assert (expired["recovered"], expired["recovered_ids"]) == (1, ["-expired:t2"])
+    assert refresh()["recovered"] == 0
+    expected = ["rc_initial_purchase_event", "rc_renewal_event", "rc_expiration_event"]
+    assert events(world.p) == expected
+
+    # the renewal's and the expiration's own notifications, late (Apple retried them): logged, but
+    # the fold had credited both facts to the recovered ones and derives nothing new
+    late = [note("n-renew-late", "DID_RENEW", None, renewed, txn=t2),
+            note("n-expired-late", "EXPIRED", "VOLUNTARY", now, txn=t2)]
+    for n in late:
+        assert world.p.post("/webhooks/apple", n.body, JSON)["result"] == "new"
+    assert events(world.p) == expected
+    with psycopg.connect(world.p.db_url) as conn:
+        assert reconciliation.recovered_counts(conn) == {(APPLE_APP, "apple"): 2}
+        assert verify(conn).ok
+
+    with pytest.raises(InvalidEvent, match="knows no transaction '999'"):
+        refresh("999")

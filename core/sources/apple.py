@@ -179,6 +179,23 @@ class AppleAdapter:
         return BadSignature("signature or certificate chain does not verify against Apple's root", name)
 
 
+    def verified_transaction(self, environment: str, signed: str) -> JWSTransactionDecodedPayload:
+        """A signed transaction the App Store Server API answered, verified as a webhook's is."""
+        verifier = self._environment(environment)
+        return self._verified(lambda: verifier.verify_and_decode_signed_transaction(signed), "signedTransactionInfo",
+                              _peek_quietly(signed))
+
+    def verified_renewal(self, environment: str, signed: str) -> JWSRenewalInfoDecodedPayload:
+        """A signed renewal info the App Store Server API answered, verified as a webhook's is."""
+        verifier = self._environment(environment)
+        return self._verified(lambda: verifier.verify_and_decode_renewal_info(signed), "signedRenewalInfo")
+
+    def _environment(self, environment: str) -> AppleVerifier:
+        if environment not in self.config.environments or environment not in self._verifiers:
+            raise BadSignature(f"environment {environment!r} is not accepted for this app", "environment")
+        return self._verifiers[environment]
+
+
 def parse_notification(body: bytes, config: AppleConfig) -> Notification:
     """Convenience for one-off use (tests, scripts); servers keep an `AppleAdapter` per app (`app.sources`)."""
     return AppleAdapter(config).parse(body)
@@ -228,6 +245,102 @@ def listed(signed_payload: str) -> Listed:
         signed if isinstance(signed, int) and not isinstance(signed, bool) else 0,
         signed_payload,
     )
+
+
+# --- reconciliation: one subscription's transactions and status ------------------------------
+#
+# `subledger reconcile apple --subscription` asks the App Store Server API for one subscription's
+# transaction history (V2) and statuses. Those answers are signed snapshots, not notifications, so
+# they carry no notificationUUID; a fact is recovered only when the log lacks it, under an external
+# id derived from what it states, so a second refresh finds it logged and recovers nothing:
+#
+# * a charge: a signed transaction whose id no logged charge fact (purchase, renewal, billing
+#   recovery) carries → `purchase` when it is the original transaction, else `renewal` (the fold
+#   decides trial conversion), dated at its purchaseDate; id `-transaction:<transactionId>`;
+# * a refund: a transaction with a revocationDate and no logged refund fact for its id → the facts
+#   of a REFUND notification (refund, and the expiration when its period had not ended), dated at
+#   the revocationDate; id `-refund:<transactionId>`;
+# * an expiration: status 2 (expired) when the log has no expiration since the latest charge,
+#   dated at that transaction's expiresDate, reason from expirationIntent; id `-expired:<transactionId>`.
+#
+# Only facts whose instant the answer states are recovered, and their ids begin with "-", which
+# sorts before every notificationUUID: when the notification of the same fact arrives later (Apple
+# retried it, or the notification history recovers it) its fact ties on the instant and sorts
+# after the recovered one, so the fold keeps crediting the recovered fact and derives nothing new
+# (a charge whose transaction id it counted is not a second charge). An auto-renew switch is not
+# recovered here: the renewal info does not say when it happened, and a fact dated at the answer
+# would be re-derived from the late notification's earlier instant. The notification history
+# recovers those, and billing-issue, grace-period and product-change facts.
+
+CHARGES = frozenset({EventType.PURCHASE, EventType.RENEWAL, EventType.BILLING_RECOVERED})
+STATUS_EXPIRED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A fact the log lacks, as a notification to ingest, and the raw body that stated it."""
+
+    notification: Notification
+    raw: bytes
+
+
+def recover_subscription(
+    config: AppleConfig,
+    environment: str,
+    transactions: Iterable[JWSTransactionDecodedPayload],
+    logged: Iterable[events.CanonicalEvent],
+    *,
+    signed_transactions: Mapping[str, str],
+    status: int | None = None,
+    renewal: JWSRenewalInfoDecodedPayload | None = None,
+    signed_renewal: str | None = None,
+) -> list[Recovered]:
+    """The facts one subscription's verified transactions and status state that `logged` (the log's
+    facts of that subscription) lacks, oldest first. Pure: the shell reads Apple and the log.
+
+    `signed_transactions` maps a transaction id to the JWS it came in, logged as the raw body.
+    """
+    facts = list(logged)
+    charged = {e.transaction_id for e in facts if e.type in CHARGES and e.transaction_id}
+    refunded = {e.transaction_id for e in facts if e.type is EventType.REFUND and e.transaction_id}
+    chosen = sorted((t for t in transactions if t.rawType in (None, AUTO_RENEWABLE) and t.transactionId),
+                    key=lambda t: (t.purchaseDate or 0, t.transactionId or ""))
+    out: list[Recovered] = []
+    for txn in chosen:
+        tid = str(txn.transactionId)
+        body = orjson.dumps({"signedTransactionInfo": signed_transactions.get(tid), "recovered": "transaction"})
+        if tid not in charged:
+            kind = EventType.PURCHASE if tid == txn.originalTransactionId else EventType.RENEWAL
+            mapping = _Mapping.recovered(config, environment, f"-transaction:{tid}", "TRANSACTION", txn, None)
+            mapping._charge(kind)
+            out.append(Recovered(mapping.notification(), body))
+        if txn.revocationDate is not None and tid not in refunded:
+            mapping = _Mapping.recovered(config, environment, f"-refund:{tid}", "TRANSACTION/REVOKED", txn, None)
+            mapping.on_refund()
+            out.append(Recovered(mapping.notification(), body))
+    latest = chosen[-1] if chosen else None
+    if latest is not None and status is not None:
+        out.extend(_status_facts(config, environment, latest, facts, status, renewal,
+                                 orjson.dumps({"status": status, "signedRenewalInfo": signed_renewal,
+                                               "signedTransactionInfo": signed_transactions.get(
+                                                   str(latest.transactionId)), "recovered": "status"})))
+    return out
+
+
+def _status_facts(config: AppleConfig, environment: str, latest: JWSTransactionDecodedPayload,
+                  facts: list[events.CanonicalEvent], status: int, renewal: JWSRenewalInfoDecodedPayload | None,
+                  body: bytes) -> list[Recovered]:
+    tid = str(latest.transactionId)
+    since = unix_time_or_none(latest.purchaseDate, "purchaseDate")
+    recent = [e for e in facts if since is None or e.occurred_at >= since]
+    out: list[Recovered] = []
+    if status == STATUS_EXPIRED and not any(e.type is EventType.EXPIRATION for e in recent):
+        mapping = _Mapping.recovered(config, environment, f"-expired:{tid}", "STATUS/EXPIRED", latest, renewal)
+        when = unix_time_or_none(latest.expiresDate, "expiresDate") or mapping.signed_at
+        mapping._add(EventType.EXPIRATION, when, reason=mapping._intent_reason() or Reason.UNKNOWN,
+                     product_id=latest.productId, expires_at=when)
+        out.append(Recovered(mapping.notification(), body))
+    return out
 
 
 # --- parsing helpers -------------------------------------------------------------------------
@@ -403,6 +516,22 @@ class _Mapping:
             raise InvalidEvent("belongs to another subscription than the transaction", "data.signedRenewalInfo")
         self.subscription_id = txn_otid or renewal_otid or None
         self.facts: list[dict[str, Any]] = []
+
+    @classmethod
+    def recovered(cls, config: AppleConfig, environment: str, external_id: str, kind: str,
+                  txn: JWSTransactionDecodedPayload, renewal: JWSRenewalInfoDecodedPayload | None) -> _Mapping:
+        """A mapping of verified API answers (no notification): the same building blocks, so a
+        recovered fact says what the webhook's would have. Dated at the transaction's signedDate."""
+        self = cls.__new__(cls)
+        self.config = config
+        self.environment = "sandbox" if environment == SANDBOX else "production"
+        self.external_id = delivery_id(external_id, "transactionId")
+        self.type, self.subtype, self.kind = "", "", kind
+        self.txn, self.renewal = txn, renewal
+        self.signed_at = unix_time(txn.signedDate, "signedDate")
+        self.subscription_id = txn.originalTransactionId or None
+        self.facts = []
+        return self
 
     # -- result --
 
