@@ -277,3 +277,17 @@ def test_a_list_google_keeps_failing_stops_the_run_writing_nothing(p: GooglePipe
         assert reconciliation.cursor(conn, "google/voided", GOOGLE_APP) is None
     resumed = reconcile(p, now, resumes=1)  # Google answers again: the next run recovers it all
     assert (resumed.recovered, resumed.resumed) == (4, 0)
+
+
+def test_the_sweep_query_reads_the_subscriptions_due_index(conn: psycopg.Connection) -> None:
+    """No migration: the live-status partial index on expires_at serves the candidates' range, and the
+    log is reached by primary key (the last folded entry) and by `event_log_subscription` (the token)."""
+    from subledger.store.play_reconciliation import CANDIDATES_SQL
+
+    now = datetime.now(UTC)
+    conn.execute("SET enable_seqscan = off")
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + CANDIDATES_SQL, {
+        "app": GOOGLE_APP, "prefix": f"{GOOGLE_APP}/play_store/%", "ended_before": now - HOUR,
+        "not_before": now - 60 * DAY, "limit": 500}).fetchall())
+    assert "subscriptions_due" in plan, plan
+    assert "event_log_subscription" in plan and "event_log_pkey" in plan, plan
