@@ -2,8 +2,10 @@
 
 Every statement is a point lookup or a bounded range on an index (named next to it), so each page
 costs the same on a log of a thousand events or of a million: nothing here reads `event_log` but
-by its primary key, its `(source, external_id)` key or `event_log_subscription`. The statements
-are module constants so tests can EXPLAIN exactly what runs.
+by its primary key, its `(source, external_id)` key, `event_log_subscription` or the GIN index of
+the store ids its facts name (`event_log_references`), and no chart reads more than the covering
+indexes of the transitions. The statements are module constants so tests can EXPLAIN exactly what
+runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -18,10 +21,11 @@ from psycopg.rows import dict_row
 
 from subledger.core.events import Source, Store
 from subledger.store import audit
+from subledger.store.fact_references import FACT_REFERENCES
 
 # Point lookups, one per thing a search box may hold. Indexes: subscriptions_pkey, outbox's unique
 # message_id, outbox_delivered_pkey, transitions_pkey, event_log_source_external_id (every source
-# is named, so the unique key's leading column is bound).
+# is named, so the unique key's leading column is bound); store ids: event_log_references below.
 FIND_KEYS_SQL = "SELECT key FROM subscriptions WHERE key = ANY(%(keys)s) ORDER BY key"
 FIND_MESSAGE_SQL = """
 SELECT message_id, transition_id, subscriber, 'outbox' AS place FROM outbox WHERE message_id = ANY(%(ids)s)
@@ -46,10 +50,11 @@ class Hit:
 
 def find(conn: psycopg.Connection, q: str, apps: Sequence[str]) -> list[Hit]:
     """Everything `q` can name: a subscriber (app user id, subscription key, `anon:` name), a store's
-    subscription id in any configured app, a messageId, a transition id or a notification id.
+    subscription id in any configured app, a store's transaction id, a messageId, a transition id or
+    a notification id.
 
-    A store's transaction id is not searched: no index holds it (it lives inside `facts`), and a
-    search must not scan the log.
+    A store's transaction id (or another id a fact names: a later purchase token, a receipt, an
+    invoice) resolves to the subscription whose facts name it, through `event_log_references`.
     """
     hits: list[Hit] = []
     keys = audit.resolve(conn, q)
@@ -67,6 +72,13 @@ def find(conn: psycopg.Connection, q: str, apps: Sequence[str]) -> list[Hit]:
     row = conn.execute(FIND_TRANSITION_SQL, {"id": q}).fetchone()
     if row is not None:
         hits.append(Hit("transition", f"explain/{row[0]}", f"{row[0]} ({row[1]})"))
+    seen: set[str] = {h.path for h in hits}
+    for position, source, key, user in find_reference(conn, q):
+        path = f"subscribers/{key}" if key else f"entries/{position}"
+        if path not in seen:
+            seen.add(path)
+            hits.append(Hit("store transaction id", path,
+                            f"{source} {q} → {key or 'no subscription'}{f' ({user})' if user else ''}"))
     params = {"sources": [s.value for s in Source], "q": q}
     for position, source, external_id, key, user in conn.execute(FIND_NOTIFICATION_SQL, params):
         hits.append(Hit("notification", f"entries/{position}",
@@ -178,13 +190,26 @@ def message(conn: psycopg.Connection, message_id: str) -> Message | None:
     return Message(row, attempts)
 
 
+# The payload viewer's entry, by primary key: what the audit's explain step reads, and how it
+# arrived (the signature result depends on it).
+ENTRY_SQL = """
+SELECT l.position, l.source, l.external_id, l.app_id, l.kind, l.subscription_key, l.app_user_id, l.environment,
+  l.occurred_at, l.received_at, l.historical, l.raw, l.facts, l.hash, l.arrival,
+  (SELECT count(*) FROM duplicate_receipts d
+    WHERE d.source = l.source AND d.external_id = l.external_id) AS duplicates
+FROM event_log l WHERE l.position = %(position)s
+"""
+
+
 def entry(conn: psycopg.Connection, position: int) -> dict[str, Any] | None:
-    """One log entry by position (its primary key) with its raw body, facts and hash: the payload viewer."""
+    """One log entry by position (its primary key) with its raw body, facts, hash and arrival: the
+    payload viewer (`raw_bytes`: the body exactly as stored, for re-verifying its signature)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(audit.EXPLAIN_ENTRY_SQL, {"position": position}).fetchone()
+        row = cur.execute(ENTRY_SQL, {"position": position}).fetchone()
     if row is None:
         return None
     raw = bytes(row.pop("raw"))
+    row["raw_bytes"] = raw
     row["raw"] = audit.raw_text(raw)
     row["raw_size"] = len(raw)
     row["hash"] = bytes(row["hash"]).hex()
@@ -248,3 +273,52 @@ def transitions_by_day(conn: psycopg.Connection, since: datetime, until: datetim
     """(UTC day, kind, live transitions derived that day) over [since, until)."""
     rows = conn.execute(TRANSITIONS_BY_DAY_SQL, {"since": since, "until": until}).fetchall()
     return [(day, str(kind), int(n)) for day, kind, n in rows]
+
+
+# Index-only on transitions_revenue (0009: partial on `price IS NOT NULL`, covering app, price,
+# currency and superseded_at). Days are the purchase's (occurred_at, UTC): a renewal is revenue of
+# the day it was charged, whenever it arrived. A refund's price is negative, so the sum is net.
+# The pattern guards the cast: a price the fold wrote is always a decimal, but a page must not
+# fail on one row.
+REVENUE_BY_DAY_SQL = r"""
+SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, app_id, currency,
+  sum(CASE WHEN price ~* '^-?[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?$' THEN price::numeric END) AS amount,
+  count(*) AS charges
+FROM transitions
+WHERE price IS NOT NULL AND superseded_at IS NULL AND occurred_at >= %(since)s AND occurred_at < %(until)s
+GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Revenue:
+    """One UTC day's net revenue of one app in one currency (`charges`: live transitions with a price)."""
+
+    day: Any
+    app_id: str
+    currency: str | None
+    amount: Decimal
+    charges: int
+
+
+def revenue_by_day(conn: psycopg.Connection, since: datetime, until: datetime) -> list[Revenue]:
+    """Net revenue per (UTC day, app, currency) of the live transitions that occurred in [since, until)."""
+    rows = conn.execute(REVENUE_BY_DAY_SQL, {"since": since, "until": until}).fetchall()
+    return [Revenue(day, str(app), None if cur is None else str(cur), Decimal(amount or 0), int(n))
+            for day, app, cur, amount, n in rows]
+
+
+# A store's transaction id (Apple transactionId, Google orderId or a later purchase token, a Stripe
+# invoice / payment intent / charge, an Amazon receipt): GIN `event_log_references` (0009), whose
+# expression this repeats exactly (store/fact_references.py) so the planner matches it.
+FIND_REFERENCE_SQL = f"""
+SELECT position, source, subscription_key, app_user_id FROM event_log
+WHERE {FACT_REFERENCES} @> jsonb_build_array(%(q)s::text)
+ORDER BY position DESC LIMIT 20
+"""
+
+
+def find_reference(conn: psycopg.Connection, q: str) -> list[tuple[int, str, str | None, str | None]]:
+    """(position, source, subscription key, app user) of the newest log entries whose facts name `q`."""
+    rows = conn.execute(FIND_REFERENCE_SQL, {"q": q}).fetchall()
+    return [(int(p), str(s), key, user) for p, s, key, user in rows]

@@ -46,6 +46,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from subledger.store.fact_references import FACT_REFERENCES
+
 # Every column of the schema is one of these; naming them once keeps each model to what differs.
 TEXT: Final = Text()
 TIMESTAMPTZ: Final = DateTime(timezone=True)
@@ -83,20 +85,6 @@ def _bytea() -> Any:
 def _serial() -> Any:
     """A `bigserial` primary key: SQLAlchemy renders BIGSERIAL, so the sequence is `<table>_id_seq`."""
     return Field(default=None, primary_key=True, sa_type=BigInteger())
-
-
-# The store ids a log entry's facts name beyond the subscription id (0009): the expression of the GIN
-# index `event_log_references`, spelled as PostgreSQL spells it back. store/console.py searches it.
-FACT_REFERENCES: Final = (
-    "(((((((jsonb_path_query_array(facts, '$.\"events\"[*].\"transaction_id\"'::jsonpath)"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"refund_id\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"google_purchase_token\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"amazon_receipt_id\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"amazon_cancelled_receipt_id\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_invoice\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_payment_intent\"'::jsonpath))"
-    " || jsonb_path_query_array(facts, '$.\"events\"[*].\"attributes\".\"stripe_charge\"'::jsonpath))"
-)
 
 
 # -- the log: its head, its entries, the receipts of duplicates (0001, 0003, 0005) -------------------

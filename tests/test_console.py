@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import html
 import re
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
+import psycopg.sql
 import pytest
 from fake_segment import APP, WRITE_KEY, ingest_events, lifecycle
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
+from subledger.app.cli import app as cli
 from subledger.app.console import auth, pages
 from subledger.app.http import create_app
+from subledger.core.events import parse_event
+from subledger.core.sources import Notification
+from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+from subledger.store import audit, reconciliation, verify_runs
 from subledger.store import console as queries
 
 TOKEN = "console-test-token"
@@ -269,3 +279,206 @@ def test_subscriber_page_and_search_never_scan_the_event_log(db_url: str) -> Non
         assert _seq_scans(conn) == before
         conn.execute("SELECT count(*) FROM event_log WHERE raw = 'x'")  # the check can fail: no index on raw
         assert _seq_scans(conn) == before + 1
+
+
+# -- the overview's revenue, last verify and reconciliation gaps --------------------------------------
+
+
+def ingest_recovered(db_url: str, events: list[dict[str, Any]], received: datetime) -> None:
+    """Canonical events logged as reconciliation found them (arrival = reconciliation)."""
+    policy = IngestPolicy(destinations=console_settings().destinations("test"),
+                          horizon=console_settings().historical_horizon)
+    with psycopg.connect(db_url) as conn:
+        items = [Incoming(Notification.of(parse_event(e)), repr(e).encode(), arrival="reconciliation") for e in events]
+        ingest(conn, items, policy, received)
+
+
+def test_overview_shows_revenue_per_day_per_app_last_verify_and_gaps(client: TestClient, db_url: str) -> None:
+    sign_in(client)
+    page = client.get("/console").text
+    # three lifecycles, each converting and renewing twice at 9.99 USD on 2026-09-08, -15 and -22
+    assert "Revenue per day" in page and "<strong>com.test.app</strong>: 89.91 USD in 30 days from 9 priced" in page
+    assert page.count('class="gain"><title>') == 3 and "2026-09-15: 29.97 USD (3 charges" in page
+    assert "Never run on this database" in page and "No gaps" in page
+    with psycopg.connect(db_url) as conn:
+        verify_runs.record(conn, verify_runs.VerifyRun(NOW - timedelta(hours=2), NOW - timedelta(hours=2, seconds=3),
+                                                       True, 42, 3, 0, None))
+    page = client.get("/console").text
+    assert "<strong>ok</strong>: 42 log entries chain correctly; 3 subscriptions" in page
+    assert "2 h 0 min ago" in page and "took 3 s" in page
+    with psycopg.connect(db_url) as conn:
+        verify_runs.record(conn, verify_runs.VerifyRun(NOW - timedelta(minutes=5), NOW - timedelta(minutes=6),
+                                                       False, 42, 3, 2, 7))
+    page = client.get("/console").text
+    assert "<strong>failed</strong>: 2 problems in 42 log entries" in page and 'href="/console/entries/7"' in page
+    assert "5 min 0 s ago" in page
+    lost = lifecycle(90, renewals=0)
+    ingest_recovered(db_url, lost[:1], NOW - timedelta(days=3))
+    ingest_recovered(db_url, lost[1:2], NOW - timedelta(hours=1))
+    gaps = client.get("/console").text
+    recent = "1" if hasattr(reconciliation, "recovered_since") else "—"
+    assert f'<td>com.test.app</td><td>custom</td><td class="n">{recent}</td><td class="n">2</td>' in gaps
+
+
+def test_a_refund_is_drawn_below_the_baseline(client: TestClient, db_url: str) -> None:
+    refund = {"app_id": APP, "subscription_id": "s000001", "store": "app_store", "id": "s000001-refund",
+              "type": "refund", "occurred_at": (NOW - timedelta(days=2)).isoformat(), "price": "50", "currency": "USD",
+              "transaction_id": "s000001-t3", "app_user_id": "user-s000001"}
+    ingest_events(db_url, console_settings(), [refund], now=NOW)
+    page = client.get("/console", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    day = (NOW - timedelta(days=2)).date().isoformat()
+    assert re.search(rf'class="loss"><title>{day}: -\d+\.\d\d USD', page), "a net-negative day is drawn in red"
+
+
+def test_verify_records_its_result_for_the_console(db_url: str, seeded: dict[str, str]) -> None:
+    before = datetime.now(UTC)
+    result = CliRunner().invoke(cli, ["verify", "--database-url", db_url])
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(db_url) as conn:
+        last = verify_runs.last(conn)
+        entries = conn.execute("SELECT count(*) FROM event_log").fetchone()
+    assert last is not None and last.ok and entries is not None and last.entries == entries[0]
+    assert last.problem_count == 0 and last.first_bad_position is None and last.subscriptions == 3
+    assert before <= last.started_at <= last.finished_at
+
+
+def test_verify_runs_keep_the_newest_hundred(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        for n in range(verify_runs.KEEP + 5):
+            assert verify_runs.record(conn, verify_runs.VerifyRun(NOW + timedelta(seconds=n), NOW, True, n, 0, 0,
+                                                                  None)) is None
+        assert conn.execute("SELECT count(*) FROM verify_runs").fetchone() == (verify_runs.KEEP,)
+        last = verify_runs.last(conn)
+        assert last is not None and last.entries == verify_runs.KEEP + 4
+    with psycopg.connect(db_url) as conn:  # a role that may only read: a reason comes back, nothing raises
+        role = f"console_probe_{uuid.uuid4().hex[:8]}"
+        conn.execute(psycopg.sql.SQL("CREATE ROLE {}").format(psycopg.sql.Identifier(role)))  # undone below
+        conn.execute(psycopg.sql.SQL("GRANT SELECT ON verify_runs TO {}").format(psycopg.sql.Identifier(role)))
+        conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(role)))
+        problem = verify_runs.record(conn, verify_runs.VerifyRun(NOW + timedelta(days=1), NOW, True, 1, 0, 0, None))
+        assert problem is not None and "permission denied" in problem
+        conn.rollback()  # the role was made in this transaction: it goes with it
+
+
+# -- search by a store's transaction id ---------------------------------------------------------------
+
+
+def test_search_finds_a_store_transaction_id(client: TestClient) -> None:
+    sign_in(client)
+    found = client.get("/console/search", params={"q": "s000002-t2"})
+    assert found.status_code == 303 and found.headers["location"] == f"/console/subscribers/{APP}/app_store/s000002"
+    assert "Nothing matches" in client.get("/console/search?q=s000002-t9").text
+
+
+def test_search_by_apple_transaction_id_and_signature_results(db_url: str, tmp_path: Any) -> None:
+    """An Apple notification arrives by webhook; its transactionId finds the subscription, and the
+    payload viewer re-verifies the stored JWS: against the configured root it verifies, against
+    another root (a console configured differently) it fails. Other sources say what is known."""
+    from apple_signing import make_ca, notification, transaction
+    from webhooks_support import CA, STRIPE_APP, config_dict, stripe_headers, write_root
+
+    root = write_root(tmp_path)
+    data = {**config_dict(root), "api_token": TOKEN}
+    txn = transaction(original_transaction_id="2000000999", transaction_id="2000000999-renew", trial=False)
+    raw = notification(CA, "SUBSCRIBED", "INITIAL_BUY", txn=txn, notification_uuid="n-console-1")
+    stripe_raw = orjson.dumps({"id": "evt_console_1", "object": "event", "type": "customer.created",
+                               "created": int(NOW.timestamp()), "data": {"object": {"id": "cus_1"}}})
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(build(settings_module.from_dict(data), database_url=db_url)),
+                    follow_redirects=False) as c:
+        assert c.post("/webhooks/apple", content=raw, headers={"Content-Type": "application/json"}).status_code == 200
+        assert c.post(f"/webhooks/stripe/{STRIPE_APP}", content=stripe_raw,
+                      headers=stripe_headers(stripe_raw)).status_code == 200
+        found = c.get("/console/search", params={"q": "2000000999-renew"}, headers=bearer)
+        assert found.status_code == 303, found.text
+        assert found.headers["location"] == "/console/subscribers/com.example.fitness/app_store/2000000999"
+        with psycopg.connect(db_url) as conn:
+            positions = dict(conn.execute("SELECT source, position FROM event_log").fetchall())
+        apple = c.get(f"/console/entries/{positions['apple']}", headers=bearer).text
+        assert "Signature: verified</strong>" in apple and "re-verified now" in apple and "com.example.fitness" in apple
+        stripe = c.get(f"/console/entries/{positions['stripe']}", headers=bearer).text
+        assert "Signature: not recorded</strong>" in stripe and "Stripe-Signature" in stripe
+        timeline = c.get("/console/subscribers/com.example.fitness/app_store/2000000999", headers=bearer).text
+        assert "#signature\">signed JWS</a>" in timeline
+    other = tmp_path / "other"
+    other.mkdir()
+    data_other = {**config_dict(write_root(other, make_ca())), "api_token": TOKEN}
+    with TestClient(create_app(build(settings_module.from_dict(data_other), database_url=db_url)),
+                    follow_redirects=False) as c:
+        page = c.get(f"/console/entries/{positions['apple']}", headers=bearer).text
+        assert "Signature: failed</strong>" in page and "does not verify" in html.unescape(page)
+
+
+def test_canonical_and_recovered_entries_are_not_signed(client: TestClient, db_url: str) -> None:
+    sign_in(client)
+    assert "Signature: not signed</strong> — a canonical event" in client.get("/console/entries/1").text
+    ingest_recovered(db_url, lifecycle(91, renewals=0)[:1], NOW)
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT max(position) FROM event_log WHERE arrival = 'reconciliation'").fetchone()
+    assert row is not None
+    page = client.get(f"/console/entries/{row[0]}").text
+    assert "Signature: not signed</strong> — recovered by" in page and "Arrived by reconciliation" in page
+
+
+# -- the sign-in throttle -----------------------------------------------------------------------------
+
+
+def test_sign_in_refuses_an_address_after_five_failures_a_minute(client: TestClient, clock: Clock) -> None:
+    for _ in range(5):
+        assert sign_in(client, "wrong").status_code == 401
+    refused = sign_in(client)  # even the right token: the address is held for the rest of the minute
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
+    assert "Too many sign-in attempts" in refused.text and "Try again in 60 seconds" in refused.text
+    assert auth.SESSION_COOKIE not in client.cookies
+    clock.now = NOW + timedelta(seconds=30)
+    assert sign_in(client).headers["retry-after"] == "30"
+    clock.now = NOW + timedelta(seconds=60)
+    assert sign_in(client).status_code == 303  # the failures aged out
+    clock.now = NOW + timedelta(seconds=61)
+    for _ in range(4):
+        sign_in(client, "wrong")
+    assert sign_in(client).status_code == 303  # a success forgets the failures
+    assert client.get("/console").status_code == 200
+
+
+def test_the_throttle_counts_per_address_and_forgets_the_oldest() -> None:
+    throttle = auth.LoginThrottle(limit=2, window=60, max_clients=2)
+    for _ in range(2):
+        throttle.failed("10.0.0.1", NOW)
+    assert throttle.retry_after("10.0.0.1", NOW) == 60 and throttle.retry_after("10.0.0.2", NOW) is None
+    throttle.failed("10.0.0.2", NOW)
+    throttle.failed("10.0.0.3", NOW)  # a third address: the least recently seen is forgotten
+    assert throttle.retry_after("10.0.0.1", NOW) is None
+    assert throttle.retry_after("10.0.0.1", NOW + timedelta(seconds=61)) is None
+
+
+def _plan(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> str:
+    return "\n".join(str(r[0]) for r in conn.execute("EXPLAIN " + sql, params).fetchall())
+
+
+def test_overview_and_transaction_search_read_only_their_indexes(db_url: str) -> None:
+    """Revenue per day is index-only on transitions_revenue, a transaction id is found through the
+    GIN index event_log_references, and the whole overview (stats, both charts, the last verify,
+    the reconciliation gaps) plus the search leave the event log's seq_scan counter where it was."""
+    events = [e for i in range(40) for e in lifecycle(i)]
+    ingest_events(db_url, console_settings(), events, now=NOW)
+    with psycopg.connect(db_url, autocommit=True) as conn:  # as autovacuum would: statistics, visibility map
+        conn.execute("VACUUM ANALYZE event_log")
+        conn.execute("VACUUM ANALYZE transitions")
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        since, until = NOW - timedelta(days=30), NOW
+        revenue = _plan(conn, queries.REVENUE_BY_DAY_SQL, {"since": since, "until": until})
+        assert "Index Only Scan using transitions_revenue" in revenue, revenue
+        found = _plan(conn, queries.FIND_REFERENCE_SQL, {"q": "s000007-t2"})
+        assert "Bitmap Index Scan on event_log_references" in found and "Seq Scan" not in found, found
+        before = _seq_scans(conn)
+        audit.stats(conn, since, until, until)
+        queries.transitions_by_day(conn, since, until)
+        rows = queries.revenue_by_day(conn, since, until)
+        assert sum(r.amount for r in rows) == Decimal("9.99") * 3 * 40
+        verify_runs.last(conn)
+        pages._gaps(conn, NOW)
+        hits = queries.find(conn, "s000007-t2", [APP])
+        assert [h.path for h in hits] == [f"subscribers/{APP}/app_store/s000007"]
+        assert _seq_scans(conn) == before

@@ -14,6 +14,7 @@ from subledger.app.wording import plural
 from subledger.outbox.ingest import wake_relay
 from subledger.outbox.replay import replay as run_replay
 from subledger.outbox.replay import total_subscriptions
+from subledger.store import verify_runs
 from subledger.store.verify import sizes
 from subledger.store.verify import verify as run_verify
 
@@ -68,7 +69,8 @@ def verify(
     database_url: DatabaseOption = None,
 ) -> None:
     """Walk the hash chain and compare every projection with a fresh fold; exit 1 naming the first bad entry."""
-    with connection(config, database_url) as (_, conn):
+    with connection(config, database_url) as (services, conn):
+        started = services.clock()
         if sys.stderr.isatty() and not as_json:
             entries, projections = sizes(conn)
             with counting(err, "verifying", "log entries") as bar:
@@ -84,6 +86,12 @@ def verify(
                 result = run_verify(conn, progress=advance)
         else:
             result = run_verify(conn)
+        unrecorded = verify_runs.record(conn, verify_runs.VerifyRun(  # shown on the console's overview
+            services.clock(), started, result.ok, result.entries, result.subscriptions, result.problem_count,
+            result.first_bad_position))
+    if unrecorded:
+        err.print(f"warning: the result was not recorded for the console: {unrecorded}", highlight=False,
+                  markup=False)
     if as_json:
         print(json.dumps(result.as_json()))
     elif result.ok:

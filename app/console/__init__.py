@@ -13,12 +13,13 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
-from subledger.app.console import pages
+from subledger.app.console import auth, pages
 from subledger.core.errors import LoginRequired, PageRefused
 
 
 def install(app: FastAPI) -> None:
     app.include_router(pages.router)
+    app.state.console_login_throttle = auth.LoginThrottle()  # failed sign-ins per address (in memory)
 
     @app.exception_handler(LoginRequired)
     async def _login(_: Request, exc: LoginRequired) -> Response:

@@ -20,7 +20,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -121,3 +124,55 @@ def read_flash(token: str | None, cookie: str | None) -> str | None:
         return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+class LoginThrottle:
+    """Failed sign-ins per client address in a sliding window: after `limit` failures within
+    `window` seconds, the sign-in form refuses that address (429) until the oldest one ages out.
+
+    In memory, per process: it slows guessing of the API token through the form to `limit` tries a
+    minute per address without any table or shared store; a restart forgets it, several `serve`
+    processes each count their own, and behind a reverse proxy every client shares the proxy's
+    address (the limit then holds for all of them together). At most `max_clients` addresses are
+    remembered; past that the one seen least recently is forgotten first.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit, self.window, self.max_clients = limit, window, max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str, now: datetime) -> int | None:
+        """Seconds until `client` may try again, or None when it may try now."""
+        t = now.timestamp()
+        with self._lock:
+            times = self._recent(client, t)
+            if times is None or len(times) < self.limit:
+                return None
+            return max(1, math.ceil(times[0] + self.window - t))
+
+    def failed(self, client: str, now: datetime) -> None:
+        t = now.timestamp()
+        with self._lock:
+            times = self._recent(client, t)
+            if times is None:
+                times = self._failures[client] = deque()
+            times.append(t)
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
+
+    def _recent(self, client: str, t: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= t - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times

@@ -21,7 +21,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from subledger.app.console import auth
+from subledger.app.console import auth, signature
 from subledger.app.http.common import now_of, pool_of, services_of
 from subledger.core.errors import LoginRequired, NotFound, PageRefused, UnknownTarget
 from subledger.core.events import EARLIEST_TIME, LATEST_TIME, format_time
@@ -30,7 +30,7 @@ from subledger.core.safejson import text_problem
 from subledger.outbox import ops
 from subledger.outbox.ingest import wake_relay
 from subledger.outbox.routes import routes_from
-from subledger.store import audit, identity
+from subledger.store import audit, identity, reconciliation, verify_runs
 from subledger.store import console as queries
 from subledger.store import outbox as outbox_store
 
@@ -112,7 +112,8 @@ TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
     trim_blocks=True, lstrip_blocks=True,
 )
-TEMPLATES.filters.update(utc=_utc, iso=_iso, num=_num, money=_money, age=_age, pretty=_pretty, p=_path)
+TEMPLATES.filters.update(utc=_utc, iso=_iso, num=_num, money=_money, age=_age, pretty=_pretty, p=_path,
+                         signature=lambda e: signature.brief(e.source, e.arrival))
 
 
 def _token(request: Request) -> str | None:
@@ -226,15 +227,31 @@ def login_page(request: Request, next: str = "/console") -> HTMLResponse:
     return response
 
 
+def throttle_of(request: Request) -> auth.LoginThrottle:
+    """The app's sign-in throttle (made by `install`: one per app, so each test's app starts clean)."""
+    throttle: auth.LoginThrottle = request.app.state.console_login_throttle
+    return throttle
+
+
 @router.post("/login")
 def login(request: Request, form: dict[str, list[str]] = Depends(form_of)) -> Response:
     token, given = _token(request), _one(form, "token") or ""
     target = _safe_next(_one(form, "next"))
+    throttle, client, now = throttle_of(request), request.client.host if request.client else "?", now_of(request)
+    wait = throttle.retry_after(client, now)
+    if wait is not None:
+        log.warning("console: sign-in from %s refused: %d failed attempts in %d s", client, throttle.limit,
+                    int(throttle.window))
+        refused = render(request, None, "throttled.html", status=429, wait=wait, limit=throttle.limit,
+                         window=int(throttle.window))
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     nonce = request.cookies.get(auth.LOGIN_COOKIE) or ""
     if not nonce or not auth.token_matches(nonce, _one(form, "login_csrf") or ""):
         raise PageRefused(403, "the sign-in form expired or came from elsewhere; reload it and try again")
     if not auth.token_matches(token, given):
-        log.warning("console: failed sign-in from %s", request.client.host if request.client else "?")
+        throttle.failed(client, now)
+        log.warning("console: failed sign-in from %s", client)
         fresh = auth.login_nonce()
         refused = render(request, None, "login.html", status=401, next=target, login_csrf=fresh,
                          error="wrong token" if token else "no API token is configured on the server",
@@ -242,8 +259,9 @@ def login(request: Request, form: dict[str, list[str]] = Depends(form_of)) -> Re
         refused.set_cookie(auth.LOGIN_COOKIE, fresh, max_age=3600, path="/console", httponly=True,
                            samesite="strict", secure=request.url.scheme == "https")
         return refused
-    session, cookie = auth.new_session(given, now_of(request))
-    log.info("console: %s signed in from %s", session.actor, request.client.host if request.client else "?")
+    throttle.succeeded(client)
+    session, cookie = auth.new_session(given, now)
+    log.info("console: %s signed in from %s", session.actor, client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(auth.SESSION_COOKIE, cookie, max_age=auth.SESSION_SECONDS, path="/console", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")
@@ -295,7 +313,10 @@ def overview(request: Request, session: auth.Session = Depends(current)) -> HTML
     with pool_of(request).connection() as conn:
         stats = audit.stats(conn, since, now, now)
         by_day = queries.transitions_by_day(conn, since, now)
+        revenue = queries.revenue_by_day(conn, _day_start(now) - timedelta(days=29), now)
         destinations = _destinations(request, conn, stats.outbox)
+        last_verify = verify_runs.last(conn)
+        gaps = _gaps(conn, now)
     ingested: dict[str, int] = {}
     for row in stats.log:
         ingested[row["app_id"]] = ingested.get(row["app_id"], 0) + int(row["entries"])
@@ -303,7 +324,57 @@ def overview(request: Request, session: auth.Session = Depends(current)) -> HTML
     for row in stats.transitions:
         kinds[row["kind"]] = kinds.get(row["kind"], 0) + int(row["live"])
     return render(request, session, "overview.html", stats=stats, ingested=ingested, kinds=kinds,
-                  chart=_chart(by_day, now.date()), destinations=destinations)
+                  chart=_chart(by_day, now.date()), destinations=destinations,
+                  revenue=_revenue_charts(revenue, now.date()), last_verify=last_verify,
+                  verify_age=None if last_verify is None else (now - last_verify.finished_at).total_seconds(),
+                  gaps=gaps)
+
+
+def _day_start(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _gaps(conn: Any, now: datetime) -> list[dict[str, Any]]:
+    """Per (app, source): log entries reconciliation recovered (push never delivered them), in all
+    and in the last 24 h, both counted on the partial index `event_log_not_pushed`."""
+    total = reconciliation.recovered_counts(conn)
+    since = getattr(reconciliation, "recovered_since", None)  # the gap report's recent half, where it exists
+    recent = None if since is None else since(conn, now - timedelta(hours=24))
+    return [{"app_id": app_id, "source": source, "total": n,
+             "recent": None if recent is None else recent.get((app_id, source), 0)}
+            for (app_id, source), n in sorted(total.items())]
+
+
+def _revenue_charts(rows: list[queries.Revenue], today: date) -> list[dict[str, Any]]:
+    """One bar chart per (app, currency): net revenue per UTC day for the last 30 days, as SVG
+    geometry; a day whose refunds outweigh its charges is drawn below the baseline."""
+    days = [today - timedelta(days=n) for n in range(29, -1, -1)]
+    series: dict[tuple[str, str], dict[date, queries.Revenue]] = {}
+    for r in rows:
+        series.setdefault((r.app_id, r.currency or ""), {})[r.day] = r
+    height, width = 80.0, 18
+    charts = []
+    for (app_id, currency), by_day in sorted(series.items()):
+        amounts = {d: by_day[d].amount if d in by_day else Decimal(0) for d in days}
+        top = max(abs(a) for a in amounts.values()) or Decimal(1)
+        has_negative = any(a < 0 for a in amounts.values())
+        base = height / 2 if has_negative else height
+        scale = base / float(top)
+        bars = []
+        for i, day in enumerate(days):
+            amount = amounts[day]
+            if not amount:
+                continue
+            h = round(abs(float(amount)) * scale, 2)
+            bars.append({"x": i * (width + 2), "y": round(base - h, 2) if amount > 0 else base, "h": h, "w": width,
+                         "day": day.isoformat(), "amount": amount, "negative": amount < 0,
+                         "charges": by_day[day].charges if day in by_day else 0})
+        charts.append({"app_id": app_id, "currency": currency or None, "bars": bars, "top": top,
+                       "total": sum(amounts.values(), Decimal(0)),
+                       "charges": sum(r.charges for r in by_day.values()), "base": base,
+                       "width": len(days) * (width + 2), "height": height, "first": days[0], "last": days[-1],
+                       "days": [(d, amounts[d]) for d in days if d in by_day]})
+    return charts
 
 
 def _chart(rows: list[tuple[Any, str, int]], today: date) -> dict[str, Any]:
@@ -390,7 +461,17 @@ def entry(request: Request, position: str, session: auth.Session = Depends(curre
         found = queries.entry(conn, int(position))
     if found is None:
         raise PageRefused(404, f"no log entry #{position}")
-    return render(request, session, "entry.html", entry=found)
+    checked = signature.verdict(found["source"], found["arrival"], found.pop("raw_bytes"),
+                                _offline_apple(request) if found["source"] == "apple" else None)
+    return render(request, session, "entry.html", entry=found, signature=checked)
+
+
+def _offline_apple(request: Request) -> Any:
+    """The Apple adapters that re-verify stored bodies (offline), built on first use per app."""
+    state = request.app.state
+    if not hasattr(state, "console_apple"):
+        state.console_apple = signature.safe_offline_apple(services_of(request).settings)
+    return state.console_apple
 
 
 @router.get("/explain/{ref}")
