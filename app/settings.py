@@ -291,6 +291,18 @@ class AmazonSourceSettings(_Strict):
         return hosts
 
 
+class LogSettings(_Strict):
+    """`[log]`: the event log's hash chains (README: Database; docs/scale-out.md).
+
+    `chains`: how many independent chains the log appends to, an entry's chain being a stable hash
+    of its subscription key; ingests of different chains commit in parallel. 1 (the default) is the
+    log as it always was. A change on a non-empty log starts new chains from the current heads
+    (`store.log.set_chains`), recorded in `log_epochs`; nothing already written changes.
+    """
+
+    chains: int = Field(default=1, ge=1, le=1024)
+
+
 class AppSettings(_Strict):
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     settle_delay_seconds: float = Field(default=0, ge=0, le=3600)
@@ -342,6 +354,7 @@ class FileSettings(_Strict):
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     migrate: bool | None = None
     apps: dict[str, AppSettings] = Field(default_factory=dict)
+    log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
 
@@ -369,6 +382,7 @@ class Settings(_Strict):
     # serve/relay/ingest at start: None migrates only when the role may (owns the schema); True always
     # tries; False never does, and refuses to run on a schema that is behind.
     migrate: bool | None = None
+    log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # a fact recovered by reconciliation is published up to this old (outbox/ingest._horizon)
     reconciliation_publish: timedelta = timedelta(days=30)
@@ -519,6 +533,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         max_body_bytes=parsed.max_body_bytes,
         apps=parsed.apps,
         source=source,
+        log=parsed.log,
         retention=parsed.retention,
         database_timeout_seconds=(env.database_timeout_seconds if env else None) or parsed.database_timeout_seconds,
         migrate=parsed.migrate if env is None or env.migrate is None else env.migrate,
