@@ -118,6 +118,8 @@ class AppleApi:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.time
     calls: Calls = field(default_factory=Calls)
+    # told (pages read so far) after each page, for a progress bar
+    progress: Callable[[int], None] | None = None
     _clients: dict[str, _Client] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +158,7 @@ class AppleApi:
                                   partial(client.get_notification_history, token, request))
                 if not isinstance(page, NotificationHistoryResponse):
                     raise SourceUnavailable("Apple's notification history answer is not a history page")
-                self.calls.pages += 1
+                self._page_read()
                 records = page.notificationHistory or []
                 yield HistoryPage(environment, tuple(r.signedPayload for r in records if r.signedPayload))
                 if not page.hasMore or not page.paginationToken:
@@ -180,13 +182,18 @@ class AppleApi:
             while True:
                 history = self._call(client, "transaction history", partial(
                     client.get_transaction_history, transaction_id, revision, request, GetTransactionHistoryVersion.V2))
-                self.calls.pages += 1
+                self._page_read()
                 signed.extend(history.signedTransactions or [])
                 if not history.hasMore or not history.revision:
                     break
                 revision = history.revision
             return environment, statuses, signed
         return None
+
+    def _page_read(self) -> None:
+        self.calls.pages += 1
+        if self.progress is not None:
+            self.progress(self.calls.pages)
 
     # -- retries --
 

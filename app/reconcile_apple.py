@@ -21,6 +21,8 @@ and transaction history instead; the mapping is core/sources/apple_recovery.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -97,13 +99,11 @@ def reconcile_apple(
     conn.commit()  # no transaction held open while the API is read
     summary = Summary(app_id, SOURCE, "all" if all_types else "failures", start, dry_run)
     found: dict[str, apple_source.Listed] = {}
-    try:
+    with _counted(api, summary):
         for page in api.notification_pages(start, now, failures_only=not all_types):
             for signed in page.signed_payloads:
                 record = apple_source.listed(signed)
                 found.setdefault(record.notification_uuid, record)
-    finally:
-        summary.pages, summary.api_calls, summary.throttled = api.calls.pages, api.calls.requests, api.calls.throttled
     summary.listed = len(found)
     known = rows.logged(conn, SOURCE, sorted(found))
     conn.commit()
@@ -149,10 +149,8 @@ def refresh_subscription(
     api.bundle_id = api.bundle_id or adapter.config.bundle_id
     conn.commit()
     summary = Summary(app_id, SOURCE, "subscription", now, dry_run)
-    try:
+    with _counted(api, summary):
         found = api.subscription(transaction_id)
-    finally:
-        summary.pages, summary.api_calls, summary.throttled = api.calls.pages, api.calls.requests, api.calls.throttled
     if found is None:
         raise InvalidEvent(f"Apple knows no transaction {transaction_id!r} of this app in "
                            f"{' or '.join(api.environments)}", "--subscription")
@@ -198,6 +196,18 @@ def _status_of(adapter: apple_source.AppleAdapter, environment: str, statuses: S
                     log.warning("reconcile apple %s: a signed renewal info refused: %s", summary.app_id, exc)
             return item.rawStatus, renewal, item.signedRenewalInfo
     return None, None, None
+
+
+@contextmanager
+def _counted(api: AppleApi, summary: Summary) -> Iterator[None]:
+    """Count into `summary` what the API was asked meanwhile (one client may serve several runs)."""
+    pages, requests, throttled = api.calls.pages, api.calls.requests, api.calls.throttled
+    try:
+        yield
+    finally:
+        summary.pages = api.calls.pages - pages
+        summary.api_calls = api.calls.requests - requests
+        summary.throttled = api.calls.throttled - throttled
 
 
 def ingest_recovered(conn: psycopg.Connection, summary: Summary, items: list[Incoming], policy: IngestPolicy,

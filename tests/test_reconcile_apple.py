@@ -295,3 +295,46 @@ def test_a_subscription_refresh_recovers_a_missed_renewal_and_expiration_once(wo
 
     with pytest.raises(InvalidEvent, match="knows no transaction '999'"):
         refresh("999")
+
+
+def test_the_cli_reads_the_key_from_the_environment_and_prints_a_json_summary(world: World, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from subledger.app.cli import app as cli
+
+    world.push(skip=DROPPED)
+    world.apple.throttle = 0
+    t1, t2 = txn("t1", world.notes[0].at), txn("t2", world.notes[2].at)
+    world.apple.subscriptions[OTID] = Subscription(
+        statuses(1, t2, renewal_info(environment=PROD, signed=datetime.now(UTC))), [sign(t1, CA), sign(t2, CA)])
+    root = write_root(tmp_path)
+    config = tmp_path / "subledger.toml"
+    config.write_text(
+        f'[apps."{APPLE_APP}".apple]\napp_apple_id = {APP_APPLE_ID}\nroot_certificates = ["{root}"]\n'
+        f'environments = ["{PROD}"]\napi_key = "${{APPLE_IAP_KEY}}"\nkey_id = "{KEY_ID}"\n'
+        f'issuer_id = "{ISSUER_ID}"\napi_base_url = "{world.apple.url}"\n')
+    runner, env = CliRunner(), {"APPLE_IAP_KEY": PEM.decode()}
+    common = ["--config", str(config), "--database-url", world.p.db_url]
+
+    dry = runner.invoke(cli, ["reconcile", "apple", "--dry-run", *common], env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "would recover 2 notifications, 0 already logged" in dry.stdout
+    result = runner.invoke(cli, ["reconcile", "apple", "--json", *common], env=env)
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert (body["app_id"], body["recovered"], body["mode"], body["recovered_ids"]) == (
+        APPLE_APP, 2, "failures", ["n-renew", "n-off"])
+    daily = runner.invoke(cli, ["reconcile", "apple", "--all", "--app", APPLE_APP, *common], env=env)
+    assert daily.exit_code == 0 and "recovered 0 notifications, 4 already logged" in daily.stdout
+
+    refreshed = runner.invoke(cli, ["reconcile", "apple", "--subscription", OTID, "--json", *common], env=env)
+    assert refreshed.exit_code == 0, refreshed.output
+    assert (json.loads(refreshed.stdout)["recovered"], json.loads(refreshed.stdout)["subscription"]) == (0, OTID)
+
+    unknown = runner.invoke(cli, ["reconcile", "apple", "--app", "nope", *common], env=env)
+    assert unknown.exit_code == 2 and "has no In-App Purchase key" in unknown.stderr
+    refused = runner.invoke(cli, ["reconcile", "apple", *common], env={"APPLE_IAP_KEY": make_key()[1].decode()})
+    assert refused.exit_code == 1 and "refused the In-App Purchase key" in refused.stderr
+    assert "Traceback" not in refused.output
+    missing = runner.invoke(cli, ["reconcile", "apple", "--subscription", "999", *common], env=env)
+    assert missing.exit_code == 1 and "knows no transaction '999'" in missing.stderr

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+import subledger.app.cli.reconcile_apple  # registers `reconcile apple`
 import subledger.app.cli.reconcile_google  # noqa: F401  (registers `reconcile google`)
 from subledger.app.cli import audit, db, ingest, maintenance, outbox, reconcile, retention, run
 from subledger.app.cli.common import fail, out
