@@ -119,7 +119,13 @@ def test_an_operator_signs_in_follows_a_subscriber_retries_a_dead_letter_pauses_
     page.wait_for_url(re.compile(r".*/console/subscribers/user-s000002$"))
     text = page.locator("main").inner_text()
     assert "trial_started" in text and "rc_trial_started_event" in text and "expiration" in text
+    page.get_by_role("link", name=re.compile(r"^signed JWS$|^not signed$")).first.click()  # the payload viewer
+    assert "Signature: not signed" in page.locator("#signature").inner_text()
+    page.goto(base + "/console")
+    assert page.get_by_role("heading", name="Last verify").is_visible()
+    assert page.get_by_role("heading", name=re.compile("^Revenue per day")).is_visible()
     _wait_for(lambda: fake.capture.distinct() >= 17)  # the relay delivered all but the dead one
+    page.goto(base + "/console/subscribers/user-s000002")
     page.reload()
     assert "delivered" in page.locator("table.transitions").inner_text()
 
@@ -167,3 +173,10 @@ def test_anonymous_browsers_see_only_the_sign_in_page(served: dict[str, Any]) ->
     page.get_by_label("API token").fill("wrong")
     page.get_by_role("button", name="Sign in").click()
     assert "Sign-in refused" in page.get_by_role("alert").inner_text()
+    for _ in range(4):  # five wrong tokens in a minute: the form then refuses this address for a while
+        page.get_by_label("API token").fill("wrong")
+        page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("API token").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    assert page.get_by_role("heading", name="Too many sign-in attempts").is_visible()
+    assert "Try again in" in page.get_by_role("alert").inner_text()
