@@ -7,8 +7,10 @@ with `arrival = reconciliation`: published when younger than `reconciliation_pub
 (outbox/ingest._horizon), history beyond. What it recovered is the gap report: a warning line
 here, and `subledger_reconciliation_recovered_total{app_id,source}` at /metrics (read from the log).
 
-Stripe only, for now (README: Reconciliation). Mapping is the webhook adapter's; I/O is
-app/stripe_api.py; rows are store/reconciliation.py.
+Each store's reconciler has `reconcile_stripe`'s signature and returns a `Summary`; the registry
+that runs them (CLI, scheduled jobs, `reconcile status`) is app/reconcile_schedule.py. Each mode
+keeps its own cursor (`cursor_name`: "stripe/failures", "stripe/all"). Stripe's mapping is the
+webhook adapter's; its I/O is app/stripe_api.py; rows are store/reconciliation.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from subledger.store import reconciliation as rows
 log = logging.getLogger("subledger.reconcile")
 
 SOURCE: Final = "stripe"
+# The two run modes: the frequent run reads what the store says failed to reach us, the daily run
+# reads everything (it also catches an endpoint that was deleted or never subscribed to a type).
+FAILURES: Final = "failures"
+ALL: Final = "all"
 # Stripe keeps events for 30 days: a window never reaches further back.
 STRIPE_WINDOW: Final = timedelta(days=30)
 # A run re-reads this much before the last completed run's cursor: Stripe marks a delivery failed
@@ -67,11 +73,26 @@ class Summary:
         }
 
 
-def window_start(conn: psycopg.Connection, app_id: str, now: datetime, since: datetime | None) -> datetime:
-    """`since` when given, else the cursor less the overlap, else Stripe's whole window; never older."""
+def cursor_name(source: str, all_types: bool) -> str:
+    """The cursor of one store's mode, e.g. "stripe/failures" and "stripe/all": each mode resumes from
+    its own last complete read (a frequent failures-only run must not move the daily run's start)."""
+    return f"{source}/{ALL if all_types else FAILURES}"
+
+
+def warn_recovered(summary: Summary, check: str) -> None:
+    """The gap report's log line, one per run that recovered anything (every store's reconciler calls
+    it): the push channel lost facts, and `check` says where to look."""
+    if summary.recovered and not summary.dry_run:
+        log.warning("reconciliation recovered %d %s event(s) for app %s that push never delivered: %s",
+                    summary.recovered, summary.source, summary.app_id, check)
+
+
+def window_start(conn: psycopg.Connection, app_id: str, now: datetime, since: datetime | None,
+                 *, all_types: bool = False) -> datetime:
+    """`since` when given, else the mode's cursor less the overlap, else Stripe's whole window; never older."""
     earliest = now - STRIPE_WINDOW
     if since is None:
-        at = rows.cursor(conn, SOURCE, app_id)
+        at = rows.cursor(conn, cursor_name(SOURCE, all_types), app_id)
         since = earliest if at is None else at - OVERLAP
     return max(since, earliest)
 
@@ -88,13 +109,13 @@ def reconcile_stripe(
     all_types: bool = False,
     dry_run: bool = False,
 ) -> Summary:
-    """List the window's events, ingest those the log lacks (oldest first), advance the cursor.
+    """List the window's events, ingest those the log lacks (oldest first), advance the mode's cursor.
 
     Nothing is written until every page was read, so a run stopped by the API (after its retries)
     leaves the log and the cursor as they were and the next run reads the same window again.
     """
     config = sources.stripe_for(app_id)  # UnknownApp when the app has no Stripe endpoint
-    start = window_start(conn, app_id, now, since)
+    start = window_start(conn, app_id, now, since, all_types=all_types)
     conn.commit()  # no transaction held open while the API is read
     summary = Summary(app_id, SOURCE, "all" if all_types else "failures", start, dry_run)
     listed: dict[str, dict[str, Any]] = {}
@@ -134,10 +155,6 @@ def reconcile_stripe(
             else:  # a webhook arrived meanwhile
                 summary.duplicates += 1
     with conn.transaction():
-        rows.advance(conn, SOURCE, app_id, now, now)
-    if summary.recovered:
-        log.warning(
-            "reconciliation recovered %d %s event(s) for app %s that push never delivered: check the webhook "
-            "endpoint's URL and signing secret in the Stripe dashboard", summary.recovered, SOURCE, app_id,
-        )
+        rows.advance(conn, cursor_name(SOURCE, all_types), app_id, now, now)
+    warn_recovered(summary, "check the webhook endpoint's URL and signing secret in the Stripe dashboard")
     return summary

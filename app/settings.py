@@ -343,6 +343,30 @@ class RetentionSettings(_Strict):
         )
 
 
+class ReconciliationSettings(_Strict):
+    """`[reconciliation]`: the scheduled reconciliation runs and the gap report (README: Reconciliation).
+
+    `serve` and `relay` schedule, per store and app whose API credentials are configured, a frequent
+    run (failures only) every `frequent_minutes` and a daily run (every type) once per `daily_hours`,
+    checked at each frequent tick against the mode's cursor, so a restart does not repeat it.
+    `/readyz` is degraded while an app and source recovered more than `gap_threshold` facts in the
+    last 24 h: the default 0 flags any fact push lost.
+    """
+
+    enabled: bool = True
+    frequent_minutes: float = Field(default=15, gt=0, le=1440)
+    daily_hours: float = Field(default=24, gt=0, le=24 * 7)
+    first_run_delay_seconds: float = Field(default=30, ge=0, le=3600)
+    gap_threshold: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _daily_not_more_often(self) -> ReconciliationSettings:
+        if self.daily_hours * 60 < self.frequent_minutes:
+            raise ValueError("daily_hours must not be shorter than frequent_minutes (the daily run is checked "
+                             "at each frequent tick)")
+        return self
+
+
 class FileSettings(_Strict):
     api_token: str | None = None
     database_url: str | None = None
@@ -356,6 +380,7 @@ class FileSettings(_Strict):
     apps: dict[str, AppSettings] = Field(default_factory=dict)
     log: LogSettings = Field(default_factory=LogSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    reconciliation: ReconciliationSettings = Field(default_factory=ReconciliationSettings)
 
 
 class EnvSettings(BaseSettings):
@@ -386,6 +411,7 @@ class Settings(_Strict):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # a fact recovered by reconciliation is published up to this old (outbox/ingest._horizon)
     reconciliation_publish: timedelta = timedelta(days=30)
+    reconciliation: ReconciliationSettings = Field(default_factory=ReconciliationSettings)
 
     def destinations(self, library_version: str | None = None) -> dict[str, tuple[Destination, ...]]:
         lib = library_version or package_version()
@@ -535,6 +561,7 @@ def _validated(raw: dict[str, Any], source: str, env: EnvSettings | None) -> Set
         source=source,
         log=parsed.log,
         retention=parsed.retention,
+        reconciliation=parsed.reconciliation,
         database_timeout_seconds=(env.database_timeout_seconds if env else None) or parsed.database_timeout_seconds,
         migrate=parsed.migrate if env is None or env.migrate is None else env.migrate,
     )

@@ -49,7 +49,12 @@ def build_scheduler(
     *,
     interval: float = 1.0,
     expirations: bool = True,
+    reconciliation: bool = True,
 ) -> Scheduler:
+    """The relay, expiration, prune and reconciliation jobs (the last per store and app with API
+    credentials, `[reconciliation]`: app/reconcile_schedule.py)."""
+    from subledger.app.reconcile_schedule import scheduled_jobs  # deferred: the store API clients
+
     retention = services.settings.retention
     return Scheduler(
         services.database_url,
@@ -61,6 +66,7 @@ def build_scheduler(
                                database_timeout=services.database_timeout),
         clock=services.clock,
         retention=retention.policy() if retention.enabled else None,
+        jobs=scheduled_jobs(services) if reconciliation else (),
     )
 
 

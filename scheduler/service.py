@@ -14,6 +14,9 @@
   period ended more than the app's grace ago, through the normal ingest transaction.
 - The prune job (`[retention]`, hourly) bounds the delivery tables in small batches
   (store/retention.py); one pruner at a time per database, whichever processes run it.
+- Jobs the app wires in (`PeriodicJob`: reconciliation, app/reconcile_schedule.py) run on their own
+  interval, first after their delay, never twice at once in a process, missed runs coalesced; each
+  is handed the stop event so a long wait (an API's backoff) ends when the process stops.
 - `stop()` waits for a running relay pass to finish recording, so a batch is never left half-marked;
   a pass interrupted by a kill is recovered by the lease.
 """
@@ -25,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -89,6 +92,18 @@ class SchedulerConfig:
     """How long a job's or the listener's connection may take (`database_timeout_seconds`)."""
 
 
+@dataclass(frozen=True)
+class PeriodicJob:
+    """A job wired in by the app layer (the scheduler imports nothing of app/): `run(stop)` every
+    `interval` seconds, the first after `delay`. `run` handles its own expected failures (a store's
+    API down is a warning and the next run retries); what escapes is logged by `_on_error`."""
+
+    id: str
+    run: Callable[[threading.Event], object]
+    interval: float
+    delay: float = 0.0
+
+
 class Scheduler:
     """Owns the background jobs of one process (`serve` or `relay`)."""
 
@@ -102,8 +117,10 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         clock: Clock = _utc_now,
         retention: Retention | None = None,
+        jobs: Sequence[PeriodicJob] = (),
     ) -> None:
         self.database_url = database_url
+        self.jobs = tuple(jobs)
         self.retention = retention  # None: no prune job in this process
         self.relay = relay
         self.policy = policy or IngestPolicy()
@@ -137,6 +154,11 @@ class Scheduler:
                 self.prune_job, "interval", seconds=self.config.prune_interval, id="prune",
                 max_instances=1, coalesce=True,
                 next_run_time=datetime.now(UTC) + timedelta(seconds=self.config.prune_delay),
+            )
+        for job in self.jobs:
+            self._scheduler.add_job(
+                job.run, "interval", seconds=job.interval, id=job.id, args=[self._stop],
+                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC) + timedelta(seconds=job.delay),
             )
         self._scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         skips = logging.getLogger("apscheduler.scheduler")

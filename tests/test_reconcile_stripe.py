@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
+from fake_stripe_api import API_KEY, FakeStripe
 from test_source_stripe import USER, event, invoice, subscription
 from typer.testing import CliRunner
 from webhooks_support import STRIPE_APP, Pipeline, config_dict, stripe_headers, write_root
@@ -33,78 +31,8 @@ from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.store import reconciliation
 from subledger.store.verify import verify
 
-API_KEY = "rk_test_reconcile"
 TOKEN = "audit-token"
 PATH = f"/webhooks/stripe/{STRIPE_APP}"
-
-
-class FakeStripe:
-    """`GET /v1/events` as Stripe answers it: newest first, `created[gte]`, `delivery_success=false`,
-    `starting_after`, `has_more`; pages of `page_size` (Stripe caps `limit`); 429 for the first `throttle` calls."""
-
-    def __init__(self, events: list[dict[str, Any]], failed: set[str], *, page_size: int = 2,
-                 throttle: int = 1, faults: dict[int, int] | None = None) -> None:
-        self.events, self.failed, self.page_size, self.throttle = events, failed, page_size, throttle
-        self.faults = faults or {}  # request number (1-based) → the status answered instead of the page
-        self.requests: list[dict[str, list[str]]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                query = parse_qs(url.query)
-                fake.requests.append(query)
-                if self.headers.get("authorization") != f"Bearer {API_KEY}":
-                    return self._reply(401, {"error": {"message": "Invalid API Key provided"}})
-                if len(fake.requests) <= fake.throttle:
-                    return self._reply(429, {"error": {"message": "Too many requests"}}, {"Retry-After": "0"})
-                fault = fake.faults.get(len(fake.requests))
-                if fault == 200:
-                    return self._reply(200, {"object": "list", "data": [{"no": "id"}]})
-                if fault is not None:
-                    return self._reply(fault, {"error": {"message": "boom"}})
-                if url.path != "/v1/events":
-                    return self._reply(404, {"error": {"message": "no such route"}})
-                self._reply(200, fake.page(query))
-
-            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def page(self, query: dict[str, list[str]]) -> dict[str, Any]:
-        since = int(query.get("created[gte]", ["0"])[0])
-        chosen = sorted((e for e in self.events if e["created"] >= since), key=lambda e: (-e["created"], e["id"]))
-        if query.get("delivery_success") == ["false"]:
-            chosen = [e for e in chosen if e["id"] in self.failed]
-        after = query.get("starting_after", [None])[0]
-        if after is not None:
-            chosen = chosen[[e["id"] for e in chosen].index(after) + 1:]
-        limit = min(int(query.get("limit", ["10"])[0]), self.page_size)
-        return {"object": "list", "url": "/v1/events", "data": chosen[:limit], "has_more": len(chosen) > limit}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FakeStripe:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def lifecycle(now: datetime) -> list[dict[str, Any]]:
@@ -209,7 +137,7 @@ def test_dropped_webhooks_are_recovered_published_once_and_never_twice(
         assert arrivals == {"evt_start": "push", "evt_noise": "push", "evt_renew": "reconciliation",
                             "evt_cancel": "reconciliation"}
         assert reconciliation.recovered_counts(conn) == {(STRIPE_APP, "stripe"): 2}
-        assert reconciliation.cursor(conn, "stripe", STRIPE_APP) is not None
+        assert reconciliation.cursor(conn, "stripe/failures", STRIPE_APP) is not None
         assert verify(conn).ok
     metrics = p.client.get("/metrics").text
     assert f'subledger_reconciliation_recovered_total{{app_id="{STRIPE_APP}",source="stripe"}} 2.0' in metrics
@@ -251,7 +179,7 @@ def test_dry_run_writes_nothing_and_the_cli_prints_a_json_summary(
     assert (dry["recovered"], dry["dry_run"]) == (2, True)
     with psycopg.connect(p.db_url) as conn:
         assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (2,)
-        assert reconciliation.cursor(conn, "stripe", STRIPE_APP) is None
+        assert reconciliation.cursor(conn, "stripe/failures", STRIPE_APP) is None
 
     config = tmp_path / "subledger.toml"
     stripe = p.settings.apps[STRIPE_APP].stripe
@@ -342,4 +270,4 @@ def test_a_page_that_fails_once_is_retried_and_a_broken_answer_stops_the_run_wri
             reconcile_stripe(conn, build_sources(settings), api, STRIPE_APP, IngestPolicy(), now)
         api.close()
         assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (0,)
-        assert reconciliation.cursor(conn, "stripe", STRIPE_APP) is None
+        assert reconciliation.cursor(conn, "stripe/failures", STRIPE_APP) is None

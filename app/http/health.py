@@ -1,7 +1,10 @@
 """`/healthz`, `/readyz`, `/metrics`: is the process up, can it reach its database, what has it done.
 
 No token: a load balancer and a Prometheus scraper ask these. `/readyz` is the one that reads the
-database (a 503 when it cannot); `/metrics` serves the process counters even then.
+database (a 503 when it cannot); `/metrics` serves the process counters even then. `/readyz` is
+"degraded" (still a 200) while a destination is paused or failing, or while reconciliation recovered
+more than `[reconciliation] gap_threshold` facts for an app and source in the last 24 h
+(`reconciliation_gaps`: the push channel lost them; README: Reconciliation).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from subledger.app.http import docs
 from subledger.app.http.common import database_refusal, pool_of, services_of
+from subledger.app.reconcile_schedule import gaps as reconciliation_gaps
 from subledger.core.errors import StoreError
 from subledger.outbox.metrics import CONTENT_TYPE, outbox_exposition, process_exposition
 from subledger.store import outbox as outbox_store
@@ -29,11 +33,12 @@ def readyz(request: Request) -> JSONResponse:
     try:
         with pool_of(request).connection() as conn:
             found = outbox_store.readiness(conn)
+            gaps = reconciliation_gaps(conn, services_of(request).settings, services_of(request).clock())
     except StoreError as exc:  # the database unreachable or failing means not ready (a bug is a 500)
         refusal, headers = database_refusal(exc, services_of(request).database_timeout)
         return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
     body = {
-        "status": "degraded" if found.paused or found.failing else "ok",
+        "status": "degraded" if found.paused or found.failing or gaps else "ok",
         "pending": found.pending,
         "dead": found.dead,
         "oldest_pending_seconds": found.oldest_pending_seconds,
@@ -49,6 +54,7 @@ def readyz(request: Request) -> JSONResponse:
              "failures": f.failures, "reason": f.reason}
             for f in found.failing
         ],
+        "reconciliation_gaps": gaps,  # app_id, source, recovered_last_24h: what push never delivered
     }
     return JSONResponse(body, status_code=200)
 
