@@ -8,8 +8,10 @@ and `subledger replay` never call Google:
 
 * `purchases.voidedpurchases.list` (`type=1`: subscriptions too), the last 30 days at most, from the
   app's "google/voided" cursor less a day: every refunded, revoked or charged-back order the log
-  holds no refund for becomes that refund (or, when Google's state shows access ended with it, the
-  revocation: refund and expiration). Each costs `subscriptionsv2.get` and `orders.get`, as a push does.
+  holds no refund for, of a subscription the log knows, becomes that refund (or, when Google's state
+  shows access ended with it, the revocation: refund and expiration). Each costs `subscriptionsv2.get`
+  and `orders.get`, as a push does; voided one-time products (and tokens the log never heard of) cost
+  no call.
 * The sweep: at most `sweep_limit` subscriptions the projection says are live whose period ended
   more than `sweep_margin_minutes` ago (and less than 60 days ago: Google no longer answers for
   tokens expired longer) with nothing heard since, oldest first (store/play_reconciliation.py).
@@ -73,7 +75,7 @@ class GoogleSummary(Summary):
     swept: int = 0  # subscriptions whose state the sweep fetched
     unchanged: int = 0  # of which Google said nothing beyond the projection
     gone: int = 0  # Google answered 404/410 (a token unknown, or expired too long ago)
-    skipped: int = 0  # voided purchases of one-time products, or of tokens Google no longer serves
+    skipped: int = 0  # voided purchases of tokens the log knows no subscription for (one-time products)
     resumed: int = 0  # pauses after PlayApi's retries gave up (429 / 5xx), each followed by a retry
 
     def as_json(self) -> dict[str, Any]:
@@ -192,11 +194,15 @@ class _Run:
         for done, item in enumerate(voided, 1):
             if item.order_id in refunded:
                 self.summary.duplicates += 1  # its push (or a revocation's) was logged
+            elif self.links(item.purchase_token) is None:
+                # a one-time product, or a subscription never heard of: no stream to state a refund on,
+                # and no call spent on it at every run while it stays in the window
+                self.summary.skipped += 1
             else:
                 probe = google_source.voided_probe(self.package, item)
                 fetched = self.call(lambda: self.adapter.fetch(probe))  # noqa: B023 (called at once)
                 if fetched.failure is not None or fetched.subscription is None:
-                    self.summary.skipped += 1  # a one-time product, or a token Google no longer serves
+                    self.summary.gone += 1  # a token Google no longer serves
                 else:
                     self.keep(google_source.voided_body(self.package, item, fetched.subscription), fetched)
             self.tell("voided purchases", done, len(voided))

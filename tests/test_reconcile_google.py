@@ -166,10 +166,11 @@ def test_dropped_pushes_are_recovered_published_once_and_never_twice(
     assert (first["recovered"], first["duplicates"], first["listed"], first["skipped"]) == (4, 0, 3, 1)
     assert (first["pages"], first["throttled"], first["swept"], first["unchanged"], first["gone"]) == (3, 1, 2, 0, 0)
     requests = p.google.api_requests()[before:]
-    assert first["api_calls"] == len(requests) == 13
+    assert first["api_calls"] == len(requests) == 12
     # per subscription: A's refund (subscriptionsv2 + order) and renewal (the same two), B's expiry (the
-    # state alone), C's revocation (two); the list's 3 pages + a 429 + a failed page; D is never asked
-    assert calls(requests) == {"list": 5, "tok-A": 4, "tok-B": 1, "tok-C": 2, "tok-OTP": 1}
+    # state alone), C's revocation (two); the list's 3 pages + a 429 + a failed page; D (beyond the
+    # sweep's 60 days) and the one-time product (no subscription in the log) are never asked about
+    assert calls(requests) == {"list": 5, "tok-A": 4, "tok-B": 1, "tok-C": 2}
     assert any("recovered 4 google fact(s)" in r.getMessage() for r in caplog.records)
     received = p.relay()
     assert by_user(received) == EXPECTED  # each once (Pipeline.relay asserts no duplicate messageId), in order
@@ -291,3 +292,17 @@ def test_the_sweep_query_reads_the_subscriptions_due_index(conn: psycopg.Connect
         "not_before": now - 60 * DAY, "limit": 500}).fetchall())
     assert "subscriptions_due" in plan, plan
     assert "event_log_subscription" in plan and "event_log_pkey" in plan, plan
+
+
+def test_a_recovered_chargeback_says_who_voided_it_and_why(p: GooglePipeline) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    lifecycle(p, now, DROPPED)
+    reconcile(p, now)
+    with psycopg.connect(p.db_url) as conn:
+        rows = conn.execute("SELECT kind, facts FROM event_log WHERE arrival = 'reconciliation' ORDER BY occurred_at")
+        attributes = {kind: [e["attributes"] for e in facts["events"]] for kind, facts in rows}
+    refund, expiry = attributes["SUBSCRIPTION_REVOKED"]
+    assert (refund["google_voided_source"], refund["google_voided_reason"]) == ("google", "chargeback")
+    assert refund["google_reconciled_from"] == expiry["google_reconciled_from"] == "purchases.voidedpurchases"
+    assert attributes["SUBSCRIPTION_RENEWED"][0]["google_reconciled_from"] == "purchases.subscriptionsv2"
+    assert attributes["VOIDED_PURCHASE"][0]["google_voided_reason"] == "remorse"

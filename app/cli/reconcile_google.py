@@ -33,7 +33,7 @@ def _bar(show: bool, app_id: str) -> Iterator[Progress | None]:
     if not show:
         yield None
         return
-    with counting(err, f"reconcile google {app_id}", "items") as bar:
+    with counting(err, f"google {app_id}", "items") as bar:
         tasks: dict[str, TaskID] = {}
 
         def progress(stage: str, done: int, total: int | None) -> None:

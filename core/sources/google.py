@@ -130,6 +130,8 @@ class Push:
     order_id: str | None = None
     product_type: int | None = None
     refund_type: int | None = None
+    # what a body reconciliation built says of its origin (`subledgerReconciliation`), as fact attributes
+    reconciled: tuple[tuple[str, str], ...] = ()
 
     @property
     def wants_subscription(self) -> bool:
@@ -253,6 +255,7 @@ def _push(notification: dict[str, Any], message_id: str | None, subscription: st
         "subscription": subscription[:500] if subscription else None,
         "package_name": package,
         "event_time": event_time,
+        "reconciled": _reconciled(notification.get(RECONCILED)),
     }
     if isinstance(notification.get("subscriptionNotification"), dict):
         sub = notification["subscriptionNotification"]
@@ -623,6 +626,7 @@ class _Mapping:
             "google_state": as_str(self.sub.get("subscriptionState")),
             "base_plan_id": as_str(dig(self.line, "offerDetails", "basePlanId")),
             "offer_id": as_str(dig(self.line, "offerDetails", "offerId")),
+            **dict(self.push.reconciled),
         }
         attributes.update(fields.pop("attributes", {}))
         if index == 0:
@@ -717,6 +721,9 @@ def _money(money: Mapping[str, Any], name: str) -> tuple[Decimal | None, str | N
 # `subledgerReconciliation`, which the mapping ignores.
 
 RECONCILED = "subledgerReconciliation"
+VOIDED_SOURCES = {0: "user", 1: "developer", 2: "google"}
+VOIDED_REASONS = {0: "other", 1: "remorse", 2: "not_received", 3: "defective", 4: "accidental_purchase", 5: "fraud",
+                  6: "friendly_fraud", 7: "chargeback", 8: "unacknowledged_purchase"}
 ACTIVE = "SUBSCRIPTION_STATE_ACTIVE"
 CANCELED = "SUBSCRIPTION_STATE_CANCELED"
 EXPIRED = "SUBSCRIPTION_STATE_EXPIRED"
@@ -807,6 +814,20 @@ def sweep_body(
         return None
     inner = {"subscriptionNotification": {"version": "1.0", "notificationType": kind, "purchaseToken": token}}
     return _reconciled_body(package, at, inner, {"resource": "purchases.subscriptionsv2", "state": state})
+
+
+def _reconciled(origin: Any) -> tuple[tuple[str, str], ...]:
+    """The attributes a reconciled body's origin gives its facts: which API said it, and for a voided
+    order who voided it and why (`google_voided_source`: user/developer/google, `google_voided_reason`)."""
+    if not isinstance(origin, dict):
+        return ()
+    source, reason = as_int(origin.get("voidedSource")), as_int(origin.get("voidedReason"))
+    found = {
+        "google_reconciled_from": as_str(origin.get("resource")),
+        "google_voided_source": None if source is None else VOIDED_SOURCES.get(source),
+        "google_voided_reason": None if reason is None else VOIDED_REASONS.get(reason),
+    }
+    return tuple((k, v[:100]) for k, v in found.items() if v)
 
 
 def _reconciled_body(package: str, at: datetime, inner: dict[str, Any], origin: dict[str, Any]) -> bytes:
