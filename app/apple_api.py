@@ -41,6 +41,7 @@ from appstoreserverlibrary.models.StatusResponse import StatusResponse
 from appstoreserverlibrary.models.TransactionHistoryRequest import Order, TransactionHistoryRequest
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from subledger.app.settings import AppleSourceSettings, AppSettings
 from subledger.app.stripe_api import Calls
@@ -124,9 +125,11 @@ class AppleApi:
 
     def __post_init__(self) -> None:
         try:
-            serialization.load_pem_private_key(self.key, password=None)
+            key = serialization.load_pem_private_key(self.key, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ConfigError("apple.api_key", "not an In-App Purchase key (the .p8 file's PEM)") from None
+            key = None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):  # Apple's keys are P-256, signing ES256
+            raise ConfigError("apple.api_key", "not an In-App Purchase key (the .p8 file's PEM)")
 
     def clients(self) -> dict[str, _Client]:
         """One library client per environment read, made at first use (Production first)."""

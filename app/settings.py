@@ -132,6 +132,16 @@ class AppleSourceSettings(_Strict):
     def _api_base_url(cls, value: str | None) -> str | None:
         return None if value is None else _base_url(value, "https://api.storekit.apple.com")
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_readable(cls, value: str | None) -> str | None:
+        if value is not None and "-----BEGIN" not in value:  # a path (the PEM itself comes via ${NAME})
+            try:
+                Path(value).expanduser().read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{value}: {exc.strerror or exc}") from None
+        return value
+
     @model_validator(mode="after")
     def _api_credentials(self) -> AppleSourceSettings:
         given = [name for name in ("api_key", "key_id", "issuer_id") if getattr(self, name)]

@@ -9,12 +9,15 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from apple_signing import APP_APPLE_ID, BUNDLE_ID, ms, notification_payload, renewal_info, sign, transaction
+from apple_signing import APP_APPLE_ID, BUNDLE_ID, ms, notification_payload, renewal_info, sign, tamper, transaction
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fake_apple_api import ISSUER_ID, KEY_ID, FakeAppleApi, Record, Subscription, make_key
 from webhooks_support import APPLE_APP, CA, Pipeline, config_dict, tracks, write_root
 
@@ -23,7 +26,8 @@ from subledger.app.apple_api import AppleApi, from_settings
 from subledger.app.bootstrap import build
 from subledger.app.reconcile_apple import reconcile_apple, refresh_subscription, window_start
 from subledger.app.sources import build_sources
-from subledger.core.errors import InvalidEvent, SourceUnavailable
+from subledger.core.errors import BadSignature, ConfigError, InvalidEvent, SourceUnavailable
+from subledger.core.sources import apple as apple_source
 from subledger.store import reconciliation
 from subledger.store.verify import verify
 
@@ -338,3 +342,61 @@ def test_the_cli_reads_the_key_from_the_environment_and_prints_a_json_summary(wo
     assert "Traceback" not in refused.output
     missing = runner.invoke(cli, ["reconcile", "apple", "--subscription", "999", *common], env=env)
     assert missing.exit_code == 1 and "knows no transaction '999'" in missing.stderr
+
+
+def test_a_record_that_does_not_verify_is_refused_and_never_ingested(world: World) -> None:
+    world.push(skip=DROPPED)
+    forged = tamper(world.notes[2].signed_payload, notificationUUID="n-forged")
+    world.apple.records.append(Record(forged, ms(world.notes[2].at) + 1, True))
+    world.apple.throttle = 0
+    first = world.run()
+    assert (first["recovered"], first["refused"], first["refused_ids"]) == (2, 1, ["n-forged"])
+    with psycopg.connect(world.p.db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM event_log WHERE external_id = 'n-forged'").fetchone() == (0,)
+
+
+def test_credentials_are_checked_before_any_call(tmp_path: Path) -> None:
+    root = write_root(tmp_path)
+    base = {"environments": [PROD], "key_id": KEY_ID, "issuer_id": ISSUER_ID}
+    with pytest.raises(ConfigError, match=r"api_key.*No such file"):
+        settings_module.from_dict(config_dict(root, api_key=str(tmp_path / "missing.p8"), **base))
+    with pytest.raises(ConfigError, match="go together"):
+        settings_module.from_dict(config_dict(root, key_id=KEY_ID))
+    rsa_pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    settings = settings_module.from_dict(config_dict(root, api_key=rsa_pem.decode(), **base))
+    with pytest.raises(ConfigError, match="not an In-App Purchase key"):
+        from_settings(settings.apps[APPLE_APP].apple, BUNDLE_ID)
+
+
+# -- the --subscription mapping, on its own (pure: no Apple, no database) --------------------------
+
+
+def test_recover_subscription_states_only_what_the_log_lacks_and_is_idempotent(tmp_path: Path) -> None:
+    settings = settings_module.from_dict(config_dict(write_root(tmp_path), environments=[PROD]))
+    adapter = build_sources(settings).apple[BUNDLE_ID]
+    now = datetime.now(UTC).replace(microsecond=0)
+    bought, renewed, refunded = now - timedelta(days=40), now - timedelta(days=10), now - timedelta(days=2)
+    signed = {
+        "t1": sign(txn("t1", bought), CA),
+        "t2": sign(transaction(transaction_id="t2", purchase=renewed, expires=renewed + timedelta(days=30),
+                               environment=PROD, revocationDate=ms(refunded), revocationReason=1), CA),
+    }
+    txns = [adapter.verified_transaction(PROD, jws) for jws in signed.values()]
+    pushed = adapter.parse(note("n-buy", "SUBSCRIBED", "INITIAL_BUY", bought, txn=txn("t1", bought)).body)
+
+    found = apple_source.recover_subscription(adapter.config, PROD, txns, pushed.events, signed_transactions=signed,
+                                              status=5)
+    assert [r.notification.external_id for r in found] == ["-transaction:t2", "-refund:t2"]
+    renewal, refund = (r.notification.events for r in found)
+    assert [(e.type, e.transaction_id, e.occurred_at) for e in renewal] == [("renewal", "t2", renewed)]
+    # the refund of a period that had not ended: the refund, and access ends at the revocation
+    assert [(e.type, e.occurred_at, e.price) for e in refund] == [
+        ("refund", refunded, Decimal("-9.99")), ("expiration", refunded, None)]
+    assert json.loads(found[0].raw)["signedTransactionInfo"] == signed["t2"]
+    logged = [*pushed.events, *renewal, *refund]
+    assert apple_source.recover_subscription(adapter.config, PROD, txns, logged, signed_transactions=signed,
+                                             status=5) == []
+    # the Sandbox verifier is not configured: a transaction from there is refused, never mapped
+    with pytest.raises(BadSignature, match="environment 'Sandbox' is not accepted"):
+        adapter.verified_transaction("Sandbox", signed["t1"])
