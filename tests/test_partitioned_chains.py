@@ -164,6 +164,20 @@ def test_a_tampered_entry_in_chain_2_is_named(conn: psycopg.Connection) -> None:
     assert result.as_json()["problems"][0]["chain"] == 2
 
 
+def test_keyless_entries_are_in_chain_0_and_an_edited_head_is_named(conn: psycopg.Connection) -> None:
+    log.set_chains(conn, 4, NOW)
+    found = subs_in_chains(4, {1, 3})
+    ingest(conn, [*lifecycle(found[1][0])[:2], keyless("evt_k")], POLICY, NOW)
+    ingest(conn, lifecycle(found[3][0])[:1], POLICY, NOW)
+    keyless_position = conn.execute("SELECT position FROM event_log WHERE external_id = 'evt_k'").fetchone()
+    assert keyless_position is not None and chain_of_position(conn, int(keyless_position[0])) == 0
+    conn.execute("UPDATE log_heads SET position = position + 4 WHERE chain = 3")
+    conn.commit()
+    problems = verify(conn).problems
+    assert [(p.kind, p.chain) for p in problems] == [("head", 3)]
+    assert problems[0].detail.startswith("chain 3's head says position")
+
+
 def test_a_one_chain_log_continued_with_four_then_one_verifies(conn: psycopg.Connection) -> None:
     subs = [f"m{n}" for n in range(6)]
     for sub in subs:
