@@ -237,11 +237,14 @@ def test_ingests_of_different_chains_do_not_block_each_other(db_url: str) -> Non
         assert verify(same).ok
 
 
-def test_a_batch_of_several_chains_is_one_transaction(conn: psycopg.Connection) -> None:
-    """A batch spanning chains locks each of them (in order) and commits or fails as a whole."""
+@pytest.mark.parametrize("extra", [0, 40], ids=["one-statement", "copy"])
+def test_a_batch_of_several_chains_is_one_transaction(conn: psycopg.Connection, extra: int) -> None:
+    """A batch spanning chains locks each of them (in order) and commits or fails as a whole, on both
+    write paths (a big batch COPYs the log and updates each chain's head row)."""
     log.set_chains(conn, 4, NOW)
     found = subs_in_chains(4, {0, 1, 2, 3})
     batch = [e for subs in found.values() for e in lifecycle(subs[0])] + [keyless("evt_batch")]
+    batch += [item(f"x{n}", "purchase", 1, f"x{n}") for n in range(extra)]
     random.Random(3).shuffle(batch)
 
     def fail(point: str) -> None:
