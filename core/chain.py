@@ -1,7 +1,9 @@
 """The log's hash chain: each entry's hash covers the previous hash and the entry's canonical bytes.
 
 Editing, removing or reordering any entry changes every hash after it, so `verify` can name the
-first entry that no longer matches.
+first entry that no longer matches. A partitioned log (`[log] chains = N`) is N such chains, an
+entry's chain fixed by its subscription key (`chain_of`); each hash covers the previous hash of the
+same chain, in the same format.
 
 Every column of `event_log` is tamper-evident in one of three ways (`COVERAGE`): hashed (the
 canonical bytes below), chained (`position` by the gapless sequence, `hash` by recomputation), or

@@ -92,6 +92,15 @@ def test_the_default_is_one_chain_as_before(conn: psycopg.Connection) -> None:
     assert verify(conn).ok
 
 
+def test_the_app_role_may_change_the_chains_and_ingest(conn: psycopg.Connection) -> None:
+    conn.execute("SET ROLE subledger_app")
+    conn.commit()
+    assert log.set_chains(conn, 3, NOW) is not None
+    assert [o.result for o in ingest(conn, lifecycle("r1")[:2], POLICY, NOW)] == ["new", "new"]
+    assert log.set_chains(conn, 1, NOW) is not None
+    assert verify(conn).ok
+
+
 def test_32_threads_of_duplicates_and_late_events_with_four_chains(db_url: str) -> None:
     with psycopg.connect(db_url) as c:
         epoch = log.set_chains(c, 4, NOW)
