@@ -32,7 +32,7 @@ from appstoreserverlibrary.models.JWSTransactionDecodedPayload import JWSTransac
 from appstoreserverlibrary.models.StatusResponse import StatusResponse
 
 from subledger.app.apple_api import HISTORY_LIMIT, AppleApi
-from subledger.app.reconcile import Summary
+from subledger.app.reconcile import Summary, warn_recovered
 from subledger.app.sources import Sources
 from subledger.core.errors import InvalidEvent, PayloadRejected, UnknownApp
 from subledger.core.sources import apple as apple_source
@@ -224,7 +224,5 @@ def ingest_recovered(conn: psycopg.Connection, summary: Summary, items: list[Inc
                 summary.recovered_ids.append(outcome.external_id)
             else:  # a webhook arrived meanwhile
                 summary.duplicates += 1
-    if summary.recovered:
-        log.warning("reconciliation recovered %d %s notification(s) for app %s that push never delivered: %s",
-                    summary.recovered, SOURCE, summary.app_id, CHECK)
+    warn_recovered(summary, CHECK)
 

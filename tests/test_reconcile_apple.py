@@ -148,7 +148,7 @@ def test_dropped_notifications_are_recovered_published_once_in_order_and_never_t
     assert (first["pages"], first["api_calls"], first["throttled"], first["mode"]) == (2, 3, 1, "failures")
     assert world.sleeps == [1.5]
     assert first["recovered_ids"] == ["n-renew", "n-off"]  # ingested oldest first
-    assert any("recovered 2 apple notification(s)" in r.getMessage() and APPLE_APP in r.getMessage()
+    assert any("recovered 2 apple event(s)" in r.getMessage() and APPLE_APP in r.getMessage()
                for r in caplog.records)
     assert events(world.p) == EXPECTED  # each once (Pipeline.relay asserts no duplicate messageId), in order
 
@@ -340,6 +340,8 @@ def test_the_cli_reads_the_key_from_the_environment_and_prints_a_json_summary(wo
     refused = runner.invoke(cli, ["reconcile", "apple", *common], env={"APPLE_IAP_KEY": make_key()[1].decode()})
     assert refused.exit_code == 1 and "refused the In-App Purchase key" in refused.stderr
     assert "Traceback" not in refused.output
+    not_a_key = runner.invoke(cli, ["reconcile", "apple", *common], env={"APPLE_IAP_KEY": "-----BEGIN nonsense"})
+    assert not_a_key.exit_code == 2 and "api_key: not an In-App Purchase key" in not_a_key.stderr
     missing = runner.invoke(cli, ["reconcile", "apple", "--subscription", "999", *common], env=env)
     assert missing.exit_code == 1 and "knows no transaction '999'" in missing.stderr
 

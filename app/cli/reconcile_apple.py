@@ -16,13 +16,15 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich.progress import TaskID
 
 from subledger.app.apple_api import AppleApi, configured, from_settings
 from subledger.app.cli.common import ConfigOption, DatabaseOption, JsonOption, connection, err, fail, out, parse_when
 from subledger.app.cli.reconcile import reconcile_app
 from subledger.app.progress import counting
 from subledger.app.reconcile import Summary
-from subledger.app.reconcile_apple import reconcile_apple, refresh_subscription
+from subledger.app.reconcile_apple import refresh_subscription
+from subledger.app.reconcile_schedule import RECONCILERS, Api, run
 from subledger.app.settings import Settings
 from subledger.app.sources import build_sources
 from subledger.app.wording import plural
@@ -86,8 +88,8 @@ def apple(
             bar.start()
         try:
             for app_id in chosen:
-                api = _api(settings, app_id)
                 if subscription:
+                    api = _api(settings, app_id)
                     task = bar.add_task(app_id, total=len(subscription))
                     for number, transaction_id in enumerate(subscription, 1):
                         results.append((refresh_subscription(conn, sources, api, app_id, services.policy,
@@ -96,13 +98,25 @@ def apple(
                         bar.update(task, completed=number)
                     continue
                 task = bar.add_task(app_id, total=None)
-                api.progress = lambda pages, t=task: bar.update(t, completed=pages)
-                results.append((reconcile_apple(conn, sources, api, app_id, services.policy, services.clock(),
-                                                since=start, all_types=all_types, dry_run=dry_run), None))
+
+                def watch(client: Api, t: TaskID = task) -> None:
+                    if isinstance(client, AppleApi):
+                        client.progress = lambda pages: bar.update(t, completed=pages)
+
+                # the scheduled jobs' own runner: the same lock per mode and app, so a cron run and a
+                # scheduled one never read the same window at once
+                summary = run(services, conn, RECONCILERS["apple"], app_id, all_types=all_types, since=start,
+                              dry_run=dry_run, sources=sources, watch=watch)
+                if summary is None:
+                    raise fail(f"reconcile apple {app_id}: another run of this mode for this app is in progress "
+                               "(a scheduled job?); try again when it ends", 1)
+                results.append((summary, None))
         except (Transient, PayloadRejected) as exc:
             if isinstance(exc, StoreError):
                 raise
             raise fail(f"reconcile apple {app_id}: {exc}", 1) from None
+        except ConfigError as exc:  # the key itself (not a P-256 PEM), found when the client is opened
+            raise fail(f'apps."{app_id}".{exc.key}: {exc.reason}') from None
         finally:
             if show:
                 bar.stop()
