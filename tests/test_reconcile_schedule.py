@@ -268,3 +268,73 @@ def test_reconcile_status_tells_configured_cursors_and_the_gap(world: Pipeline, 
     assert any(line.startswith("  failures: read until ") for line in lines)
     assert "stripe com.example.keyless: not configured (no API credentials); recovered 0 in the last 24 h, " \
            "0 in all" in lines
+
+
+# -- every store in the registry ----------------------------------------------------------------
+
+def test_apple_and_google_apps_with_credentials_get_their_jobs(db_url: str, tmp_path: Path) -> None:
+    from test_e2e_google import GOOGLE_APP, google_config
+    from webhooks_support import APPLE_APP
+
+    config = google_config(write_root(tmp_path), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    config["apps"][APPLE_APP]["apple"].update(api_key="${APPLE_KEY}", key_id="KEY1", issuer_id="issuer")
+    config["apps"][STRIPE_APP]["stripe"]["api_key"] = API_KEY
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("APPLE_KEY", "-----BEGIN PRIVATE KEY-----")  # only opened when a job runs
+        services = build(settings_module.from_dict(config), database_url=db_url)
+    ids = sorted(j.id for j in scheduled_jobs(services))
+    assert ids == sorted(f"reconcile {store}/{mode} {app}" for store, app in (
+        ("apple", APPLE_APP), ("google", GOOGLE_APP), ("stripe", STRIPE_APP)) for mode in ("failures", "all"))
+    assert {j.interval for j in scheduled_jobs(services)} == {15 * 60}  # the default frequent_minutes
+
+
+def test_a_store_with_cursors_of_its_own_is_marked_so_its_daily_run_is_due_once(db_url: str, tmp_path: Path) -> None:
+    """Google keeps `google/voided` and `google/sweep`: the runner marks `google/all` after a daily run."""
+    import threading
+
+    from fake_google import FakeGoogle
+    from test_e2e_google import GOOGLE_APP, google_config
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    with FakeGoogle() as google:
+        settings = with_reconciliation(settings_module.from_dict(
+            google_config(write_root(tmp_path), "http://127.0.0.1:9", google.url)), frequent_minutes=15)
+        sources = build_sources(settings)
+
+        def tick(at: datetime) -> Any:
+            services = build(settings, database_url=db_url, clock=lambda: at)
+            return scheduled_run(services, sources, RECONCILERS["google"], GOOGLE_APP, True, threading.Event())
+
+        assert tick(now) is not None
+        assert tick(now + timedelta(minutes=15)) is None
+    with psycopg.connect(db_url) as conn:
+        assert {c.name: c.updated_at for c in reconciliation.cursors(conn)} == {
+            "google/all": now, "google/voided": now, "google/sweep": now}
+
+
+def test_the_cli_bar_counts_pages_and_leaves_the_output_as_it_was(
+    world: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from subledger.app.cli import reconcile as reconcile_cli
+    from subledger.app.reconcile_schedule import pages_read, run
+
+    p = world
+    push(p, p.events, skip=DROPPED)  # type: ignore[attr-defined]
+    services = build(p.settings, database_url=p.db_url)
+    seen: list[Any] = []
+    with psycopg.connect(p.db_url) as conn:
+        summary = run(services, conn, STRIPE, STRIPE_APP, dry_run=True, sleep=lambda _: None, watch=seen.append)
+    assert summary is not None and summary.pages == 2 and pages_read(seen[0]) == 2  # what the bar shows
+
+    monkeypatch.setattr(reconcile_cli, "sys", SimpleNamespace(stderr=SimpleNamespace(isatty=lambda: True)))
+    config = tmp_path / "subledger.toml"
+    stripe = p.settings.apps[STRIPE_APP].stripe
+    assert stripe is not None
+    config.write_text(f'[apps."{STRIPE_APP}".stripe]\nendpoint_secrets = {json.dumps(stripe.endpoint_secrets)}\n'
+                      f'api_key = "{API_KEY}"\napi_base_url = "{p.stripe.url}"\n')  # type: ignore[attr-defined]
+    result = CliRunner().invoke(cli, ["reconcile", "stripe", "--config", str(config), "--database-url", p.db_url])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"stripe {STRIPE_APP}: recovered 2 events, 0 already logged, 0 refused; "
+                                          "2 pages, 2 API calls"]
