@@ -281,9 +281,10 @@ def test_a_list_google_keeps_failing_stops_the_run_writing_nothing(p: GooglePipe
 
 
 def test_the_sweep_query_reads_the_subscriptions_due_index(conn: psycopg.Connection) -> None:
-    """No migration: the live-status partial index on expires_at serves the candidates' range, and the
-    log is reached by primary key (the last folded entry) and by `event_log_subscription` (the token)."""
-    from subledger.store.play_reconciliation import CANDIDATES_SQL
+    """No migration: the live-status partial index on expires_at serves the candidates' range, the log
+    is reached by primary key (the last folded entry) and by `event_log_subscription` (the token), and
+    the refunds already logged by the GIN index of the ids facts name."""
+    from subledger.store.play_reconciliation import CANDIDATES_SQL, PROBE
 
     now = datetime.now(UTC)
     conn.execute("SET enable_seqscan = off")
@@ -292,6 +293,11 @@ def test_the_sweep_query_reads_the_subscriptions_due_index(conn: psycopg.Connect
         "not_before": now - 60 * DAY, "limit": 500}).fetchall())
     assert "subscriptions_due" in plan, plan
     assert "event_log_subscription" in plan and "event_log_pkey" in plan, plan
+    # the refunds already logged: each order's probe is the GIN index's own expression (on a large log
+    # these selective probes win over `source = 'google'`, which an empty test table cannot show)
+    probes = "SELECT position FROM event_log WHERE " + " OR ".join([PROBE] * 2)
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + probes, ['["GPA.1"]', '["GPA.2"]']).fetchall())
+    assert "BitmapOr" in plan and "event_log_references" in plan, plan
 
 
 def test_a_recovered_chargeback_says_who_voided_it_and_why(p: GooglePipeline) -> None:
