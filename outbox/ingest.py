@@ -1,7 +1,8 @@
 """The write side of the transactional outbox: one transaction per ingest.
 
 Log entries, projections, transitions and outbox rows commit together or not at all; the relay
-is woken by a NOTIFY sent only after the commit. Every item of a batch is applied in occurrence
+is woken by a NOTIFY issued in the same transaction, which PostgreSQL delivers only when (and if)
+it commits: the hint costs one statement, not a second transaction. Every item of a batch is applied in occurrence
 order per subscription, so a shuffled batch yields exactly the transitions of the sorted one.
 """
 
@@ -95,10 +96,10 @@ def ingest(
         if fail_at:
             fail_at("after_derive")
         work.commit(conn)
+        if notify and (work.outbox or work.outbox_if_missing):
+            outbox_sql.notify(conn)  # delivered at the commit, never for a rollback
         if fail_at:
             fail_at("before_commit")
-    if notify and (work.outbox or work.outbox_if_missing):
-        wake_relay(conn)
     return [
         Outcome(r.entry.notification.source.value, r.entry.notification.external_id, "new", r.position,
                 tuple(by_position.get(r.position, ())))

@@ -37,6 +37,10 @@ def serve(
     scheduler: Annotated[
         bool, typer.Option(help="Run the relay and the scheduled jobs in this process too.")
     ] = True,
+    workers: Annotated[int, typer.Option(
+        help="HTTP worker processes. 1: one process serves and relays. N > 1: N processes answer HTTP "
+             "(for bursts: use the cores) and the relay + jobs run in the parent, out of their way.",
+        min=1, max=64)] = 1,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
     migrate: MigrateOption = None,
@@ -57,7 +61,15 @@ def serve(
         jobs.start()
     try:
         # uvicorn handles SIGTERM/SIGINT here; when it returns, the scheduler finishes its pass and stops.
-        serve_http(create_app(services), host=host, port=port)
+        if workers > 1:
+            from subledger.app.http_workers import serve_workers
+
+            logging.getLogger("subledger").info(
+                "%d HTTP worker processes; %s", workers,
+                "the relay and the jobs run in this process" if scheduler else "no relay in this process")
+            serve_workers(host=host, port=port, workers=workers, config=config, database_url=services.database_url)
+        else:
+            serve_http(create_app(services), host=host, port=port)
     finally:
         if jobs is not None:
             jobs.stop()
