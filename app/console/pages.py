@@ -338,10 +338,8 @@ def _gaps(conn: Any, now: datetime) -> list[dict[str, Any]]:
     """Per (app, source): log entries reconciliation recovered (push never delivered them), in all
     and in the last 24 h, both counted on the partial index `event_log_not_pushed`."""
     total = reconciliation.recovered_counts(conn)
-    since = getattr(reconciliation, "recovered_since", None)  # the gap report's recent half, where it exists
-    recent = None if since is None else since(conn, now - timedelta(hours=24))
-    return [{"app_id": app_id, "source": source, "total": n,
-             "recent": None if recent is None else recent.get((app_id, source), 0)}
+    recent = reconciliation.recovered_since(conn, now - reconciliation.GAP_WINDOW)  # the gap report's window
+    return [{"app_id": app_id, "source": source, "total": n, "recent": recent.get((app_id, source), 0)}
             for (app_id, source), n in sorted(total.items())]
 
 
