@@ -119,6 +119,15 @@ def _google_api(app_id: str, app: AppSettings, sleep: Sleep) -> PlayApi:
     return PlayApi(app_id, app.google, sleep=sleep)
 
 
+def _reconcile_google(conn: psycopg.Connection, sources: Sources, api: PlayApi, app_id: str, policy: IngestPolicy,
+                      now: datetime, *, since: datetime | None = None, all_types: bool = False,
+                      dry_run: bool = False) -> Summary:
+    """`reconcile_google`, pausing between its resumes (after a 429 / 5xx) the way its client waits
+    between retries: in a scheduled run, the scheduler's stop event cuts both short."""
+    return reconcile_google(conn, sources, api, app_id, policy, now, since=since, all_types=all_types,
+                            dry_run=dry_run, sleep=api.sleep)
+
+
 RECONCILERS: Final[dict[str, Reconciler]] = {r.source: r for r in (
     Reconciler(
         source="apple", title="Apple", listing="notification history", needs="In-App Purchase key",
@@ -128,7 +137,7 @@ RECONCILERS: Final[dict[str, Reconciler]] = {r.source: r for r in (
     Reconciler(
         source="google", title="Google Play", listing="voided purchases", needs="Google Play source",
         credentials='[apps."{app}".google]', configured=_google_configured, open_api=_google_api,
-        reconcile=reconcile_google, generic_command=False,
+        reconcile=_reconcile_google, generic_command=False,
     ),
     Reconciler(
         source="stripe", title="Stripe", listing="events", needs="Stripe API key",
