@@ -38,7 +38,7 @@ from typing import Any, Final, TypeVar
 import psycopg
 
 from subledger.app.google_api import GoogleLinks, GoogleSource, PlayApi
-from subledger.app.reconcile import Summary
+from subledger.app.reconcile import Summary, warn_recovered
 from subledger.app.sources import Sources
 from subledger.core.errors import PayloadRejected, SourceUnavailable, UnknownApp
 from subledger.core.events import Source, Store, stream_key
@@ -194,7 +194,7 @@ class _Run:
         for done, item in enumerate(voided, 1):
             if item.order_id in refunded:
                 self.summary.duplicates += 1  # its push (or a revocation's) was logged
-            elif self.links(item.purchase_token) is None:
+            elif item.purchase_token not in self.links.seen:
                 # a one-time product, or a subscription never heard of: no stream to state a refund on,
                 # and no call spent on it at every run while it stays in the window
                 self.summary.skipped += 1
@@ -262,12 +262,17 @@ def reconcile_google(
         voided = run.list_voided(start, now)
         summary.listed = len(voided)
         refunded = play_rows.refunded_orders(conn, app_id, sorted({v.order_id for v in voided}))
+        # the chain lookup's answers for the run's tokens, read at once (the mapping asks it per token)
+        run.links.seen.update(play_rows.token_subscriptions(conn, app_id, sorted({v.purchase_token for v in voided})))
+        prefix = stream_key(app_id, Store.PLAY_STORE, "")
         candidates = play_rows.sweep_candidates(
-            conn, app_id, stream_key(app_id, Store.PLAY_STORE, ""),
+            conn, app_id, prefix,
             ended_before=now - timedelta(minutes=settings.sweep_margin_minutes),
             not_before=now - SWEEP_HORIZON, limit=limit,
         )
         conn.commit()
+        for candidate in candidates:  # a swept token's chain root is its subscription's id: no lookup
+            run.links.seen.setdefault(candidate.token, candidate.key.removeprefix(prefix))
         run.recover_voided(voided, refunded)
         run.sweep(candidates)
     finally:
@@ -290,12 +295,8 @@ def reconcile_google(
     with conn.transaction():
         rows.advance(conn, VOIDED_CURSOR, app_id, now, now)
         rows.advance(conn, SWEEP_CURSOR, app_id, now, now)
-    if summary.recovered:
-        log.warning(
-            "reconciliation recovered %d %s fact(s) for app %s that push never delivered: check the Pub/Sub push "
-            "subscription (endpoint, authentication) and the RTDN topic in Play Console", summary.recovered, SOURCE,
-            app_id,
-        )
+    warn_recovered(summary, "check the Pub/Sub push subscription (endpoint, authentication) and the RTDN topic "
+                            "in Play Console")
     return summary
 
 

@@ -66,9 +66,12 @@ def sweep_candidates(
     return [Candidate(str(k), e, s, str(t)) for k, e, s, t in rows]
 
 
-# A containment probe per order on `event_log_references` (0009: the ids each entry's facts name),
-# ORed (a BitmapOr of GIN scans: the planner does not parameterize a GIN probe by a join), then the
-# entries' facts are read to keep only refunds of those orders.
+# Reads by store id go through `event_log_references` (0009: the ids each entry's facts name): a
+# containment probe per id, ORed (a BitmapOr of GIN scans; the planner does not parameterize a GIN
+# probe by a join), then the entries' facts are read to keep what was asked.
+PROBE = f"{FACT_REFERENCES} @> %s::jsonb"
+PROBES_PER_QUERY = 100
+
 REFUNDED_SQL = """
 SELECT DISTINCT e->>'transaction_id'
 FROM event_log l, jsonb_array_elements(l.facts->'events') e
@@ -76,16 +79,35 @@ WHERE ({probes})
   AND l.source = 'google' AND l.app_id = %s
   AND e->>'type' = 'refund' AND e->>'transaction_id' = ANY(%s)
 """
-PROBE = f"{FACT_REFERENCES} @> %s::jsonb"
-PROBES_PER_QUERY = 100
+
+# The first fact naming a token carries the subscription id it was logged under (as
+# store.lookups.subscription_for_attribute reads one token; this reads a run's tokens at once).
+TOKEN_SUBSCRIPTIONS_SQL = """
+SELECT DISTINCT ON (e->'attributes'->>'google_purchase_token')
+       e->'attributes'->>'google_purchase_token', e->>'subscription_id'
+FROM event_log l, jsonb_array_elements(l.facts->'events') e
+WHERE ({probes})
+  AND l.source = 'google' AND l.app_id = %s
+  AND e->'attributes'->>'google_purchase_token' = ANY(%s) AND e->>'subscription_id' IS NOT NULL
+ORDER BY e->'attributes'->>'google_purchase_token', l.position
+"""
+
+
+def _probed(conn: psycopg.Connection, sql: str, app_id: str, ids: list[str]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for at in range(0, len(ids), PROBES_PER_QUERY):
+        chunk = ids[at:at + PROBES_PER_QUERY]
+        params = [json.dumps([i]) for i in chunk] + [app_id, chunk]
+        found = conn.execute(sql.format(probes=" OR ".join([PROBE] * len(chunk))), params).fetchall()
+        rows.extend(tuple(str(v) for v in row) for row in found)
+    return rows
 
 
 def refunded_orders(conn: psycopg.Connection, app_id: str, order_ids: list[str]) -> set[str]:
     """Which of `order_ids` a Google fact of `app_id` already refunds (a voided push, a revocation)."""
-    found: set[str] = set()
-    for at in range(0, len(order_ids), PROBES_PER_QUERY):
-        chunk = order_ids[at:at + PROBES_PER_QUERY]
-        sql = REFUNDED_SQL.format(probes=" OR ".join([PROBE] * len(chunk)))
-        params = [json.dumps([o]) for o in chunk] + [app_id, chunk]
-        found.update(str(r[0]) for r in conn.execute(sql, params).fetchall())
-    return found
+    return {order for (order,) in _probed(conn, REFUNDED_SQL, app_id, order_ids)}
+
+
+def token_subscriptions(conn: psycopg.Connection, app_id: str, tokens: list[str]) -> dict[str, str]:
+    """Purchase token → the subscription id its first fact was logged under, for the tokens the log knows."""
+    return dict((token, subscription) for token, subscription in _probed(conn, TOKEN_SUBSCRIPTIONS_SQL, app_id, tokens))

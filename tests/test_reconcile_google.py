@@ -171,7 +171,7 @@ def test_dropped_pushes_are_recovered_published_once_and_never_twice(
     # state alone), C's revocation (two); the list's 3 pages + a 429 + a failed page; D (beyond the
     # sweep's 60 days) and the one-time product (no subscription in the log) are never asked about
     assert calls(requests) == {"list": 5, "tok-A": 4, "tok-B": 1, "tok-C": 2}
-    assert any("recovered 4 google fact(s)" in r.getMessage() for r in caplog.records)
+    assert any("recovered 4 google event(s)" in r.getMessage() for r in caplog.records)
     received = p.relay()
     assert by_user(received) == EXPECTED  # each once (Pipeline.relay asserts no duplicate messageId), in order
 
