@@ -16,7 +16,10 @@
   (store/retention.py); one pruner at a time per database, whichever processes run it.
 - Jobs the app wires in (`PeriodicJob`: reconciliation, app/reconcile_schedule.py) run on their own
   interval, first after their delay, never twice at once in a process, missed runs coalesced; each
-  is handed the stop event so a long wait (an API's backoff) ends when the process stops.
+  is handed the stop event so a long wait (an API's backoff) ends when the process stops. They run
+  on a pool of their own (`job_workers` threads), so runs that wait on a store's API never hold the
+  threads the relay needs every second; a run queued behind others still runs when a thread frees
+  (no misfire limit), where the default 1 s grace would skip it.
 - `stop()` waits for a running relay pass to finish recording, so a batch is never left half-marked;
   a pass interrupted by a kill is recovered by the lease.
 """
@@ -35,6 +38,7 @@ from typing import Any
 
 import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -69,6 +73,7 @@ class _SkippedRunFilter(logging.Filter):
 _SKIPS = _SkippedRunFilter()
 
 DEFAULT_GRACE = timedelta(hours=24)
+WIRED = "wired"  # the executor of the app's PeriodicJobs
 EXPIRATION_BATCH = 200
 
 Clock = Callable[[], datetime]
@@ -90,6 +95,8 @@ class SchedulerConfig:
     """The first prune runs this long after start (not at once, and not only after a whole interval)."""
     database_timeout: float = DEFAULT_TIMEOUT_SECONDS
     """How long a job's or the listener's connection may take (`database_timeout_seconds`)."""
+    job_workers: int = 2
+    """Threads for the wired-in `PeriodicJob`s (reconciliation), apart from the relay's."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,8 @@ class Scheduler:
         self.grace = dict(grace or {})
         self.config = config or SchedulerConfig()
         self.clock = clock
-        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._scheduler = BackgroundScheduler(timezone=UTC, executors={
+            "default": ThreadPoolExecutor(), WIRED: ThreadPoolExecutor(self.config.job_workers)})
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._running = False
@@ -157,8 +165,9 @@ class Scheduler:
             )
         for job in self.jobs:
             self._scheduler.add_job(
-                job.run, "interval", seconds=job.interval, id=job.id, args=[self._stop],
-                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC) + timedelta(seconds=job.delay),
+                job.run, "interval", seconds=job.interval, id=job.id, args=[self._stop], executor=WIRED,
+                max_instances=1, coalesce=True, misfire_grace_time=None,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=job.delay),
             )
         self._scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         skips = logging.getLogger("apscheduler.scheduler")

@@ -73,6 +73,9 @@ def test_the_relay_process_recovers_dropped_webhooks_on_its_own(world: Pipeline)
                                                     f"reconcile stripe/failures {STRIPE_APP}"]
     scheduler.start()
     try:
+        job = scheduler._scheduler.get_job(f"reconcile stripe/failures {STRIPE_APP}")
+        # never overlapping itself, missed ticks coalesced, on threads apart from the relay's
+        assert (job.max_instances, job.coalesce, job.executor, job.misfire_grace_time) == (1, True, "wired", None)
         assert _wait(lambda: names(p.fake.capture.messages()) == EXPECTED, 20), names(p.fake.capture.messages())
         with psycopg.connect(p.db_url) as conn:  # both modes completed: each has its cursor
             assert _wait(lambda: {c.name for c in reconciliation.cursors(conn)} == {"stripe/failures",
@@ -338,3 +341,27 @@ def test_the_cli_bar_counts_pages_and_leaves_the_output_as_it_was(
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [f"stripe {STRIPE_APP}: recovered 2 events, 0 already logged, 0 refused; "
                                           "2 pages, 2 API calls"]
+
+
+def test_a_run_already_going_elsewhere_is_not_run_twice(world: Pipeline, tmp_path: Path) -> None:
+    """serve and relay side by side: the second process to reach a tick skips it; the CLI says so (exit 1)."""
+    import threading
+
+    p = world
+    config = tmp_path / "subledger.toml"
+    stripe = p.settings.apps[STRIPE_APP].stripe
+    assert stripe is not None
+    config.write_text(f'[apps."{STRIPE_APP}".stripe]\nendpoint_secrets = {json.dumps(stripe.endpoint_secrets)}\n'
+                      f'api_key = "{API_KEY}"\napi_base_url = "{p.stripe.url}"\n')  # type: ignore[attr-defined]
+    services = build(p.settings, database_url=p.db_url)
+    with psycopg.connect(p.db_url) as holder:
+        assert reconciliation.try_lock(holder, "stripe/failures", STRIPE_APP)
+        assert scheduled_run(services, build_sources(p.settings), STRIPE, STRIPE_APP, False, threading.Event()) is None
+        busy = CliRunner().invoke(cli, ["reconcile", "stripe", "--config", str(config), "--database-url", p.db_url])
+        assert busy.exit_code == 1 and "in progress" in busy.stderr, busy.output
+        daily = scheduled_run(services, build_sources(p.settings), STRIPE, STRIPE_APP, True, threading.Event())
+        assert daily is not None  # the other mode has a lock of its own
+        reconciliation.unlock(holder, "stripe/failures", STRIPE_APP)
+    assert p.stripe.requests and all("delivery_success" not in q for q in p.stripe.requests)  # type: ignore[attr-defined]
+    again = CliRunner().invoke(cli, ["reconcile", "stripe", "--config", str(config), "--database-url", p.db_url])
+    assert again.exit_code == 0, again.output
