@@ -308,3 +308,39 @@ def test_throughput_chains_1_vs_8(db_url: str) -> None:
         assert verify(c).ok
     print(f"\n32 threads, one event per ingest, {seconds:.0f} s each: chains=1 {one:.0f} tx/s, "
           f"chains=8 {eight:.0f} tx/s ({eight / one:.2f}x)")
+
+
+def test_the_configured_chains_are_applied_when_a_command_starts(tmp_path: Any, db_url: str) -> None:
+    """`[log] chains = 4` in the config: the first command opens the epoch (and says so), the next
+    finds it in place; the entries it ingests then land in four chains and verify."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "subledger")
+    config = Path(tmp_path) / "c.toml"
+    config.write_text('[log]\nchains = 4\n\n[apps."com.example"]\n')
+    now = datetime.now(UTC)
+    events = Path(tmp_path) / "e.ndjson"
+    events.write_text("".join(json.dumps({
+        "id": f"e{i}", "app_id": "com.example", "type": "purchase", "subscription_id": f"s{i}",
+        "occurred_at": (now - timedelta(hours=1)).isoformat(), "product_id": "m", "price": "1", "currency": "USD",
+    }) + "\n" for i in range(12)))
+    env = {**os.environ, "SUBLEDGER_DATA_DIR": str(Path(tmp_path) / "data")}
+    env.pop("SUBLEDGER_CONFIG", None)
+
+    def ingest_file() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, "ingest", str(events), "--config", str(config), "--database-url", db_url],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    first = ingest_file()
+    assert first.returncode == 0, first.stderr
+    assert "the log now appends to 4 hash chains from position 1" in first.stderr
+    second = ingest_file()
+    assert second.returncode == 0, second.stderr
+    assert "hash chain" not in second.stderr
+    with psycopg.connect(db_url) as conn:
+        assert [e.chains for e in log.epochs(conn)] == [1, 4]
+        assert len({chain_of_position(conn, p) for (p,) in conn.execute("SELECT position FROM event_log")}) > 1
+        assert verify(conn).ok

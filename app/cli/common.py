@@ -78,6 +78,32 @@ def prepare_schema(services: Services, migrate_flag: bool | None,
             err.print(done, highlight=False)
         else:
             announce(done)
+    changed = _apply_chains(services)
+    if changed:
+        if announce is None:
+            err.print(changed, highlight=False)
+        else:
+            announce(changed)
+
+
+def _apply_chains(services: Services) -> str | None:
+    """`[log] chains` made true of the log (store.log.set_chains: a new epoch from the current heads,
+    nothing written changes); the line to announce when it changed. Every process writing to one
+    database must name the same number, or each start would open a new epoch."""
+    from subledger.store import log  # deferred with the rest of the store
+
+    wanted = services.settings.log.chains
+    try:
+        with connect(services.database_url, timeout=services.database_timeout) as conn:
+            if log.epochs(conn)[-1].chains == wanted:
+                return None
+            epoch = log.set_chains(conn, wanted, datetime.now(UTC))
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if epoch is None:
+        return None
+    return (f"the log now appends to {wanted} hash chain{'s' if wanted != 1 else ''} from position "
+            f"{epoch.first_position} (epoch {epoch.epoch}; [log] chains)")
 
 
 @contextmanager
