@@ -8,8 +8,10 @@ entry's source and how it arrived, and for Apple it can be proven again:
   own adapter (Apple's `SignedDataVerifier`: chain to the configured root certificates, ES256,
   bundle id, environment), always offline, so the chain is judged at the payload's `signedDate`
   and a page never reaches for the network (online OCSP checks, when an app enables them, are for
-  ingest only). Captured Apple bodies (`subledger ingest --format apple`) are verified the same
-  way when imported, so this holds for every Apple entry.
+  ingest only). Captured Apple bodies (`subledger ingest --format apple`) and notifications
+  recovered from Apple's notification history (`subledger reconcile apple`, which stores each
+  record's signedPayload) are verified the same way when logged, so this holds for every Apple
+  entry.
 - Stripe, RevenueCat: the webhook checks `Stripe-Signature` / the `Authorization` value before
   logging, but captured bodies imported with `subledger ingest --format` are trusted unchecked and
   the log does not say which path an entry took, and the header is not stored: "not recorded".
@@ -19,8 +21,8 @@ entry's source and how it arrived, and for Apple it can be proven again:
 - Amazon: the SNS envelope (with its `Signature`) is stored, but checking it needs the signing
   certificate from the network, which a page does not fetch; captured receipts are imported
   unchecked. Not recorded.
-- Reconciliation (`arrival = reconciliation`): fetched by subledger from the store's API with its
-  own credentials; there is no signature to check. Canonical events (`custom`) are authenticated
+- Reconciliation (`arrival = reconciliation`) of the other stores: fetched by subledger from the
+  store's API with its own credentials; there is no signature to check. Canonical events (`custom`) are authenticated
   by the API token or are the operator's own import; scheduler entries are subledger's own.
 """
 
@@ -57,11 +59,11 @@ def offline_apple(settings: Settings) -> Sources:
 def verdict(source: str, arrival: str, raw: bytes, apple: Sources | None) -> Verdict:
     """The signature result of one log entry (`apple`: `offline_apple(settings)`, or None when it
     could not be built; then Apple entries are reported unchecked)."""
+    if source == Source.APPLE:  # pushed, imported or recovered from the notification history: the same JWS
+        return _apple(raw, apple)
     if arrival == "reconciliation":
         return Verdict("not signed", "recovered by `subledger reconcile`: fetched from the store's API over HTTPS "
                                      "with subledger's own credentials, so there is no webhook signature to check")
-    if source == Source.APPLE:
-        return _apple(raw, apple)
     if source == Source.STRIPE:
         return Verdict("not recorded", "a webhook delivery is logged only after its Stripe-Signature verifies "
                                        "(HMAC with an endpoint secret, within the tolerance), but captured bodies "
@@ -119,6 +121,6 @@ def safe_offline_apple(settings: Settings) -> Sources | None:
 
 def brief(source: str, arrival: str) -> str:
     """The timeline's one-word column, without re-verifying anything (the entry page does that)."""
-    if source == Source.APPLE and arrival != "reconciliation":
+    if source == Source.APPLE:
         return "signed JWS"
     return verdict(source, arrival, b"", None).state
