@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
 from subledger.app.cli import app as cli
-from subledger.app.console import auth, pages
+from subledger.app.console import auth, pages, signature
 from subledger.app.http import create_app
 from subledger.core.events import parse_event
 from subledger.core.sources import Notification
@@ -399,6 +399,10 @@ def test_search_by_apple_transaction_id_and_signature_results(db_url: str, tmp_p
         assert "Signature: not recorded</strong>" in stripe and "Stripe-Signature" in stripe
         timeline = c.get("/console/subscribers/com.example.fitness/app_store/2000000999", headers=bearer).text
         assert "#signature\">signed JWS</a>" in timeline
+    sources = signature.offline_apple(settings_module.from_dict(data))  # a reconciled Apple entry: the same JWS
+    assert signature.verdict("apple", "reconciliation", raw, sources).state == "verified"
+    assert signature.verdict("apple", "push", raw[:-40] + b'"}', sources).state == "failed"
+    assert signature.verdict("apple", "push", raw, None).state == "unchecked"
     other = tmp_path / "other"
     other.mkdir()
     data_other = {**config_dict(write_root(other, make_ca())), "api_token": TOKEN}
