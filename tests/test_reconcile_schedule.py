@@ -365,3 +365,18 @@ def test_a_run_already_going_elsewhere_is_not_run_twice(world: Pipeline, tmp_pat
     assert p.stripe.requests and all("delivery_success" not in q for q in p.stripe.requests)  # type: ignore[attr-defined]
     again = CliRunner().invoke(cli, ["reconcile", "stripe", "--config", str(config), "--database-url", p.db_url])
     assert again.exit_code == 0, again.output
+
+
+def test_the_reconciliation_settings_refuse_what_cannot_be_scheduled() -> None:
+    from subledger.core.errors import ConfigError
+
+    defaults = settings_module.from_dict({}).reconciliation
+    assert (defaults.enabled, defaults.frequent_minutes, defaults.daily_hours, defaults.gap_threshold) == (
+        True, 15, 24, 0)
+    for bad, key in (({"frequent_minutes": 0}, "reconciliation.frequent_minutes"),
+                     ({"gap_threshold": -1}, "reconciliation.gap_threshold"),
+                     ({"frequent_minutes": 120, "daily_hours": 1}, "reconciliation"),
+                     ({"weekly": True}, "reconciliation.weekly")):
+        with pytest.raises(ConfigError) as refused:
+            settings_module.from_dict({"reconciliation": bad})
+        assert refused.value.key == key, refused.value
