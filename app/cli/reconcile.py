@@ -13,7 +13,8 @@ import json
 import sys
 import threading
 from collections.abc import Callable
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.progress import Progress, TaskID
@@ -61,7 +62,7 @@ def _store_command(reconciler: Reconciler) -> Callable[..., None]:
 
 
 def _reconcile(reconciler: Reconciler, app: str | None, since: str | None, all_types: bool, dry_run: bool,
-               as_json: bool, config: Any, database_url: str | None) -> None:
+               as_json: bool, config: Path | None, database_url: str | None) -> None:
     source = reconciler.source
     start = parse_when(since, "--since") if since is not None else None
     with connection(config, database_url) as (services, conn):

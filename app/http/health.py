@@ -30,12 +30,13 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=docs.responses(docs.ok(docs.READY), docs.NOT_READY))
 def readyz(request: Request) -> JSONResponse:
+    services = services_of(request)
     try:
         with pool_of(request).connection() as conn:
             found = outbox_store.readiness(conn)
-            gaps = reconciliation_gaps(conn, services_of(request).settings, services_of(request).clock())
+            gaps = reconciliation_gaps(conn, services.settings, services.clock())
     except StoreError as exc:  # the database unreachable or failing means not ready (a bug is a 500)
-        refusal, headers = database_refusal(exc, services_of(request).database_timeout)
+        refusal, headers = database_refusal(exc, services.database_timeout)
         return JSONResponse({"status": "unavailable", **refusal}, status_code=503, headers=headers)
     body = {
         "status": "degraded" if found.paused or found.failing or gaps else "ok",
