@@ -218,6 +218,8 @@ def scheduled_jobs(services: Services) -> list[PeriodicJob]:
         return []
     sources = build_sources(services.settings)
     tick = config.frequent_minutes * 60
+    log.info("reconciliation scheduled for %s: failures every %g min, all types every %g h",
+             ", ".join(f"{r.source} {app_id}" for r, app_id in chosen), config.frequent_minutes, config.daily_hours)
     return [
         PeriodicJob(id=f"reconcile {cursor_name(r.source, all_types)} {app_id}",
                     run=partial(scheduled_run, services, sources, r, app_id, all_types),
