@@ -3,7 +3,12 @@
 The use case behind `subledger ingest` and the demo's samples (which is why it is not in the CLI:
 the demo calls it as the CLI does). Each line is validated as `POST /v1/events` (canonical) or a
 webhook (captured bodies) validates it; a refused line is counted and named, the others are
-ingested one transaction per batch, so memory stays constant whatever the file's size.
+ingested one transaction per batch, so memory stays constant whatever the file's size. Every entry
+is logged with arrival `import`.
+
+Canonical NDJSON goes to the parallel import (app/bulk_import.py: derivation in `jobs` worker
+processes); a JSON array and captured store bodies (whose adapters may look things up on the
+connection) are ingested here, in this process.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import IO, Any, TypeVar
 
 import psycopg
 
+from subledger.app import bulk_import
 from subledger.app.bootstrap import Services
 from subledger.app.canonical import Rejection, to_incoming
-from subledger.app.reader import Item, read_items
+from subledger.app.ingest_summary import IMPORT, MAX_REJECTIONS_SHOWN, Summary, rejection_text
+from subledger.app.reader import read_items
 from subledger.core.errors import ConfigError
 from subledger.core.sources import revenuecat as rc_source
 from subledger.outbox.identify import apply_transfer
@@ -26,38 +33,23 @@ from subledger.outbox.ingest import Incoming, ingest, wake_relay
 from subledger.store.db import connect
 
 BATCH = 1000
-MAX_REJECTIONS_SHOWN = 20
 T = TypeVar("T")
 # Wraps the items read from the stream (to show progress, say) and yields them unchanged.
-Watch = Callable[[Iterator[Item], IO[bytes]], Iterator[Item]]
-
-
-@dataclass
-class Summary:
-    new: int = 0
-    duplicate: int = 0
-    rejected: int = 0
-    transitions: int = 0
-    rejections: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "new": self.new,
-            "duplicate": self.duplicate,
-            "rejected": self.rejected,
-            "transitions": self.transitions,
-            "rejections": self.rejections,
-        }
+Watch = Callable[[Iterator[Any], IO[bytes]], Iterator[Any]]
+__all__ = ["BATCH", "MAX_REJECTIONS_SHOWN", "Summary", "Watch", "in_background", "ingest_stream"]
 
 
 def ingest_stream(
     services: Services, stream: IO[bytes], name: str, *, historical: bool = False, progress: Watch | None = None,
-    fmt: str = "canonical", app_id: str | None = None,
+    fmt: str = "canonical", app_id: str | None = None, jobs: int | None = None,
 ) -> Summary:
     """Stream, validate and ingest in batches of 1,000, one transaction each.
 
     `fmt` other than canonical: one captured store body per line, through the webhooks' adapters.
-    `progress` sees every item read (the CLI draws a bar with it on a terminal)."""
+    `progress` sees every item read (the CLI draws a bar with it on a terminal). `jobs`: worker
+    processes for canonical NDJSON (default: the CPU count, capped; 1 runs it in this process)."""
+    if fmt == "canonical" and bulk_import.is_ndjson(stream):
+        return bulk_import.import_ndjson(services, stream, name, historical=historical, progress=progress, jobs=jobs)
     # deferred: the store adapters load Apple's library and google-auth (seconds), only for captured bodies
     from subledger.app.amazon_api import ReceiptLinks
     from subledger.app.google_api import GoogleLinks
@@ -92,9 +84,7 @@ def ingest_stream(
         batch.clear()
 
     def reject(line: int, reason: str) -> None:
-        summary.rejected += 1
-        if len(summary.rejections) < MAX_REJECTIONS_SHOWN:
-            summary.rejections.append(f"{name}:{line}: {reason}")
+        summary.reject(name, line, reason)
 
     def checked_items() -> Iterator[tuple[int, Incoming | Rejection | str]]:
         read = read_items(stream)
@@ -119,10 +109,9 @@ def ingest_stream(
             if isinstance(checked, str):
                 reject(line, checked)
             elif isinstance(checked, Rejection):
-                where = f"{checked.field}: " if checked.field else ""
-                reject(line, where + checked.reason)
+                reject(line, rejection_text(checked))
             else:
-                batch.append(checked)
+                batch.append(replace(checked, arrival=IMPORT))
                 if len(batch) >= BATCH:
                     flush(batch)
         flush(batch)

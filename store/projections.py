@@ -17,7 +17,7 @@ import orjson
 import psycopg
 
 from subledger.core.lifecycle import SubscriptionState, Transition
-from subledger.store.rows import write_rows
+from subledger.store.rows import encoder, write_rows
 
 STATE_COLUMNS = "key, app_id, app_user_id, status, expires_at, state, last_position, updated_at"
 # last_position only grows: a replay that rewrites a state never moves it back behind the log.
@@ -90,17 +90,24 @@ def insert_transitions(
 ) -> None:
     """Rows of (transition, causing log position, historical). Ids are new by construction."""
     write_rows(
-        conn,
-        "transitions",
-        TRANSITION_COLUMNS,
-        TRANSITION_TYPES,
-        [
-            (t.id, t.subscription_key, t.kind.value, t.app_id, t.subscriber, t.occurred_at, position, historical,
-             now, orjson.dumps(t.to_json()).decode())
-            for t, position, historical in rows
-        ],
-        copy=copy,
+        conn, "transitions", TRANSITION_COLUMNS, TRANSITION_TYPES,
+        [transition_values(t, position, historical, now) for t, position, historical in rows], copy=copy,
     )
+
+
+def transition_values(transition: Transition, position: int, historical: bool, now: datetime) -> tuple[Any, ...]:
+    """One transitions row in `TRANSITION_COLUMNS` order, its body as JSON text."""
+    t = transition
+    return (t.id, t.subscription_key, t.kind.value, t.app_id, t.subscriber, t.occurred_at, position, historical,
+            now, orjson.dumps(t.to_json()).decode())
+
+
+_encode_transition = encoder(TRANSITION_TYPES)
+
+
+def encode_transition(transition: Transition, position: int, historical: bool, now: datetime) -> str:
+    """`transition_values` as a line of COPY text (a bulk import's workers encode, its writer sends)."""
+    return _encode_transition(transition_values(transition, position, historical, now))
 
 
 def mark_superseded(conn: psycopg.Connection, ids: Sequence[str], now: datetime) -> None:
@@ -173,16 +180,17 @@ TRANSITIONS_CTE = ("new_transitions", f"""
 """)
 
 
+def _state_item(st: SubscriptionState, position: int) -> dict[str, Any]:
+    return {"k": st.key, "a": st.app_id, "u": st.app_user_id, "st": st.status, "ex": st.expires_at,
+            "s": st.to_json(), "lp": position}
+
+
 def cte_data(
     states: Iterable[tuple[SubscriptionState, int]], transitions: Iterable[tuple[Transition, int, bool]]
 ) -> dict[str, Any]:
     """The rows as the keys `STATES_CTE` and `TRANSITIONS_CTE` read from the statement's JSON."""
     return {
-        "states": [
-            {"k": st.key, "a": st.app_id, "u": st.app_user_id, "st": st.status, "ex": st.expires_at,
-             "s": st.to_json(), "lp": position}
-            for st, position in states
-        ],
+        "states": [_state_item(st, position) for st, position in states],
         "transitions": [
             {"i": t.id, "k": t.subscription_key, "kd": t.kind, "a": t.app_id, "sb": t.subscriber,
              "oc": t.occurred_at, "lp": position, "h": historical, "b": t.to_json()}
@@ -190,3 +198,18 @@ def cte_data(
         ],
     }
 
+
+def encode_state(state: SubscriptionState, position: int) -> bytes:
+    """One state as an item of `STATES_CTE`'s JSON (a bulk import's workers encode, its writer sends)."""
+    return orjson.dumps(_state_item(state, position))
+
+
+# `STATES_CTE` on its own, for states encoded by `encode_state`: one statement, one JSON parameter.
+SAVE_ENCODED_STATES = f"WITH d AS (SELECT %s::jsonb AS j) {STATES_CTE[1].strip()}"
+
+
+def save_encoded_states(conn: psycopg.Connection, items: Sequence[bytes], now: datetime) -> None:
+    """Upsert states encoded by `encode_state`, under the same conflict rule as `save_states`."""
+    if items:
+        param = b'{"now":' + orjson.dumps(now) + b',"states":[' + b",".join(items) + b"]}"
+        conn.execute(SAVE_ENCODED_STATES, (param.decode(),))

@@ -15,6 +15,7 @@ from typing import IO, Annotated, TypeVar
 
 import typer
 
+from subledger.app.bulk_import import MAX_JOBS
 from subledger.app.cli.common import (
     ConfigOption,
     DatabaseOption,
@@ -98,6 +99,11 @@ def ingest(
         typer.Option("--app", help="With --format stripe|revenuecat: the app the bodies belong to "
                      "(default: the only app with that source configured)."),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Worker processes deriving canonical NDJSON, partitioned by "
+                     f"subscription (default: the CPU count, at most {MAX_JOBS}; 1: all in this process)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
@@ -111,6 +117,7 @@ def ingest(
         summary = ingest_stream(
             services, stream, "<stdin>" if file == "-" else file, historical=historical,
             progress=_bar if sys.stderr.isatty() and not as_json else None, fmt=fmt.value, app_id=app_id,
+            jobs=jobs,
         )
     except (StoreError, ConfigError) as exc:
         raise fail(str(exc)) from None
