@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -59,6 +60,28 @@ def _stop_when_orphaned(parent: int) -> None:
     threading.Thread(target=watch, name="subledger-parent-watch", daemon=True).start()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share, made with IPPROTO_TCP spelled out.
+
+    asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose `proto` says TCP, and an
+    accepted socket inherits the listening one's; uvicorn's own `bind_socket` leaves `proto` 0, so
+    every keep-alive response written in two sends waited for the client's delayed ACK: measured
+    56 ms per request for one client instead of 7 ms.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        raise SystemExit(1) from None
+    sock.set_inheritable(True)
+    log.info("listening on http://%s:%d with worker processes", host, sock.getsockname()[1])
+    return sock
+
+
 def serve_workers(*, host: str, port: int, workers: int, config: Path | None, database_url: str | None) -> None:
     """Run `workers` uvicorn processes on host:port until SIGTERM/SIGINT, then return (exit 0)."""
     import uvicorn  # deferred: the ASGI server loads only in a process that serves HTTP
@@ -71,10 +94,7 @@ def serve_workers(*, host: str, port: int, workers: int, config: Path | None, da
     os.environ[PARENT_ENV] = str(os.getpid())
     uv_config = uvicorn.Config(FACTORY, factory=True, host=host, port=port, workers=workers,
                                log_config=logs.uvicorn_log_config(), log_level="info")
-    try:
-        sock = uv_config.bind_socket()
-    except SystemExit:  # uvicorn logged why (e.g. the address is in use)
-        raise SystemExit(1) from None
+    sock = _listen(host, port)
     try:
         Multiprocess(uv_config, sockets=[sock]).run()
     finally:
