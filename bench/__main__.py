@@ -50,7 +50,7 @@ def main() -> None:
             elif name == "per-event":
                 from bench import peer
 
-                peer.run(report, 300 if small else 3_000)
+                peer.run(report, 300 if small else 1_500)
             elif name == "memory":
                 from bench import ingest
 

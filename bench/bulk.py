@@ -84,10 +84,12 @@ def run(report: Report, count: int) -> None:
         os.unlink(name)
     every = count / all_seconds
     log_only = count / log_seconds
-    report.add("import", f"ingest {count:,} events (+{summary['transitions']:,} transitions, "
-               f"{rows['outbox']:,} outbox, {rows['subscriptions']:,} subs)",
-               f"{ours:,.0f} events/s ({seconds:.1f} s, {rss / 2**20:,.0f} MB RSS)",
-               f"COPY of the same rows, 4 tables: {every:,.0f} events/s ({all_seconds:.1f} s)",
+    report.add("import", f"subledger ingest\n{count:,} events\n(NDJSON file)",
+               f"{ours:,.0f} events/s\n{seconds:.1f} s\n{rss / 2**20:,.0f} MB peak RSS",
+               f"COPY, same rows\ninto 4 tables:\n{every:,.0f} events/s\n{all_seconds:.1f} s",
                times(ours / every), "≥ 0.5x", ours >= 0.5 * every)
-    report.add("import", "the same, against the log rows alone", f"{ours:,.0f} events/s",
-               f"COPY of event_log: {log_only:,.0f} rows/s ({log_seconds:.1f} s)", times(ours / log_only), "-")
+    report.note(f"import: {count:,} events made {summary['transitions']:,} transitions, {rows['outbox']:,} outbox rows "
+                f"and {rows['subscriptions']:,} subscriptions; the COPY baseline writes exactly those rows")
+    report.add("import", "the same import", f"{ours:,.0f} events/s",
+               f"COPY of the log\nrows alone:\n{log_only:,.0f} rows/s\n{log_seconds:.1f} s",
+               times(ours / log_only), "-")

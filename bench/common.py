@@ -10,11 +10,12 @@ from pathlib import Path
 
 import psycopg
 import psycopg.sql
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from subledger.store import migrate
-from subledger.store.db import recreate_database, resolve_url
+from subledger.store.db import normalize_url, recreate_database, resolve_url, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).parent / "subledger")
@@ -50,11 +51,31 @@ def database_name(name: str) -> str:
     return f"{prefix}_{name.removeprefix('subledger_')}" if prefix else name
 
 
+_templates: dict[str, str] = {}
+
+
+def _template(server: str) -> str:
+    """A database migrated once per run (per server and prefix); fresh ones are copies of it, which
+    costs a file copy instead of a migration."""
+    name = database_name("subledger_bench_template")
+    if _templates.get(server) != name:
+        migrate.upgrade(recreate_database(server, name))
+        _templates[server] = name
+    return name
+
+
 def fresh_database(name: str, *, migrated: bool = True) -> str:
-    url = recreate_database(server_url(), database_name(name))
-    if migrated:
-        migrate.upgrade(url)
-    return url
+    """A new empty database `name` on the bench's server; with `migrated`, of the current schema."""
+    server = server_url()
+    if not migrated:
+        return recreate_database(server, database_name(name))
+    template = _template(server)
+    target = database_name(name)
+    with psycopg.connect(normalize_url(server), autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(target)))
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            psycopg.sql.Identifier(target), psycopg.sql.Identifier(template)))
+    return with_database(server, target)
 
 
 def drop_databases() -> None:
@@ -62,7 +83,8 @@ def drop_databases() -> None:
     prefix = os.environ.get("BENCH_DATABASE_PREFIX")
     if not prefix:
         return
-    with psycopg.connect(server_url(), autocommit=True) as conn:
+    _templates.clear()
+    with psycopg.connect(normalize_url(server_url()), autocommit=True) as conn:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
                                             (prefix + "_",)).fetchall()]
         for name in names:
@@ -80,12 +102,20 @@ def write_config(app_id: str, endpoint: str = "http://127.0.0.1:9") -> Path:
 
 
 def times(ratio: float) -> str:
-    return f"{ratio:.2f}x"
+    """A ratio as `0.47x`; a small one keeps two significant digits (`0.0031x`), never a bare `0.00x`."""
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass
 class Report:
-    """Every figure with its baseline, their ratio and the target; printed as one table at the end."""
+    """Every figure with its baseline, their ratio and the target; printed as one table at the end.
+
+    Cells hold short lines (a figure per line), so the table fits an 80-column terminal; each row is
+    also printed on one line as it is measured."""
 
     console: Console = field(default_factory=Console)
     rows: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
@@ -93,22 +123,34 @@ class Report:
 
     def add(self, section: str, measure: str, ours: str, baseline: str, ratio: str, target: str = "",
             met: bool | None = None) -> None:
-        mark = "" if met is None else (" ok" if met else " MISSED")
-        self.rows.append((section, measure, ours, baseline, ratio, target + mark))
-        self.console.print(f"  {section}: {measure}: {ours} vs {baseline} → {ratio} ({target}{mark})",
-                           highlight=False)
+        mark = "" if met is None else ("\nok" if met else "\nMISSED")
+        self.rows.append((section, measure, ours, baseline, ratio, (target or "-") + mark))
+        self.console.print(f"  {section}: {flat(measure)}: {flat(ours)} vs {flat(baseline)} → {ratio}"
+                           f" ({flat(target + mark)})", highlight=False)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
         self.console.print(f"  {text}", highlight=False)
 
-    def print(self) -> None:
-        table = Table(title="subledger bench (measured side by side in this run)", show_lines=False,
-                      pad_edge=False, expand=False)
-        for column in ("section", "measure", "subledger", "baseline", "ratio", "target"):
+    def table(self) -> Table:
+        table = Table(title="subledger bench: measured side by side in this run", box=box.SIMPLE_HEAD,
+                      pad_edge=False, show_edge=False)
+        for column in ("measure", "subledger", "baseline", "ratio", "target"):
             table.add_column(column, overflow="fold")
-        for row in self.rows:
-            table.add_row(*row)
-        self.console.print(table)
+        section = None
+        for name, *cells in self.rows:
+            if name != section:
+                if section is not None:
+                    table.add_row()
+                table.add_row(f"[bold]{name}[/bold]")
+                section = name
+            mark = cells[4].rsplit("\n", 1)
+            if len(mark) == 2 and mark[1] in ("ok", "MISSED"):
+                cells[4] = f"{mark[0]}\n[{'green' if mark[1] == 'ok' else 'red'}]{mark[1]}[/]"
+            table.add_row(*cells)
+        return table
+
+    def print(self) -> None:
+        self.console.print(self.table())
         for text in self.notes:
             self.console.print(f"· {text}", highlight=False)
