@@ -7,6 +7,13 @@ Times are server-side: the sum of EXPLAIN ANALYZE execution times of the stateme
 runs (exactly the statements of `subledger.store.audit`), median of 20 runs; a timeline run picks a
 different subscriber each time. The timeline's plans are also checked for a sequential scan of
 `event_log`.
+
+Then the console's pages on the same log, in process (FastAPI's TestClient against `create_app`,
+`Authorization: Bearer`, as tests/test_console.py asks them): each page once to warm up, then
+CONSOLE_RUNS timed requests, each naming a different subscriber, message or entry where the page
+takes one; wall time of the whole request (routing, queries, template), median and max. Around the
+timed requests the event log's `seq_scan` counter in pg_stat_user_tables must not move (every
+connection that read it is closed first, so its backend has flushed its counts).
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ import json
 import os
 import random
 import statistics
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from bench.common import Report, fresh_database, out_dir, write_config
+from bench.common import Report, fresh_database, out_dir, times, write_config
 from bench.generate import APP, write_ndjson
 from bench.ingest import _cli
 from subledger.store import audit
@@ -29,6 +37,9 @@ from subledger.store import audit
 RUNS = 20
 TIMELINE_TARGET_MS = 50.0
 STATS_TARGET_MS = 2000.0
+CONSOLE_RUNS = 10
+CONSOLE_TARGET_MS = 500.0  # issue 13: "fast on a log of 1,000,000 events"
+TOKEN = "bench-console-token"
 
 
 def _explain(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -93,6 +104,103 @@ def _deliver_tenth(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def _seq_scans_of_log(url: str) -> int:
+    """event_log's cumulative `seq_scan` counter, on a fresh connection (so a fresh statistics
+    snapshot), a second after the last reader closed: a backend flushes its counts as it exits."""
+    time.sleep(1.0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'event_log'").fetchone()
+    return int(row[0]) if row else 0
+
+
+Request = tuple[str, str | None]  # (path and query, the redirect's Location when a 303 is the answer)
+
+
+def _console_requests(conn: psycopg.Connection, rng: random.Random, n: int) -> list[tuple[str, str, list[Request]]]:
+    """(page, what it is asked, n requests) per page; each request names a different subscriber,
+    message or log entry where the page takes one. Picked by point lookups (keys, message ids,
+    the log's primary key), so picking reads no table whole."""
+    rows = conn.execute("SELECT key, app_user_id FROM subscriptions ORDER BY key").fetchall()
+    users = rng.sample([(str(k), str(u)) for k, u in rows if u is not None], n)
+    # every lifecycle but perhaps the cut-off last one has a first renewal, `<subscription id>-t1`
+    keys = rng.sample([str(k) for k, _ in rows[:-1]], n)
+    messages: list[str] = []
+    for i in range(n):
+        table = "outbox" if i % 2 == 0 else "outbox_delivered"  # waiting and delivered, alternately
+        sql = f"SELECT message_id FROM {table} WHERE message_id >= %s ORDER BY message_id LIMIT 1"
+        row = conn.execute(sql, (f"sl-{rng.getrandbits(32):08x}",)).fetchone()
+        assert row is not None, f"no message in {table}"
+        messages.append(str(row[0]))
+    top = conn.execute("SELECT max(position) FROM event_log").fetchone()
+    positions = [rng.randint(1, int(top[0])) for _ in range(n)] if top and top[0] else []
+    return [
+        ("overview", "/console", [("/console", None)] * n),
+        ("search", "app user id", [(f"/console/search?q={u}", f"/console/subscribers/{u}") for _, u in users]),
+        ("search", "subscription id",
+         [(f"/console/search?q={k.rsplit('/', 1)[1]}", f"/console/subscribers/{k}") for k in keys]),
+        ("search", "store transaction id",
+         [(f"/console/search?q={k.rsplit('/', 1)[1]}-t1", f"/console/subscribers/{k}") for k in keys]),
+        ("search", "messageId", [(f"/console/search?q={m}", f"/console/messages/{m}") for m in messages]),
+        ("subscriber", "by app user id", [(f"/console/subscribers/{u}", None) for _, u in users]),
+        ("entry", "payload viewer", [(f"/console/entries/{p}", None) for p in positions]),
+        ("deliveries", "newest 100", [("/console/deliveries", None)] * n),
+        ("message", "payload, attempts", [(f"/console/messages/{m}", None) for m in messages]),
+        ("explain", "from a messageId", [(f"/console/explain/{m}", None) for m in messages]),
+    ]
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f} ms" if value < 10 else f"{value:,.0f} ms"
+
+
+def console_pages(report: Report, url: str, count: int) -> None:
+    """Time the console's pages on the bench log in process; check none of them scans event_log."""
+    from fastapi.testclient import TestClient
+
+    from subledger.app import settings
+    from subledger.app.bootstrap import build
+    from subledger.app.http import create_app
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        pages = _console_requests(conn, random.Random(13), CONSOLE_RUNS + 1)
+    config = settings.from_dict({"api_token": TOKEN, "apps": {APP: {"destinations": {"segment": {
+        "write_key": "bench", "endpoint": "http://127.0.0.1:9", "publish_historical": True}}}}})
+    app = create_app(build(config, database_url=url))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    before = _seq_scans_of_log(url)
+    measured: list[tuple[str, str, list[float], list[str]]] = []
+    with TestClient(app, follow_redirects=False) as client:
+        for page, what, requests in pages:
+            took: list[float] = []
+            wrong: list[str] = []
+            for i, (path, location) in enumerate(requests):
+                start = time.perf_counter()
+                answer = client.get(path, headers=bearer)
+                elapsed = (time.perf_counter() - start) * 1000
+                if i:  # the first request warms up (pool connections, templates, caches)
+                    took.append(elapsed)
+                want = 200 if location is None else 303
+                if answer.status_code != want or (location is not None and answer.headers.get("location") != location):
+                    wrong.append(f"{path}: HTTP {answer.status_code} {answer.headers.get('location', '')}".strip())
+            measured.append((page, what, took, wrong))
+    scans = _seq_scans_of_log(url) - before  # the pool is closed: every page's backend has exited
+    total = 0
+    for page, what, took, wrong in measured:
+        total += len(took) + 1
+        median, worst = statistics.median(took), max(took)
+        met = median < CONSOLE_TARGET_MS and not wrong
+        report.add(
+            "console", f"{page}\n{what}", f"median {_ms(median)}\nmax {_ms(worst)}", "-",
+            f"{times(median / CONSOLE_TARGET_MS)}\nof target" + (f"\n{len(wrong)} WRONG" if wrong else ""),
+            f"median\n< {CONSOLE_TARGET_MS:.0f} ms", met,
+        )
+        for problem in wrong[:3]:
+            report.note(f"console {page} ({what}): {problem}")
+    report.add("console", f"event_log\nseq scans over\n{total} requests", f"{scans}", "-", "-", "0", scans == 0)
+    report.note(f"console pages: in process (TestClient, bearer token) on the {count:,}-event audit log,"
+                f" {CONSOLE_RUNS} timed requests per page after one warm-up, wall time of the whole request")
+
+
 def run(report: Report, quick: bool) -> None:
     count = 50_000 if quick else 1_000_000
     path = str(out_dir() / f"events-{count}.ndjson")
@@ -131,3 +239,4 @@ def run(report: Report, quick: bool) -> None:
         f"{stats:,.0f} ms\nserver time", "-", f"{stats / STATS_TARGET_MS:.2f}x\nof target",
         f"< {STATS_TARGET_MS:,.0f} ms", stats < STATS_TARGET_MS,
     )
+    console_pages(report, url, count)
