@@ -35,22 +35,21 @@ import os
 import pickle
 import signal
 import traceback
+import zlib
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
-import orjson
 import psycopg
 
 from subledger.app.bootstrap import Services
 from subledger.app.ingest_summary import Summary, canonical_line
 from subledger.app.settings import Settings
-from subledger.core.chain import chain_slot
 from subledger.core.derive import Located
-from subledger.core.events import Source, format_time, stream_key
+from subledger.core.events import Source, format_time
 from subledger.core.lifecycle import SubscriptionState
 from subledger.core.sources import Notification
 from subledger.outbox.derive import IngestPolicy, derive
@@ -71,26 +70,30 @@ def default_jobs() -> int:
 
 
 def owner_of(key: str | None, jobs: int) -> int:
-    """The worker that derives subscription `key`: its chain slot (core.chain.chain_slot, a stable
-    hash every process agrees on) modulo the workers, so with as many chains as workers each worker
-    derives the subscriptions of one chain."""
-    return 0 if jobs == 1 else chain_slot(key) % jobs
+    """The worker that derives subscription `key`: a stable hash (CRC-32, the same in every process,
+    unlike `hash`) of the key's last part, which for a subscription is (the end of) its id."""
+    if jobs == 1 or key is None:
+        return 0
+    return zlib.crc32(key.rpartition("/")[2].encode()) % jobs
+
+
+_SUBSCRIPTION_ID = b'"subscription_id"'
 
 
 def _hint(text: bytes, jobs: int) -> int:
-    """The worker a line most likely belongs to, from its JSON; a wrong guess costs a hand-over only."""
+    """The worker a line most likely belongs to, read off its bytes without decoding them (the one
+    per-line cost the parent pays); a wrong guess (an escape in the id, a one-time purchase) costs
+    a hand-over only, never a wrong result: the worker that parses the line routes it by its key."""
     if jobs == 1:
         return 0
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
+    at = text.find(_SUBSCRIPTION_ID)
+    if at < 0:
         return 0
-    if not isinstance(value, dict):
+    start = text.find(b'"', text.find(b":", at + len(_SUBSCRIPTION_ID)) + 1) + 1
+    end = text.find(b'"', start)
+    if start <= 0 or end < 0:
         return 0
-    app, store, sub = value.get("app_id"), value.get("store") or "other", value.get("subscription_id")
-    if not (isinstance(app, str) and isinstance(store, str) and isinstance(sub, str)):
-        return 0
-    return owner_of(stream_key(app, store.lower(), sub), jobs)  # type: ignore[arg-type]
+    return zlib.crc32(text[start:end].rpartition(b"/")[2]) % jobs
 
 
 @dataclass(frozen=True)
@@ -107,27 +110,19 @@ class Config:
 
 # ---- the worker side --------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """One valid line, for the parent: where it goes in the log and who derives it."""
-
-    line: int
-    parts: bulk.Parts
-    app_id: str
-    key: str | None
-    owner: int
+# One valid line, for the parent: (line, app_id, subscription key, owner, its log entry's parts):
+# where it goes in the log and who derives it. A plain tuple, for the same reason as `bulk.Parts`.
+Parsed = tuple[int, str, str | None, int, bulk.Parts]
 
 
-@dataclass
-class ParseReply:
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    parsed: list[Parsed] = field(default_factory=list)
+class ParseReply(NamedTuple):
+    rejected: list[tuple[int, str]]
+    parsed: list[Parsed]
     # lines whose subscription another worker owns: (line, notification, historical)
-    foreign: list[tuple[int, Notification, bool]] = field(default_factory=list)
+    foreign: list[tuple[int, Notification, bool]]
 
 
-@dataclass(frozen=True, slots=True)
-class KeyRows:
+class KeyRows(NamedTuple):
     """One subscription's derived rows, encoded; `first` (the line of its first new fact) orders them
     as a sequential ingest stages them."""
 
@@ -156,7 +151,7 @@ class Partition:
 
     def parse(self, now: datetime, lines: Sequence[tuple[int, bytes]]) -> ParseReply:
         cfg = self.config
-        reply = ParseReply()
+        reply = ParseReply([], [], [])
         received = format_time(now)
         for line, text in lines:
             checked = canonical_line(text, cfg.settings, historical=cfg.historical)
@@ -167,9 +162,8 @@ class Partition:
             historical = checked.historical or _is_history(n, now, _horizon(checked, cfg.policy))
             entry = log.Entry(n, checked.raw, now, historical, checked.arrival)
             key = n.key()
-            parts = bulk.entry_parts(entry, received)
-            owner = parts.slot % cfg.jobs
-            reply.parsed.append(Parsed(line, parts, n.app_id, key, owner))
+            owner = owner_of(key, cfg.jobs)
+            reply.parsed.append((line, n.app_id, key, owner, bulk.entry_parts(entry, received)))
             if owner == self.index:
                 self.pending[line] = (n, historical)
             else:
@@ -423,25 +417,25 @@ def _step(
     now = current.now
     for line, reason in sorted(r for reply in current.replies for r in reply.rejected):
         summary.reject(name, line, reason)
-    parsed = sorted((p for reply in current.replies for p in reply.parsed), key=lambda p: p.line)
+    parsed = sorted((p for reply in current.replies for p in reply.parsed), key=lambda p: p[0])
     foreign = {line: (n, historical) for reply in current.replies for line, n, historical in reply.foreign}
     after: _Batch | None = None
     with conn.transaction():
-        entries = [log.Entry(Notification(_SOURCES[p.parts.source], p.parts.external_id, p.app_id, "", (), p.key),
-                             b"", now, False) for p in parsed]
-        keys = sorted({p.key for p in parsed if p.key is not None})
+        entries = [log.Entry(Notification(_SOURCES[parts[0]], parts[1], app_id, "", (), key), b"", now, False)
+                   for _, app_id, key, _, parts in parsed]
+        keys = sorted({key for _, _, key, _, _ in parsed if key is not None})
         begun = unit_of_work.begin(conn, entries, keys,
-                                   sorted({(p.app_id, p.key) for p in parsed if p.key is not None}))
-        positions, rows, writes = bulk.chain([p.parts for p in parsed], begun.head, now)
+                                   sorted({(app_id, key) for _, app_id, key, _, _ in parsed if key is not None}))
+        positions, rows, writes = bulk.chain([p[4] for p in parsed], begun.head, now)
         jobs = len(workers)
         assigned: list[list[tuple[int, int | None]]] = [[] for _ in workers]
         forwarded: list[list[tuple[int, int, Notification, bool]]] = [[] for _ in workers]
-        for p, position in zip(parsed, positions, strict=True):
-            if p.line in foreign:
+        for (line, _, _, owner, _), position in zip(parsed, positions, strict=True):
+            if line in foreign:
                 if position is not None:
-                    forwarded[p.owner].append((p.line, position, *foreign[p.line]))
+                    forwarded[owner].append((line, position, *foreign[line]))
             else:
-                assigned[p.owner].append((p.line, position))
+                assigned[owner].append((line, position))
         states: list[dict[str, SubscriptionState]] = [{} for _ in workers]
         for key, state in begun.states.items():
             states[owner_of(key, jobs)][key] = state

@@ -92,12 +92,25 @@ def message_id_base(transition_id: str, destination: str) -> str:
 
 def iso_millis(value: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and `Z`, whatever offset the datetime carries."""
+    if value.tzinfo is UTC:  # the usual case: drop the "+00:00" instead of making a naive copy
+        return value.isoformat(timespec="milliseconds")[:-6] + "Z"
     utc = value.astimezone(UTC) if value.tzinfo is not None else value
     return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
+_CENT_HUNDREDTH = Decimal("0.0001")
+_MONEY: dict[Decimal, float] = {}
+
+
 def _money(amount: Decimal) -> float:
-    return float(amount.quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN).normalize())
+    """Four decimals, half to even. Prices repeat (a catalogue of a few), so the result is remembered
+    per value (equal Decimals round alike, whatever their exponent)."""
+    money = _MONEY.get(amount)
+    if money is None:
+        if len(_MONEY) >= 4096:
+            _MONEY.clear()
+        money = _MONEY[amount] = float(amount.quantize(_CENT_HUNDREDTH, rounding=ROUND_HALF_EVEN).normalize())
+    return money
 
 
 def _convert(amount: Decimal, currency: str, dest: Destination) -> tuple[Decimal, str]:
@@ -145,28 +158,39 @@ def _properties(transition: Transition, dest: Destination) -> dict[str, Any]:
         props["price"] = _money(gross)
         props["price_in_purchased_currency"] = _money(transition.price)
         props["purchased_currency"] = transition.currency
-    optional: dict[str, Any] = {
-        "product_id": transition.product_id,
-        "new_product_id": transition.new_product_id,
-        "period_type": None if transition.period_type is None else transition.period_type.upper(),
-        "store": transition.store.upper(),
-        "environment": transition.environment.upper(),
-        "transaction_id": transition.transaction_id,
-        "original_transaction_id": transition.subscription_id,
-        "app_id": transition.app_id,
-        "app_user_id": transition.app_user_id,
-        "purchased_at": None if transition.purchased_at is None else int(transition.purchased_at.timestamp()),
-        "expires_at": None if transition.expires_at is None else int(transition.expires_at.timestamp()),
-        "country_code": transition.country_code,
-        "cancel_reason": None if transition.cancel_reason is None else transition.cancel_reason.upper(),
-        "expiration_reason": (
-            None if transition.expiration_reason is None else transition.expiration_reason.upper()
-        ),
-        "is_trial_conversion": transition.is_trial_conversion,
-        "renewal_number": transition.renewal_number,
-        "event_id": transition.event_id,
-    }
-    props.update({k: v for k, v in optional.items() if v is not None})
+    # The optional properties, each only when the transition states it (in this order); one `if` a
+    # property: this runs twice per message (track and every destination), on the import's hot path.
+    t = transition
+    if t.product_id is not None:
+        props["product_id"] = t.product_id
+    if t.new_product_id is not None:
+        props["new_product_id"] = t.new_product_id
+    if t.period_type is not None:
+        props["period_type"] = t.period_type.upper()
+    props["store"] = t.store.upper()
+    props["environment"] = t.environment.upper()
+    if t.transaction_id is not None:
+        props["transaction_id"] = t.transaction_id
+    if t.subscription_id is not None:
+        props["original_transaction_id"] = t.subscription_id
+    props["app_id"] = t.app_id
+    if t.app_user_id is not None:
+        props["app_user_id"] = t.app_user_id
+    if t.purchased_at is not None:
+        props["purchased_at"] = int(t.purchased_at.timestamp())
+    if t.expires_at is not None:
+        props["expires_at"] = int(t.expires_at.timestamp())
+    if t.country_code is not None:
+        props["country_code"] = t.country_code
+    if t.cancel_reason is not None:
+        props["cancel_reason"] = t.cancel_reason.upper()
+    if t.expiration_reason is not None:
+        props["expiration_reason"] = t.expiration_reason.upper()
+    if t.is_trial_conversion is not None:
+        props["is_trial_conversion"] = t.is_trial_conversion
+    if t.renewal_number is not None:
+        props["renewal_number"] = t.renewal_number
+    props["event_id"] = t.event_id
     return props
 
 

@@ -37,17 +37,11 @@ _encode_log = encoder(
 _encode_outbox = encoder(outbox_sql.TYPES)
 
 
-@dataclass(frozen=True, slots=True)
-class Parts:
-    """One log entry as a worker prepared it: its idempotency key, its chain slot (`chain_slot` of
-    its subscription key), the bytes its hash covers (after the previous hash of its chain) and its
-    row as COPY text up to the position and hash."""
-
-    source: str
-    external_id: str
-    slot: int
-    hashed: bytes
-    row: str
+# One log entry as a worker prepares it: (source, external_id, chain slot (`chain_slot` of its
+# subscription key), the bytes its hash covers after the previous hash of its chain, its row as COPY
+# text up to the position and hash). A plain tuple: it crosses a process boundary, and tuples of
+# strings unpickle in C, several times faster than a dataclass or a NamedTuple.
+Parts = tuple[str, str, int, bytes, str]
 
 
 def entry_parts(entry: log.Entry, received_at: str | None = None) -> Parts:
@@ -77,7 +71,7 @@ def entry_parts(entry: log.Entry, received_at: str | None = None) -> Parts:
         min((e.occurred_at for e in n.events), default=None),
         entry.received_at, entry.historical, entry.raw, orjson.dumps(facts).decode(), entry.arrival,
     ))
-    return Parts(source, external_id, chain_slot(subscription), hashed, row)
+    return (source, external_id, chain_slot(subscription), hashed, row)
 
 
 def chain(parts: Sequence[Parts], head: log.Head, received_at: datetime
@@ -93,21 +87,21 @@ def chain(parts: Sequence[Parts], head: log.Head, received_at: datetime
     lines: list[str] = []
     duplicates: list[tuple[str, str, datetime]] = []
     sha256 = hashlib.sha256
-    for part in parts:
-        key = (part.source, part.external_id)
+    for source, external_id, slot, hashed, row in parts:
+        key = (source, external_id)
         if key in seen:
             positions.append(None)
-            duplicates.append((part.source, part.external_id, received_at))
+            duplicates.append((source, external_id, received_at))
             continue
         seen.add(key)
-        c = part.slot % chains if chains > 1 else 0
+        c = slot % chains if chains > 1 else 0
         position, chained = tips[c]
-        chained = sha256(chained + part.hashed).digest()  # core.chain.chain_hash, its bytes given
+        chained = sha256(chained + hashed).digest()  # core.chain.chain_hash, its bytes given
         position += chains
         tips[c] = (position, chained)
         appended.add(c)
         positions.append(position)
-        lines.append(f"{part.row}{position}\t\\\\x{chained.hex()}\n")
+        lines.append(f"{row}{position}\t\\\\x{chained.hex()}\n")
     return positions, lines, log.LogWrites([], duplicates, {c: tips[c] for c in sorted(appended)})
 
 

@@ -12,7 +12,7 @@ column types the tables use, `copy_encoded` sends rows encoded that way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -52,7 +52,7 @@ def copy_encoded(conn: psycopg.Connection, table: str, columns: Sequence[str], c
 
 def _text(value: Any) -> str:
     """COPY text escapes: a backslash, tab, newline or carriage return would end the field or row."""
-    s = str(value)
+    s = value if value.__class__ is str else str(value)
     if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
         return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     return s
@@ -66,9 +66,25 @@ def _bool(value: Any) -> str:
     return "t" if value else "f"
 
 
+_TIMES: dict[datetime, str] = {}
+
+
 def _time(value: Any) -> str:
-    # isoformat with its offset: the server reads back the same instant
-    return value.isoformat() if isinstance(value, datetime) else _text(value)
+    """isoformat with its offset (the server reads back the same instant). A batch writes the same
+    few instants over and over (its `now` in every row, a due time per app), so they are remembered."""
+    if not isinstance(value, datetime):
+        return _text(value)
+    text = _TIMES.get(value)
+    if text is None:
+        if len(_TIMES) >= 4096:
+            _TIMES.clear()
+        text = value.isoformat()
+        if value.utcoffset() == _ZERO:  # an equal instant in another offset finds this text: the same instant
+            _TIMES[value] = text
+    return text
+
+
+_ZERO = timedelta(0)
 
 
 def _bytea(value: Any) -> str:
@@ -87,8 +103,9 @@ def encoder(types: Sequence[str], *, end: str = "\n") -> Callable[[Sequence[Any]
     encoders = tuple(_ENCODERS[t] for t in types)
 
     def encode(row: Sequence[Any]) -> str:
-        return "\t".join(
-            "\\N" if v is None else enc(v) for enc, v in zip(encoders, row, strict=True)
-        ) + end
+        return "\t".join([NULL if v is None else enc(v) for enc, v in zip(encoders, row, strict=True)]) + end
 
     return encode
+
+
+NULL = "\\N"
