@@ -46,7 +46,7 @@ def main() -> None:
             elif name == "import":
                 from bench import bulk
 
-                bulk.run(report, 10_000 if small else 100_000)
+                bulk.run(report, 5_000 if small else 100_000)
             elif name == "per-event":
                 from bench import peer
 

@@ -36,7 +36,7 @@ def quick() -> bool:
 def seconds() -> float:
     """How long each HTTP load runs: BENCH_SECONDS, else 15 (3 with BENCH_QUICK)."""
     value = os.environ.get("BENCH_SECONDS")
-    return float(value) if value else (3.0 if quick() else 15.0)
+    return float(value) if value else (2.0 if quick() else 15.0)
 
 
 def server_url() -> str:

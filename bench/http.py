@@ -312,7 +312,6 @@ def run(report: Report, *, quick: bool = False) -> None:
                 "127.0.0.1", serve.port, 32, duration,
                 lambda: (lambda b: None if b is None else loadgen.request_bytes("/webhooks/apple", b, headers))(
                     next(it, None)))
-            drain(url, 30.0)
     verify = verification_cost(config, notes)
     bare_url = bare_database()
     bare(bare_url, 4, min(1.0, duration), Bodies("bare-warm"))

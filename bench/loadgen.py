@@ -76,6 +76,19 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
+async def _reconnect(host: str, port: int, deadline: float,
+                     result: Result) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection after a failed one; a refused connect is an error too, retried until the deadline."""
+    while True:
+        try:
+            return await asyncio.open_connection(host, port)
+        except OSError as exc:
+            result.error(f"connect: {exc!r}")
+            if time.perf_counter() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def _client(host: str, port: int, next_request: NextRequest, check: Check, deadline: float,
                   result: Result) -> None:
     reader, writer = await asyncio.open_connection(host, port)
@@ -92,7 +105,7 @@ async def _client(host: str, port: int, next_request: NextRequest, check: Check,
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 result.error(f"connection: {exc!r}")
                 writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await _reconnect(host, port, deadline, result)
                 continue
             result.latencies.append(clock() - started)
             result.statuses[status] = result.statuses.get(status, 0) + 1

@@ -236,8 +236,8 @@ def _paced_ingest(url: str, settings: Any, sink: Sink, rate: float, seconds: flo
 
 
 def run(report: Report, *, quick: bool = False) -> None:
-    throughput(report, 500 if quick else 2_500)
-    latency(report, 200.0, 3.0 if quick else 10.0)
+    throughput(report, 300 if quick else 1_500)
+    latency(report, 200.0, 2.0 if quick else 10.0)
 
 
 if __name__ == "__main__":

@@ -23,17 +23,26 @@ if str(ROOT) not in sys.path:
 from bench import bulk, common, http, loadgen, peer, relay  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def bench_server(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The bench's knobs for this module: the tests' server, a prefix of our own, short loads, one
+    serve worker; the databases (and the migrated template they are copied from) dropped at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SUBLEDGER_BENCH_DATABASE_URL", pg_server)
+        patch.setenv("BENCH_DATABASE_PREFIX", f"slb{os.getpid()}")
+        patch.setenv("SUBLEDGER_BENCH_DIR", str(tmp_path_factory.mktemp("bench")))
+        patch.setenv("BENCH_SECONDS", "0.5")
+        patch.setenv("BENCH_WORKERS", "1")
+        patch.delenv("BENCH_SERVE_ARGS", raising=False)
+        try:
+            yield
+        finally:
+            common.drop_databases()
+
+
 @pytest.fixture
-def bench_env(pg_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[common.Report]:
-    monkeypatch.setenv("SUBLEDGER_BENCH_DATABASE_URL", pg_server)
-    monkeypatch.setenv("BENCH_DATABASE_PREFIX", f"slb{os.getpid()}")
-    monkeypatch.setenv("SUBLEDGER_BENCH_DIR", str(tmp_path))
-    monkeypatch.setenv("BENCH_SECONDS", "0.5")
-    monkeypatch.delenv("BENCH_SERVE_ARGS", raising=False)
-    try:
-        yield common.Report()
-    finally:
-        common.drop_databases()
+def bench_env(bench_server: None) -> common.Report:
+    return common.Report()
 
 
 def rows(report: common.Report, section: str) -> list[tuple[str, ...]]:
