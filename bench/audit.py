@@ -128,7 +128,8 @@ def _console_requests(conn: psycopg.Connection, rng: random.Random, n: int) -> l
     for i in range(n):
         table = "outbox" if i % 2 == 0 else "outbox_delivered"  # waiting and delivered, alternately
         sql = f"SELECT message_id FROM {table} WHERE message_id >= %s ORDER BY message_id LIMIT 1"
-        row = conn.execute(sql, (f"sl-{rng.getrandbits(32):08x}",)).fetchone()
+        row = (conn.execute(sql, (f"sl-{rng.getrandbits(32):08x}",)).fetchone()  # past the last: the first
+               or conn.execute(sql, ("",)).fetchone())
         assert row is not None, f"no message in {table}"
         messages.append(str(row[0]))
     top = conn.execute("SELECT max(position) FROM event_log").fetchone()
