@@ -306,9 +306,11 @@ class _Process:
         if self.process.is_alive():
             self.inbox.put(None)
             self.process.join(timeout=5)
-        if self.process.is_alive():
+        if self.process.is_alive():  # stopped mid-batch (an error, ^C): it has nothing left to say
             self.process.terminate()
             self.process.join(timeout=5)
+        # The worker is gone: what it did not read must not keep this process from exiting.
+        self.inbox.cancel_join_thread()
         self.inbox.close()
         self.outbox.close()
 

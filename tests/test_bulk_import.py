@@ -25,7 +25,7 @@ import pytest
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import Services, build
-from subledger.app.bulk_import import import_ndjson
+from subledger.app.bulk_import import Partition, import_ndjson
 from subledger.app.ingest_summary import canonical_line
 from subledger.core.chain import GENESIS
 from subledger.core.events import parse_event
@@ -211,3 +211,27 @@ def test_parts_and_chain_are_log_plan_cut_at_the_hash(chains: int) -> None:
     order = [log.COLUMNS.index(c) for c in bulk.LOG_COLUMNS]
     encode = encoder([log.TYPES[i] for i in order])
     assert rows == [encode([row[i] for i in order]) for row in writes.rows]
+
+
+def test_a_failing_worker_stops_the_import_and_rolls_its_batch_back(
+    databases: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's exception reaches the parent (raised there, not a hang); batches before it stay."""
+    original = Partition.derive
+
+    def failing(self: Partition, now: datetime, assigned: Any, *rest: Any) -> Any:
+        if any(line > 4 for line, _ in assigned):
+            raise ValueError("boom in a worker")
+        return original(self, now, assigned, *rest)
+
+    monkeypatch.setattr(Partition, "derive", failing)  # the forked workers inherit it
+    text = b"".join(json.dumps({"id": f"e{n}", "app_id": APP, "type": "purchase", "subscription_id": f"s{n}",
+                                "product_id": "p", "occurred_at": NOW.isoformat()}).encode() + b"\n"
+                    for n in range(8))
+    url = databases()
+    with pytest.raises(ValueError, match="boom in a worker"):
+        import_ndjson(services(url), io.BytesIO(text), "f", jobs=2, batch=4)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (4,)
+        assert conn.execute("SELECT count(*) FROM transitions").fetchone() == (4,)
+        assert verify(conn).ok

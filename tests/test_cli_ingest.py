@@ -107,3 +107,23 @@ def test_db_upgrade_and_help(db_url: str, config: Path) -> None:
     helped = subprocess.run([sys.executable, "-m", "subledger.app", "ingest", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "--historical" in helped.stdout
+
+
+def test_jobs_import_records_arrival_import_and_verifies(tmp_path: Path, db_url: str, config: Path) -> None:
+    """`--jobs 2`: the parallel import; every entry arrives as `import` (hashed), and the chain verifies."""
+    file = tmp_path / "many.ndjson"
+    file.write_text("".join(json.dumps(ev(i)) + "\n" for i in range(60)) + "{broken\n")
+    result = run(["ingest", str(file), "--jobs", "2", "--json"], db_url, config)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["new"], summary["rejected"], summary["transitions"]) == (60, 1, 60)
+    assert summary["rejections"][0].startswith(f"{file}:61: malformed JSON")
+    with psycopg.connect(db_url) as conn:
+        arrivals = conn.execute("SELECT arrival, count(*) FROM event_log GROUP BY 1").fetchall()
+    assert arrivals == [("import", 60)]
+    verified = run(["verify"], db_url, config)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    again = run(["ingest", str(file), "--jobs", "2", "--json"], db_url, config)
+    assert json.loads(again.stdout)["duplicate"] == 60
+    bad = run(["ingest", str(file), "--jobs", "0"], db_url, config)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
