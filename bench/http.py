@@ -8,7 +8,8 @@
   requests meet on the same subscription as a burst of store retries does.
 - The baseline: as many threads as clients, one connection each, one transaction per event holding
   what a minimal event store writes (a log row, a state upsert, an outbox row) into a fresh
-  database of the same tables, fed the very same request bodies.
+  database of the same tables, fed the very same request bodies. Each baseline run goes right before
+  its subledger run (the machine is shared; both sides of a ratio should see the same load).
 - `POST /webhooks/apple` at 32 clients, signed by a throwaway Apple-shaped chain whose root the
   bench app trusts, so every request runs Apple's own JWS verification (three JWS: the envelope and
   the signed transaction, each with its x5c chain).
@@ -284,15 +285,20 @@ def run(report: Report, *, quick: bool = False) -> None:
     gen = loadgen.ceiling(32, min(2.0, duration), Bodies("ceiling")())
 
     url = fresh_database("subledger_bench_http")
+    bare_url = bare_database()
     results: dict[str, loadgen.Result] = {}
     with SinkProcess() as sink:
         config = write_config(sink.url, root)
         with Serve(config, url) as serve:
             report.console.print(f"  serve {' '.join(serve.args) or '(default arguments)'} on {serve.url}",
                                  highlight=False)
-            warm = Bodies("warm")
-            loadgen.run("127.0.0.1", serve.port, 4, min(1.0, duration), _requests("/v1/events", warm))
+            warm = min(1.0, duration)
+            loadgen.run("127.0.0.1", serve.port, 4, warm, _requests("/v1/events", Bodies("warm")))
+            bare(bare_url, 4, warm, Bodies("bare-warm"))
+            # each pair back to back, the baseline first, so both sides see the same machine (it is shared)
             for clients in (1, 32):
+                drain(url, 60.0)
+                results[f"bare{clients}"] = bare(bare_url, clients, duration, Bodies(f"c{clients}"))
                 since = datetime.now(UTC)
                 results[f"events{clients}"] = loadgen.run(
                     "127.0.0.1", serve.port, clients, duration, _requests("/v1/events", Bodies(f"c{clients}")))
@@ -313,10 +319,6 @@ def run(report: Report, *, quick: bool = False) -> None:
                 lambda: (lambda b: None if b is None else loadgen.request_bytes("/webhooks/apple", b, headers))(
                     next(it, None)))
     verify = verification_cost(config, notes)
-    bare_url = bare_database()
-    bare(bare_url, 4, min(1.0, duration), Bodies("bare-warm"))
-    for clients in (1, 32):
-        results[f"bare{clients}"] = bare(bare_url, clients, duration, Bodies(f"c{clients}"))
 
     e1, e32, a32, b1, b32 = (results[k] for k in ("events1", "events32", "apple32", "bare1", "bare32"))
     bare1, bare32 = _figure(b1, "tx/s", "bare psycopg\n"), _figure(b32, "tx/s", "bare psycopg\n")
