@@ -40,7 +40,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
+from itertools import islice, repeat
 from typing import IO, Any, NamedTuple, Protocol
 
 import psycopg
@@ -60,7 +60,8 @@ from subledger.store.outbox import OutboxRow
 
 BATCH = 1000
 MAX_JOBS = 8
-# Wraps the stream's (line number, line) pairs (to show progress, say) and yields them unchanged.
+# Wraps an iterator (to show progress, say) and yields its items unchanged; here it is advanced
+# once per line committed, so a bar counts events stored and their rate.
 Watch = Callable[[Iterator[Any], IO[bytes]], Iterator[Any]]
 
 
@@ -363,6 +364,7 @@ class _Batch:
     """A batch whose lines were sent to the workers to parse; `replies` once they answered."""
 
     now: datetime
+    lines: int
     replies: list[ParseReply] = field(default_factory=list)
 
 
@@ -379,9 +381,9 @@ def import_ndjson(
     workers: list[_Worker] = []
     try:
         workers = _start(config, jobs, conn)
-        lines: Iterator[tuple[int, bytes]] = _lines(stream)
-        if progress is not None:
-            lines = progress(lines, stream)
+        lines = _lines(stream)
+        # one tick per line committed; the bar fills by bytes read (`stream.tell()`), a few batches ahead
+        ticks = None if progress is None else progress(repeat(None), stream)
 
         def dispatch() -> _Batch | None:
             chunk = list(islice(lines, batch))
@@ -393,7 +395,7 @@ def import_ndjson(
                 routed[_hint(text, jobs)].append((line, text))
             for worker, part in zip(workers, routed, strict=True):
                 worker.send(("parse", now, part))
-            return _Batch(now)
+            return _Batch(now, len(chunk))
 
         # Each worker answers in the order it is asked: parse k+1 and derive k are asked for while
         # batch k is written, parse k+2 while it commits (see the module's docstring).
@@ -402,8 +404,12 @@ def import_ndjson(
             current.replies = [w.recv() for w in workers]
         while current is not None:
             following, after = _step(conn, workers, current, following, dispatch, summary, name)
+            if ticks is not None:
+                deque(islice(ticks, current.lines), maxlen=0)
             current, following = following, after
     finally:
+        if ticks is not None:
+            ticks.close()  # type: ignore[attr-defined]  # a generator: ends the bar
         for worker in workers:
             worker.close()
         conn.close()
