@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from subledger.app.settings import AppleSourceSettings, AppSettings
 from subledger.app.stripe_api import Calls
-from subledger.core.errors import ConfigError, CredentialsRefused, SourceUnavailable
+from subledger.core.errors import ConfigError, CredentialsRefused, SourceHasNoRecord, SourceUnavailable
 
 T = TypeVar("T")
 MAX_RETRY_AFTER: Final = 60.0
@@ -84,10 +84,6 @@ class _Client(AppStoreServerAPIClient):
         response = super()._execute_request(method, url, params, headers, json, data)
         self.retry_after = response.headers.get("retry-after")
         return response
-
-
-class NotFound(Exception):
-    """Apple knows no such transaction in this environment (another environment may)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +173,7 @@ class AppleApi:
             try:
                 statuses = self._call(client, "subscription statuses",
                                       partial(client.get_all_subscription_statuses, transaction_id))
-            except NotFound:
+            except SourceHasNoRecord:
                 continue
             signed: list[str] = []
             revision: str | None = None
@@ -215,7 +211,7 @@ class AppleApi:
                         f"Apple refused the In-App Purchase key (HTTP {status}): check [apps.<app>.apple] api_key, "
                         "key_id and issuer_id (App Store Connect → Users and Access → Integrations)") from None
                 elif status == 404 and code in NOT_FOUND:
-                    raise NotFound(str(code)) from None
+                    raise SourceHasNoRecord(str(code)) from None
                 elif not (status >= 500 or code in RETRYABLE):
                     raise SourceUnavailable(f"Apple answered the {what} with HTTP {status}"
                                             + (f" (error {code})" if code else "")) from None

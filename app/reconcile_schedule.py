@@ -46,7 +46,7 @@ from subledger.core.errors import SubledgerError
 from subledger.core.events import format_time
 from subledger.outbox.ingest import IngestPolicy
 from subledger.store import reconciliation as rows
-from subledger.store.db import connect, translate_errors
+from subledger.store.db import connect
 
 if TYPE_CHECKING:
     from subledger.scheduler.service import PeriodicJob
@@ -198,8 +198,7 @@ def run(
         return summary
     finally:
         if not conn.closed:  # a lost connection took its lock with it
-            with translate_errors():
-                conn.rollback()  # whatever a failed run left open: its work is committed or discarded already
+            conn.rollback()  # whatever a failed run left open (store.db's connection translates its errors)
             rows.unlock(conn, name, app_id)
 
 

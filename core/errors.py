@@ -12,6 +12,7 @@
     │   ├── UnknownApp           the request names an app with no credentials for this source (404)
     │   └── CredentialsRefused   a source's API refused OUR credentials (Play API 401/403): a 424
     ├── SourceUnavailable (T)    a source's API (the Play Developer API) did not answer usefully
+    ├── SourceHasNoRecord        a source's API knows no such record (Apple: another environment may)
     ├── StoreError               the database could not do what was asked (permanent unless T)
     │   ├── Conflict (T)         a concurrent writer won (unique, serialization, deadlock)
     │   ├── StoreUnavailable (T) the database cannot serve now: unreachable, connection lost, shut down
@@ -103,6 +104,11 @@ class CredentialsRefused(PayloadRejected):
 class SourceUnavailable(Transient):
     """A source's API did not answer usefully after the retries (5xx, 429, timeout, no connection):
     try the delivery again later."""
+
+
+class SourceHasNoRecord(SubledgerError, LookupError):
+    """A source's API answered that it knows no such record (Apple's 404 for a transaction id): a
+    value to try elsewhere (the other environment), not an outage."""
 
 
 class StoreError(SubledgerError):
