@@ -11,7 +11,7 @@
   database of the same tables, fed the very same request bodies. Each baseline run goes right before
   its subledger run (the machine is shared; both sides of a ratio should see the same load).
 - `POST /webhooks/apple` at 32 clients, signed by a throwaway Apple-shaped chain whose root the
-  bench app trusts, so every request runs Apple's own JWS verification (three JWS: the envelope and
+  bench app trusts, so every request runs Apple's own JWS verification (two JWS: the envelope and
   the signed transaction, each with its x5c chain).
 - Received → sink latency of every message the relay delivered for the 32-client run: the outbox
   row's `created_at` (the request's arrival) to the sink's first receipt of its messageId.
