@@ -234,3 +234,21 @@ def test_cli_json_and_tables(ledger: psycopg.Connection, db_url: str, monkeypatc
     assert missing.exit_code == 1
     bad = runner.invoke(cli, ["audit", "state", KEY, "--at", "yesterday", *base])
     assert bad.exit_code == 2
+
+
+def test_cli_prints_stored_text_as_itself_never_as_markup(conn: psycopg.Connection, db_url: str) -> None:
+    """Ids and reasons come from webhooks and API callers: "[/i]" in them is text, not a style tag
+    (it once made `audit timeline`, `explain`, `state`, `outbox list` and `stats` tracebacks)."""
+    sub = "s[/x]1"
+    outcomes = ingest(conn, [item("mk[/bold]1", "purchase", 2, sub=sub, app_user_id="evil[/i]user")], POLICY, NOW)
+    (transition,) = outcomes[0].transitions
+    runner = CliRunner()
+    base = ["--database-url", db_url]
+    for args in (["audit", "timeline", "evil[/i]user"], ["audit", "explain", transition],
+                 ["audit", "state", f"{APP}/other/{sub}"], ["outbox", "list"],
+                 ["outbox", "pause", APP, "--reason", "[/b]oops"], ["audit", "stats"]):
+        result = runner.invoke(cli, [*args, *base])
+        assert result.exit_code == 0, (args, result.output, result.exception)
+    timeline = runner.invoke(cli, ["audit", "timeline", "evil[/i]user", *base], env={"COLUMNS": "250"})
+    assert "evil[/i]user" in timeline.output and "mk[/bold]1" in timeline.output
+    assert "[/b]oops" in runner.invoke(cli, ["audit", "stats", *base], env={"COLUMNS": "250"}).output

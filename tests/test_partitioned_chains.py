@@ -340,6 +340,9 @@ def test_the_configured_chains_are_applied_when_a_command_starts(tmp_path: Any, 
     second = ingest_file()
     assert second.returncode == 0, second.stderr
     assert "hash chain" not in second.stderr
+    config.write_text('[apps."com.example"]\n')  # a config that does not name the chains changes nothing
+    third = ingest_file()
+    assert third.returncode == 0 and "hash chain" not in third.stderr, third.stderr
     with psycopg.connect(db_url) as conn:
         assert [e.chains for e in log.epochs(conn)] == [1, 4]
         assert len({chain_of_position(conn, p) for (p,) in conn.execute("SELECT position FROM event_log")}) > 1

@@ -54,7 +54,7 @@ def timeline(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{subscriber}[/bold]: {', '.join(found.subscriptions)}", highlight=False)
+    out.print(f"{subscriber}: {', '.join(found.subscriptions)}", highlight=False)
     entries = Table(title="log entries", title_justify="left")
     for col in ("pos", "source", "id", "type", "occurred", "received", "arrival", "dup", "hist"):
         entries.add_column(col)
@@ -85,7 +85,7 @@ def timeline(
                            shown_time(d.delivered_at or d.created_at), lease, last[:60])
     out.print(deliveries)
     for line in pruned_notes(found.pruned_before):
-        out.print(f"[yellow]note[/yellow] {line}", highlight=False)
+        out.print(f"note {line}", highlight=False)
 
 
 PRUNED_WHAT = {
@@ -118,7 +118,7 @@ def state(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{subscription}[/bold] at {shown_time(when)} UTC: {plural(found.events_applied, 'fact')} folded",
+    out.print(f"{subscription} at {shown_time(when)} UTC: {plural(found.events_applied, 'fact')} folded",
               highlight=False)
     if found.state is None:
         out.print("nothing had happened yet")
@@ -149,29 +149,29 @@ def explain(
         return
     t, e = found.transition, found.entry
     if e is not None:
-        out.print(f"[bold]log entry #{e['position']}[/bold] {e['source']}:{e['external_id']} ({e['kind']}), "
+        out.print(f"log entry #{e['position']} {e['source']}:{e['external_id']} ({e['kind']}), "
                   f"occurred {shown_time(e['occurred_at'])}, received {shown_time(e['received_at'])}, "
                   f"{e['duplicates']} duplicate deliveries, hash {bytes(e['hash']).hex()[:16]}…", highlight=False)
     if found.fact is not None:
         out.print("  fact: " + json.dumps(found.fact, ensure_ascii=False, sort_keys=True), highlight=False,
                   markup=False)
     state = "SUPERSEDED at " + shown_time(t["superseded_at"]) if found.superseded else "live"
-    out.print(f"[bold]transition[/bold] {t['id']} {t['kind']} for {t['subscriber']} ({state}"
+    out.print(f"transition {t['id']} {t['kind']} for {t['subscriber']} ({state}"
               f"{', historical' if t['historical'] else ''})", highlight=False)
     for m in found.messages:
         if m["body"] is None:  # a tombstone: pruned after its retention, kept so it is never sent again
-            out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: delivered "
+            out.print(f"message {m['message_id']} → {m['destination']}: delivered "
                       f"{shown_time(m['delivered_at'])}, body pruned ({plural(m['attempts'], 'attempt')})",
                       highlight=False)
             continue
         track = m["body"][0]
-        out.print(f"[bold]message[/bold] {m['message_id']} → {m['destination']}: {track.get('event')} "
+        out.print(f"message {m['message_id']} → {m['destination']}: {track.get('event')} "
                   f"({m['status']}, {plural(m['attempts'], 'attempt')})", highlight=False)
         out.print(json.dumps(m["body"], ensure_ascii=False, indent=2, sort_keys=True), highlight=False, markup=False)
     if not found.messages:
         out.print("no message: no destination accepts it (historical, sandbox, event name off) or it was withdrawn")
     for a in found.attempts:
-        out.print(f"[bold]attempt[/bold] {shown_time(a['attempted_at'])} {a['message_id']} {a['outcome']} "
+        out.print(f"attempt {shown_time(a['attempted_at'])} {a['message_id']} {a['outcome']} "
                   f"{a['status_code'] or ''} {(a['response'] or '')[:80]}", highlight=False)
 
 
@@ -231,7 +231,7 @@ def stats(
     if as_json:
         print_json(found)
         return
-    out.print(f"[bold]{shown_time(start)} → {shown_time(end)} UTC[/bold]", highlight=False)
+    out.print(f"{shown_time(start)} → {shown_time(end)} UTC", highlight=False)
     log = Table(title="log entries received", title_justify="left")
     for col in ("source", "app", "environment", "entries"):
         log.add_column(col)
@@ -251,5 +251,5 @@ def stats(
     out.print(f"outbox: {found.pending} pending (oldest {oldest}), {found.dead} dead; "
               f"{found.delivered} delivered in range, latency {pct}", highlight=False)
     for p in found.paused:
-        out.print(f"[yellow]paused[/yellow] {p['app_id']}/{p['destination']} since {shown_time(p['paused_at'])}: "
+        out.print(f"paused {p['app_id']}/{p['destination']} since {shown_time(p['paused_at'])}: "
                   f"{p['paused_reason'] or 'manual'}", highlight=False)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import Services, build
@@ -26,8 +26,10 @@ from subledger.core.events import EARLIEST_TIME, LATEST_TIME, TIME_RANGE
 from subledger.store.audit import jsonable
 from subledger.store.db import connect
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)  # a line stays one line when piped
+# markup off: what the CLI prints is mostly stored data (ids, app user ids, reasons) that a webhook or
+# an API caller chose, and "[/i]" in it must print as itself, never be parsed as a style tag
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)  # a line stays one line when piped
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file (default: $SUBLEDGER_CONFIG).")
@@ -47,7 +49,7 @@ MigrateOption = Annotated[
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `error: <message>` and return the Exit to raise (`raise fail(...) from None`)."""
     # One line whatever the width (no wrapping when piped); the message is text, never markup.
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -87,11 +89,14 @@ def prepare_schema(services: Services, migrate_flag: bool | None,
 
 
 def _apply_chains(services: Services) -> str | None:
-    """`[log] chains` made true of the log (store.log.set_chains: a new epoch from the current heads,
-    nothing written changes); the line to announce when it changed. Every process writing to one
-    database must name the same number, or each start would open a new epoch."""
+    """`[log] chains`, when the configuration names it, made true of the log (store.log.set_chains:
+    a new epoch from the current heads, nothing written changes); the line to announce when it
+    changed. A configuration without it changes nothing, so a process started with a bare config
+    (an `ingest` from a laptop) never turns a partitioned log back into one chain."""
     from subledger.store import log  # deferred with the rest of the store
 
+    if "chains" not in services.settings.log.model_fields_set:
+        return None  # a configuration that does not name it leaves the log's chains as they are
     wanted = services.settings.log.chains
     try:
         with connect(services.database_url, timeout=services.database_timeout) as conn:
