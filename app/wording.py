@@ -103,7 +103,7 @@ def _number(value: Any) -> Any:
 def plain(message: str) -> str:
     """Library phrasing rewritten: "Input should be a valid integer, unable to parse ..." → "must be an integer"."""
     text = message.replace("Value error, ", "")
-    text = re.sub(r"^Invalid value for '([^']+)': ", r"\1: ", text)
+    text = re.sub(r"^Invalid value for '([^']+)'(?: / '[^']+')*: ", r"\1: ", text)  # '--jobs' / '-j' too
     text = re.sub(r"('[^']*') is not one of ((?:'[^']*'(?:, )?)+)\.?",
                   lambda m: f"{m.group(1)} is not allowed; must be one of: {', '.join(_QUOTED.findall(m.group(2)))}",
                   text)

@@ -468,3 +468,11 @@ def test_db_status_and_stop_the_embedded_server(data_dir: Path) -> None:
         psycopg.connect(url, connect_timeout=2)
     again = runner.invoke(cli, ["db", "stop"])
     assert again.exit_code == 0 and "is not running" in again.stdout
+
+
+def test_a_range_error_of_an_option_with_a_short_name_reads_plainly() -> None:
+    """click names such an option "'--jobs' / '-j'"; the rewrite once left "must be one of: " and nothing."""
+    from subledger.app.wording import plain
+
+    assert plain("Invalid value for '--jobs' / '-j': Input should be greater than or equal to 1") == (
+        "--jobs: must be greater than or equal to 1")

@@ -39,8 +39,9 @@ AppOption = Annotated[str | None, typer.Option("--app", help="Only this app (def
 SinceOption = Annotated[str | None, typer.Option("--since", help="Read from this time (RFC 3339; default: the "
                                                                  "mode's cursor less an overlap, within the "
                                                                  "store's window).")]
-AllTypesOption = Annotated[bool, typer.Option("--all-types", help="Every event the store lists, not only those "
-                                                                  "whose deliveries failed (the daily run).")]
+AllTypesOption = Annotated[bool, typer.Option(
+    "--all", "--all-types", help="Every event the store lists, not only those whose deliveries failed (the daily "
+                                 "run; --all as for apple and google).")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="List what would be recovered; write nothing.")]
 
 
@@ -56,7 +57,7 @@ def _store_command(reconciler: Reconciler) -> Callable[..., None]:
     ) -> None:
         _reconcile(reconciler, app, since, all_types, dry_run, as_json, config, database_url)
 
-    command.__doc__ = (f"List {reconciler.title}'s {reconciler.listing} (failed deliveries, or --all-types) "
+    command.__doc__ = (f"List {reconciler.title}'s {reconciler.listing} (failed deliveries, or --all) "
                        "and ingest those the log lacks.")
     return command
 
