@@ -61,7 +61,7 @@ def ingest(
     The rows are staged in a unit of work (store/unit_of_work.py): a small batch (a webhook, an API
     call) is then BEGIN, two statements and COMMIT, a big one (a file import) COPYs each table.
     """
-    work = UnitOfWork(now)
+    work = UnitOfWork(now, wake=notify)  # the relay's NOTIFY rides in the transaction, delivered at commit
     by_position: dict[int, list[str]] = defaultdict(list)
     with conn.transaction():
         entries = [
@@ -96,8 +96,6 @@ def ingest(
         if fail_at:
             fail_at("after_derive")
         work.commit(conn)
-        if notify and (work.outbox or work.outbox_if_missing):
-            outbox_sql.notify(conn)  # delivered at the commit, never for a rollback
         if fail_at:
             fail_at("before_commit")
     return [

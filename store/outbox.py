@@ -133,6 +133,11 @@ def notify(conn: psycopg.Connection) -> None:
     conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
+# `notify` as the last part of the unit of work's one statement (store/unit_of_work.WRITE_ALL): the
+# wake-up rides in the statement that writes the rows, one round trip fewer per ingest
+NOTIFY_IN_CTE = f"SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM d WHERE d.j ? 'notify'"
+
+
 def listen(conn: psycopg.Connection) -> None:
     """Subscribe this (autocommit) connection to the outbox's wake-ups."""
     conn.execute(f"LISTEN {OUTBOX_CHANNEL}")

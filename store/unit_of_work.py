@@ -82,7 +82,7 @@ _PARTS = (*log.CTE, projections.STATES_CTE, projections.TRANSITIONS_CTE, outbox_
 WRITE_ALL = (
     "WITH d AS (SELECT %s::jsonb AS j),\n"
     + ",\n".join(f"{name} AS ({sql.strip()})" for name, sql in _PARTS)
-    + "\nSELECT 1"
+    + "\n" + outbox_sql.NOTIFY_IN_CTE
 )
 
 
@@ -105,6 +105,8 @@ class UnitOfWork:
     outbox: list[OutboxRow] = field(default_factory=list)
     outbox_if_missing: list[OutboxRow] = field(default_factory=list)
     log_written: bool = False
+    # NOTIFY the relays at commit when outbox rows were written (in the one statement when there is one)
+    wake: bool = False
 
     @property
     def size(self) -> int:
@@ -128,6 +130,7 @@ class UnitOfWork:
     def commit(self, conn: psycopg.Connection, *, copy: bool | None = None) -> None:
         """Write everything staged, inside the caller's transaction; `copy` forces a path (tests)."""
         use_copy = (not self.small) if copy is None else copy
+        wake = self.wake and bool(self.outbox or self.outbox_if_missing)
         projections.mark_superseded(conn, self.superseded, self.now)
         outbox_sql.withdraw(conn, self.superseded, self.now)
         projections.revive(conn, self.revived)
@@ -138,15 +141,20 @@ class UnitOfWork:
             projections.insert_transitions(conn, self.transitions, self.now, copy=True)
             outbox_sql.insert(conn, self.outbox, self.now, copy=True)
         elif (self.log.size and not self.log_written) or self.states or self.transitions or self.outbox:
-            _write_all(conn, self, include_log=not self.log_written)
+            _write_all(conn, self, include_log=not self.log_written, wake=wake)
+            wake = False
         outbox_sql.insert_missing(conn, self.outbox_if_missing, self.now)
+        if wake:
+            outbox_sql.notify(conn)
 
 
-def _write_all(conn: psycopg.Connection, work: UnitOfWork, *, include_log: bool) -> None:
+def _write_all(conn: psycopg.Connection, work: UnitOfWork, *, include_log: bool, wake: bool = False) -> None:
     """Everything in one statement with one JSON parameter: one cheap dump for the client, one parse
     for the server (a statement with fifty array parameters costs the client more than the insert)."""
     data: dict[str, Any] = {"now": work.now}
     data.update(log.cte_data(work.log if include_log else LogWrites()))
     data.update(projections.cte_data(work.states.values(), work.transitions))
     data.update(outbox_sql.cte_data(work.outbox))
+    if wake:
+        data["notify"] = True
     conn.execute(WRITE_ALL, (orjson.dumps(data).decode(),))
