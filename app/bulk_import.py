@@ -370,10 +370,11 @@ class _Batch:
 
 def import_ndjson(
     services: Services, stream: IO[bytes], name: str, *, historical: bool = False, progress: Watch | None = None,
-    jobs: int | None = None, batch: int = BATCH,
+    jobs: int = 1, batch: int = BATCH,
 ) -> Summary:
-    """Import canonical NDJSON from `stream` in transactions of `batch` lines, derived by `jobs` workers."""
-    jobs = default_jobs() if jobs is None else max(1, jobs)
+    """Import canonical NDJSON from `stream` in transactions of `batch` lines, derived by `jobs` workers
+    (forked: a caller with threads of its own, which a fork does not carry over, keeps `jobs` 1)."""
+    jobs = max(1, jobs)
     config = Config(services.settings, services.policy, services.database_url, services.database_timeout,
                     historical, jobs)
     summary = Summary()

@@ -41,13 +41,14 @@ __all__ = ["BATCH", "MAX_REJECTIONS_SHOWN", "Summary", "Watch", "in_background",
 
 def ingest_stream(
     services: Services, stream: IO[bytes], name: str, *, historical: bool = False, progress: Watch | None = None,
-    fmt: str = "canonical", app_id: str | None = None, jobs: int | None = None,
+    fmt: str = "canonical", app_id: str | None = None, jobs: int = 1,
 ) -> Summary:
     """Stream, validate and ingest in batches of 1,000, one transaction each.
 
     `fmt` other than canonical: one captured store body per line, through the webhooks' adapters.
     `progress` sees every item read (the CLI draws a bar with it on a terminal). `jobs`: worker
-    processes for canonical NDJSON (default: the CPU count, capped; 1 runs it in this process)."""
+    processes for canonical NDJSON (1: all in this process, the default for callers that may run
+    threads of their own, like the demo; the CLI asks for the CPU count)."""
     if fmt == "canonical" and bulk_import.is_ndjson(stream):
         return bulk_import.import_ndjson(services, stream, name, historical=historical, progress=progress, jobs=jobs)
     # deferred: the store adapters load Apple's library and google-auth (seconds), only for captured bodies

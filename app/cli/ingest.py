@@ -15,7 +15,7 @@ from typing import IO, Annotated, TypeVar
 
 import typer
 
-from subledger.app.bulk_import import MAX_JOBS
+from subledger.app.bulk_import import MAX_JOBS, default_jobs
 from subledger.app.cli.common import (
     ConfigOption,
     DatabaseOption,
@@ -117,7 +117,7 @@ def ingest(
         summary = ingest_stream(
             services, stream, "<stdin>" if file == "-" else file, historical=historical,
             progress=_bar if sys.stderr.isatty() and not as_json else None, fmt=fmt.value, app_id=app_id,
-            jobs=jobs,
+            jobs=jobs or default_jobs(),
         )
     except (StoreError, ConfigError) as exc:
         raise fail(str(exc)) from None
