@@ -235,3 +235,29 @@ def test_a_failing_worker_stops_the_import_and_rolls_its_batch_back(
         assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (4,)
         assert conn.execute("SELECT count(*) FROM transitions").fetchone() == (4,)
         assert verify(conn).ok
+
+
+def test_a_worker_that_cannot_reach_the_database_is_a_store_error(
+    databases: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI turns a StoreError into one line: a worker's outage must arrive as one, not a RuntimeError."""
+    import os
+
+    from subledger.app import bulk_import
+    from subledger.core.errors import StoreUnavailable
+
+    parent, real = os.getpid(), bulk_import.connect
+
+    def connect(url: str, **kwargs: Any) -> psycopg.Connection:
+        if os.getpid() != parent:
+            raise StoreUnavailable("cannot connect to the database at test: connection refused; is it running?")
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(bulk_import, "connect", connect)
+    line = json.dumps({"id": "e", "app_id": APP, "type": "purchase", "subscription_id": "s", "product_id": "p",
+                       "occurred_at": NOW.isoformat()}).encode()
+    url = databases()
+    with pytest.raises(StoreUnavailable, match="connection refused"):
+        import_ndjson(services(url), io.BytesIO(line + b"\n"), "f", jobs=2)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM event_log").fetchone() == (0,)
