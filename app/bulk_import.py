@@ -129,8 +129,8 @@ class KeyRows(NamedTuple):
 
     first: int
     state: bytes
-    transitions: str
-    outbox: str
+    transitions: bytes
+    outbox: bytes
     superseded: tuple[str, ...]
     revived: tuple[str, ...]
     again: list[OutboxRow]
@@ -204,9 +204,9 @@ class Partition:
             out.append(KeyRows(
                 first=first[key],
                 state=projections.encode_state(d.state, d.last_position),
-                transitions="".join(projections.encode_transition(e.transition, e.position, e.historical, now)
-                                    for e in d.new),
-                outbox="".join(bulk.encode_outbox(row, now) for row in derived.messages),
+                transitions="".join([projections.encode_transition(e.transition, e.position, e.historical, now)
+                                     for e in d.new]).encode(),
+                outbox="".join([bulk.encode_outbox(row, now) for row in derived.messages]).encode(),
                 superseded=d.superseded,
                 revived=d.revived,
                 again=derived.again,

@@ -14,6 +14,7 @@ they produce exactly its rows and hashes, so the two cannot drift.
 from __future__ import annotations
 
 import hashlib
+from binascii import hexlify
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,9 +40,9 @@ _encode_outbox = encoder(outbox_sql.TYPES)
 
 # One log entry as a worker prepares it: (source, external_id, chain slot (`chain_slot` of its
 # subscription key), the bytes its hash covers after the previous hash of its chain, its row as COPY
-# text up to the position and hash). A plain tuple: it crosses a process boundary, and tuples of
+# text, UTF-8, up to the position and hash). A plain tuple: it crosses a process boundary, and tuples of
 # strings unpickle in C, several times faster than a dataclass or a NamedTuple.
-Parts = tuple[str, str, int, bytes, str]
+Parts = tuple[str, str, int, bytes, bytes]
 
 
 def entry_parts(entry: log.Entry, received_at: str | None = None) -> Parts:
@@ -71,11 +72,11 @@ def entry_parts(entry: log.Entry, received_at: str | None = None) -> Parts:
         min((e.occurred_at for e in n.events), default=None),
         entry.received_at, entry.historical, entry.raw, orjson.dumps(facts).decode(), entry.arrival,
     ))
-    return (source, external_id, chain_slot(subscription), hashed, row)
+    return (source, external_id, chain_slot(subscription), hashed, row.encode())
 
 
 def chain(parts: Sequence[Parts], head: log.Head, received_at: datetime
-          ) -> tuple[list[int | None], list[str], log.LogWrites]:
+          ) -> tuple[list[int | None], list[bytes], log.LogWrites]:
     """Number and link `parts` onto their chains' heads in order, as `log.plan` does: a repeat
     (already logged, or earlier in `parts`) gets None and a duplicate receipt. Returns each part's
     position, the new rows as COPY text and the heads and receipts to write (`write_log`)."""
@@ -84,7 +85,7 @@ def chain(parts: Sequence[Parts], head: log.Head, received_at: datetime
     appended: set[int] = set()
     seen = set(head.seen)
     positions: list[int | None] = []
-    lines: list[str] = []
+    lines: list[bytes] = []
     duplicates: list[tuple[str, str, datetime]] = []
     sha256 = hashlib.sha256
     for source, external_id, slot, hashed, row in parts:
@@ -101,14 +102,14 @@ def chain(parts: Sequence[Parts], head: log.Head, received_at: datetime
         tips[c] = (position, chained)
         appended.add(c)
         positions.append(position)
-        lines.append(f"{row}{position}\t\\\\x{chained.hex()}\n")
+        lines.append(b"%b%d\t\\\\x%b\n" % (row, position, hexlify(chained)))
     return positions, lines, log.LogWrites([], duplicates, {c: tips[c] for c in sorted(appended)})
 
 
-def write_log(conn: psycopg.Connection, lines: Sequence[str], writes: log.LogWrites) -> None:
+def write_log(conn: psycopg.Connection, lines: Sequence[bytes], writes: log.LogWrites) -> None:
     """The chained rows by one COPY, then the head and the receipts (by the log's own writer)."""
     if lines:
-        copy_encoded(conn, "event_log", LOG_COLUMNS, ["".join(lines)])
+        copy_encoded(conn, "event_log", LOG_COLUMNS, [b"".join(lines)])
     log.write(conn, writes, copy=True)
 
 
@@ -122,8 +123,8 @@ class Derived:
     """A batch's derived rows as the workers encoded them, in the order a sequential ingest stages them."""
 
     states: list[bytes]
-    transitions: list[str]
-    outbox: list[str]
+    transitions: list[bytes]  # COPY text, UTF-8 (workers encode: the writer only joins and sends)
+    outbox: list[bytes]
     superseded: list[str]
     revived: list[str]
     again: list[OutboxRow]
@@ -140,7 +141,7 @@ def write_derived(conn: psycopg.Connection, derived: Derived, now: datetime) -> 
     outbox_sql.insert_missing(conn, derived.again, now)
 
 
-def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
-    text = "".join(lines)
+def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], lines: Iterable[bytes]) -> None:
+    text = b"".join(lines)
     if text:
         copy_encoded(conn, table, columns, [text])

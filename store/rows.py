@@ -5,7 +5,7 @@ faster as INSERTs. Which one a transaction uses is the unit of work's choice
 (store/unit_of_work.py, which writes small batches as one statement instead).
 
 A bulk import (app/bulk_import.py) encodes its rows in worker processes, so the one process that
-holds the transaction only joins text and sends it: `encode_row` is COPY's text format for the
+holds the transaction only joins text and sends it: `encoder` writes COPY's text format for the
 column types the tables use, `copy_encoded` sends rows encoded that way.
 """
 
@@ -41,8 +41,8 @@ def write_rows(
     conn.cursor().executemany(f"INSERT INTO {table} ({names}) VALUES ({casts})", rows)
 
 
-def copy_encoded(conn: psycopg.Connection, table: str, columns: Sequence[str], chunks: Iterable[str]) -> None:
-    """COPY rows already in COPY's text format (`encode_row`, one line each) into `table`."""
+def copy_encoded(conn: psycopg.Connection, table: str, columns: Sequence[str], chunks: Iterable[bytes]) -> None:
+    """COPY rows already in COPY's text format (`encoder`, one line each, UTF-8) into `table`."""
     names = ", ".join(columns)
     with conn.cursor().copy(f"COPY {table} ({names}) FROM STDIN") as cp:
         for chunk in chunks:

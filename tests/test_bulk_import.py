@@ -210,7 +210,7 @@ def test_parts_and_chain_are_log_plan_cut_at_the_hash(chains: int) -> None:
     assert ours.heads == writes.heads and ours.duplicates == writes.duplicates
     order = [log.COLUMNS.index(c) for c in bulk.LOG_COLUMNS]
     encode = encoder([log.TYPES[i] for i in order])
-    assert rows == [encode([row[i] for i in order]) for row in writes.rows]
+    assert rows == [encode([row[i] for i in order]).encode() for row in writes.rows]
 
 
 def test_a_failing_worker_stops_the_import_and_rolls_its_batch_back(
