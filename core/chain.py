@@ -35,7 +35,7 @@ HASHED_COLUMNS = ("source", "external_id", "app_id", "subscription_key", "receiv
 class Arrival(StrEnum):
     PUSH = "push"  # a webhook (or an API call) delivered it
     RECONCILIATION = "reconciliation"  # recovered from a store's API after push lost it
-    IMPORT = "import"  # reserved for bulk imports; nothing writes it yet
+    IMPORT = "import"  # `subledger ingest` of a file (app/stream_ingest.py, app/bulk_import.py)
 
 
 ARRIVALS = tuple(a.value for a in Arrival)
