@@ -87,6 +87,25 @@ def warn_recovered(summary: Summary, check: str) -> None:
                     summary.recovered, summary.source, summary.app_id, check)
 
 
+def ingest_recovered(conn: psycopg.Connection, summary: Summary, items: list[Incoming], policy: IngestPolicy,
+                     now: datetime, check: str) -> bool:
+    """Every store's last step: ingest `items` into the log and count them into `summary` (a dry run
+    only counts them), then the gap report's line. False for a dry run: the caller keeps its cursors."""
+    if summary.dry_run:
+        summary.recovered = len(items)
+        summary.recovered_ids = [i.notification.external_id for i in items]
+        return False
+    if items:
+        for outcome in ingest(conn, items, policy, now):
+            if outcome.result == "new":
+                summary.recovered += 1
+                summary.recovered_ids.append(outcome.external_id)
+            else:  # a webhook (or another run) logged it meanwhile
+                summary.duplicates += 1
+    warn_recovered(summary, check)
+    return True
+
+
 def window_start(conn: psycopg.Connection, app_id: str, now: datetime, since: datetime | None,
                  *, all_types: bool = False) -> datetime:
     """`since` when given, else the mode's cursor less the overlap, else Stripe's whole window; never older."""
@@ -143,18 +162,8 @@ def reconcile_stripe(
         links.remember(notification, raw)
         items.append(Incoming(notification, raw, arrival=rows.RECONCILIATION))
     conn.commit()
-    if dry_run:
-        summary.recovered = len(items)
-        summary.recovered_ids = [i.notification.external_id for i in items]
-        return summary
-    if items:
-        for outcome in ingest(conn, items, policy, now):
-            if outcome.result == "new":
-                summary.recovered += 1
-                summary.recovered_ids.append(outcome.external_id)
-            else:  # a webhook arrived meanwhile
-                summary.duplicates += 1
-    with conn.transaction():
-        rows.advance(conn, cursor_name(SOURCE, all_types), app_id, now, now)
-    warn_recovered(summary, "check the webhook endpoint's URL and signing secret in the Stripe dashboard")
+    if ingest_recovered(conn, summary, items, policy, now,
+                        "check the webhook endpoint's URL and signing secret in the Stripe dashboard"):
+        with conn.transaction():
+            rows.advance(conn, cursor_name(SOURCE, all_types), app_id, now, now)
     return summary

@@ -32,11 +32,11 @@ from appstoreserverlibrary.models.JWSTransactionDecodedPayload import JWSTransac
 from appstoreserverlibrary.models.StatusResponse import StatusResponse
 
 from subledger.app.apple_api import HISTORY_LIMIT, AppleApi
-from subledger.app.reconcile import Summary, warn_recovered
+from subledger.app.reconcile import Summary, ingest_recovered
 from subledger.app.sources import Sources
 from subledger.core.errors import InvalidEvent, PayloadRejected, UnknownApp
 from subledger.core.sources import apple as apple_source
-from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+from subledger.outbox.ingest import Incoming, IngestPolicy
 from subledger.store import log as log_rows
 from subledger.store import reconciliation as rows
 
@@ -121,8 +121,7 @@ def reconcile_apple(
             log.warning("reconcile apple %s: notification %s refused: %s", app_id, record.notification_uuid, exc)
             continue
         items.append(Incoming(notification, raw, arrival=rows.RECONCILIATION))
-    ingest_recovered(conn, summary, items, policy, now)
-    if not dry_run:
+    if ingest_recovered(conn, summary, items, policy, now, CHECK):
         with conn.transaction():
             rows.advance(conn, ALL_CURSOR if all_types else FAILURES_CURSOR, app_id, now, now)
     return summary
@@ -176,7 +175,7 @@ def refresh_subscription(
     charges = sum(1 for r in recovered if r.notification.external_id.startswith("-transaction:"))
     summary.duplicates = len(mine) - charges
     items = [Incoming(r.notification, r.raw, arrival=rows.RECONCILIATION) for r in recovered]
-    ingest_recovered(conn, summary, items, policy, now)
+    ingest_recovered(conn, summary, items, policy, now, CHECK)
     return summary
 
 
@@ -208,21 +207,4 @@ def _counted(api: AppleApi, summary: Summary) -> Iterator[None]:
         summary.pages = api.calls.pages - pages
         summary.api_calls = api.calls.requests - requests
         summary.throttled = api.calls.throttled - throttled
-
-
-def ingest_recovered(conn: psycopg.Connection, summary: Summary, items: list[Incoming], policy: IngestPolicy,
-                     now: datetime) -> None:
-    """Ingest `items` (or, in a dry run, only count them) into `summary`; warn when any was new."""
-    if summary.dry_run:
-        summary.recovered = len(items)
-        summary.recovered_ids = [i.notification.external_id for i in items]
-        return
-    if items:
-        for outcome in ingest(conn, items, policy, now):
-            if outcome.result == "new":
-                summary.recovered += 1
-                summary.recovered_ids.append(outcome.external_id)
-            else:  # a webhook arrived meanwhile
-                summary.duplicates += 1
-    warn_recovered(summary, CHECK)
 

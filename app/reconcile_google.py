@@ -38,13 +38,13 @@ from typing import Any, Final, TypeVar
 import psycopg
 
 from subledger.app.google_api import GoogleLinks, GoogleSource, PlayApi
-from subledger.app.reconcile import Summary, warn_recovered
+from subledger.app.reconcile import Summary, ingest_recovered
 from subledger.app.sources import Sources
 from subledger.core.errors import PayloadRejected, SourceUnavailable, UnknownApp
 from subledger.core.events import Source, Store, stream_key
 from subledger.core.lifecycle import SubscriptionState
 from subledger.core.sources import google as google_source
-from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
+from subledger.outbox.ingest import Incoming, IngestPolicy
 from subledger.store import play_reconciliation as play_rows
 from subledger.store import reconciliation as rows
 
@@ -281,22 +281,11 @@ def reconcile_google(
     conn.commit()
     items = sorted((i for i in run.items if i.notification.external_id not in known), key=_when)
     summary.duplicates += len(run.items) - len(items)
-    if dry_run:
-        summary.recovered = len(items)
-        summary.recovered_ids = [i.notification.external_id for i in items]
-        return summary
-    if items:
-        for outcome in ingest(conn, items, policy, now):
-            if outcome.result == "new":
-                summary.recovered += 1
-                summary.recovered_ids.append(outcome.external_id)
-            else:  # a push (or another run) logged it meanwhile
-                summary.duplicates += 1
-    with conn.transaction():
-        rows.advance(conn, VOIDED_CURSOR, app_id, now, now)
-        rows.advance(conn, SWEEP_CURSOR, app_id, now, now)
-    warn_recovered(summary, "check the Pub/Sub push subscription (endpoint, authentication) and the RTDN topic "
-                            "in Play Console")
+    if ingest_recovered(conn, summary, items, policy, now, "check the Pub/Sub push subscription (endpoint, "
+                        "authentication) and the RTDN topic in Play Console"):
+        with conn.transaction():
+            rows.advance(conn, VOIDED_CURSOR, app_id, now, now)
+            rows.advance(conn, SWEEP_CURSOR, app_id, now, now)
     return summary
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +24,8 @@ from subledger.app.cli.common import err as err_console
 from subledger.app.progress import counting
 from subledger.app.reconcile import Summary
 from subledger.app.reconcile_schedule import RECONCILERS, Api, Reconciler, configured_apps, pages_read, run, status
-from subledger.app.sources import build_sources
+from subledger.app.settings import Settings
+from subledger.app.sources import Sources, build_sources
 from subledger.app.wording import plural
 from subledger.core.errors import ConfigError, PayloadRejected, StoreError, Transient
 from subledger.core.events import format_time
@@ -62,24 +63,41 @@ def _store_command(reconciler: Reconciler) -> Callable[..., None]:
     return command
 
 
+def sources_or_fail(settings: Settings) -> Sources:
+    """The store adapters a recovered fact is mapped by, or one error line."""
+    try:
+        return build_sources(settings)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+def chosen_apps(settings: Settings, reconciler: Reconciler, app: str | None) -> list[str]:
+    """`--app` when its credentials for this store are configured, else every app that has them; one
+    error line naming what to configure when there is none (every `reconcile <store>` command)."""
+    if app is not None:
+        found = settings.apps.get(app)
+        if found is None or not reconciler.configured(found):
+            raise fail(f"app {app!r} has no {reconciler.needs} configured (add {reconciler.where(app)})")
+        return [app]
+    chosen = configured_apps(settings, reconciler)
+    if not chosen:
+        article = "an" if reconciler.needs[0] in "AEIOU" else "a"
+        raise fail(f"no app has {article} {reconciler.needs} configured (add {reconciler.where('<app>')})")
+    return chosen
+
+
+def print_json(summaries: Sequence[Summary]) -> None:
+    """`--json`: one summary object for one app, a list for several."""
+    print(json.dumps(summaries[0].as_json() if len(summaries) == 1 else [s.as_json() for s in summaries]))
+
+
 def _reconcile(reconciler: Reconciler, app: str | None, since: str | None, all_types: bool, dry_run: bool,
                as_json: bool, config: Path | None, database_url: str | None) -> None:
     source = reconciler.source
     start = parse_when(since, "--since") if since is not None else None
     with connection(config, database_url) as (services, conn):
-        settings = services.settings
-        try:
-            sources = build_sources(settings)
-        except ConfigError as exc:
-            raise fail(str(exc)) from None
-        chosen = configured_apps(settings, reconciler)
-        if app is not None:
-            found = settings.apps.get(app)
-            if found is None or not reconciler.configured(found):
-                raise fail(f"app {app!r} has no {reconciler.needs} configured (add {reconciler.where(app)})")
-            chosen = [app]
-        if not chosen:
-            raise fail(f"no app has a {reconciler.needs} configured (add {reconciler.where('<app>')})")
+        sources = sources_or_fail(services.settings)
+        chosen = chosen_apps(services.settings, reconciler, app)
         summaries: list[Summary] = []
         bar = counting(err_console, f"reconciling {source}", "pages") if sys.stderr.isatty() and not as_json \
             else None
@@ -108,7 +126,7 @@ def _reconcile(reconciler: Reconciler, app: str | None, since: str | None, all_t
         if any(s.recovered for s in summaries) and not dry_run:
             wake_relay(conn)
     if as_json:
-        print(json.dumps(summaries[0].as_json() if len(summaries) == 1 else [s.as_json() for s in summaries]))
+        print_json(summaries)
         return
     for s in summaries:
         verb = "would recover" if dry_run else "recovered"

@@ -18,15 +18,14 @@ from typing import Annotated, Any
 import typer
 from rich.progress import TaskID
 
-from subledger.app.apple_api import AppleApi, configured, from_settings
+from subledger.app.apple_api import AppleApi, from_settings
 from subledger.app.cli.common import ConfigOption, DatabaseOption, JsonOption, connection, err, fail, out, parse_when
-from subledger.app.cli.reconcile import reconcile_app
+from subledger.app.cli.reconcile import chosen_apps, reconcile_app, sources_or_fail
 from subledger.app.progress import counting
 from subledger.app.reconcile import Summary
 from subledger.app.reconcile_apple import refresh_subscription
 from subledger.app.reconcile_schedule import RECONCILERS, Api, run
 from subledger.app.settings import Settings
-from subledger.app.sources import build_sources
 from subledger.app.wording import plural
 from subledger.core.errors import ConfigError, PayloadRejected, StoreError, Transient
 from subledger.outbox.ingest import wake_relay
@@ -65,20 +64,8 @@ def apple(
         raise fail("--subscription refreshes from the subscription's own history: drop --since and --all")
     with connection(config, database_url) as (services, conn):
         settings = services.settings
-        try:
-            sources = build_sources(settings)
-        except ConfigError as exc:
-            raise fail(str(exc)) from None
-        chosen = sorted(a for a, s in settings.apps.items() if configured(s))
-        if app is not None:
-            found = settings.apps.get(app)
-            if found is None or not configured(found):
-                raise fail(f"app {app!r} has no In-App Purchase key configured (add api_key, key_id and issuer_id "
-                           f"to [apps.\"{app}\".apple])")
-            chosen = [app]
-        if not chosen:
-            raise fail("no app has an In-App Purchase key configured (add api_key, key_id and issuer_id to "
-                       "[apps.<app>.apple])")
+        sources = sources_or_fail(settings)
+        chosen = chosen_apps(settings, RECONCILERS["apple"], app)
         if subscription and len(chosen) > 1:
             raise fail("--subscription needs the app: name it with --app")
         show = sys.stderr.isatty() and not as_json

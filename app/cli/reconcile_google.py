@@ -8,7 +8,6 @@ pages are read and the sweep fetches.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +17,13 @@ import typer
 from rich.progress import TaskID
 
 from subledger.app.cli.common import ConfigOption, DatabaseOption, JsonOption, connection, err, fail, out, parse_when
-from subledger.app.cli.reconcile import reconcile_app
+from subledger.app.cli.reconcile import chosen_apps, print_json, reconcile_app, sources_or_fail
 from subledger.app.google_api import PlayApi
 from subledger.app.progress import counting
 from subledger.app.reconcile_google import GoogleSummary, Progress, reconcile_google
-from subledger.app.sources import build_sources
+from subledger.app.reconcile_schedule import RECONCILERS
 from subledger.app.wording import plural
-from subledger.core.errors import ConfigError, PayloadRejected, StoreError, Transient
+from subledger.core.errors import PayloadRejected, StoreError, Transient
 from subledger.outbox.ingest import wake_relay
 
 
@@ -66,18 +65,8 @@ def google(
     start = parse_when(since, "--since") if since is not None else None
     with connection(config, database_url) as (services, conn):
         settings = services.settings
-        try:
-            sources = build_sources(settings)
-        except ConfigError as exc:
-            raise fail(str(exc)) from None
-        chosen = sorted(a for a, s in settings.apps.items() if s.google is not None)
-        if app is not None:
-            found = settings.apps.get(app)
-            if found is None or found.google is None:
-                raise fail(f"app {app!r} has no Google Play source configured (add [apps.\"{app}\".google])")
-            chosen = [app]
-        if not chosen:
-            raise fail("no app has a Google Play source configured (add [apps.<app>.google])")
+        sources = sources_or_fail(settings)
+        chosen = chosen_apps(settings, RECONCILERS["google"], app)
         summaries: list[GoogleSummary] = []
         show = sys.stderr.isatty() and not as_json
         for app_id in chosen:
@@ -98,7 +87,7 @@ def google(
         if any(s.recovered for s in summaries) and not dry_run:
             wake_relay(conn)
     if as_json:
-        print(json.dumps(summaries[0].as_json() if len(summaries) == 1 else [s.as_json() for s in summaries]))
+        print_json(summaries)
         return
     for s in summaries:
         verb = "would recover" if dry_run else "recovered"
