@@ -29,8 +29,8 @@ import httpx
 import psycopg
 import psycopg.sql
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from live_server import Served, free_port
 from test_source_revenuecat import rc_event
 from typer.testing import CliRunner
 from webhooks_support import RC_APP, config_dict, rc_body, rc_headers, write_root
@@ -47,12 +47,6 @@ TOKEN = "faults-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivatePostgres:
     """A throwaway PostgreSQL on 127.0.0.1 that a test may stop and start at will.
 
@@ -65,7 +59,7 @@ class PrivatePostgres:
         self.bin = POSTGRES_BIN_PATH
         self.root = Path(tempfile.mkdtemp(prefix="sl-private-pg-"))
         self.pgdata = self.root / "pgdata"
-        self.port = _free_port()
+        self.port = free_port()
         self.user: str | None = None
         if os.geteuid() == 0:
             from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
@@ -163,31 +157,14 @@ def _event(event_id: str) -> dict[str, Any]:
             "product_id": "monthly", "price": "9.99", "currency": "USD"}
 
 
-class Service:
-    """The HTTP service in a thread of this process (real sockets, uvicorn, the production app)."""
+class Service(Served):
+    """The production app, configured for the fault tests, served by uvicorn in a thread."""
 
     def __init__(self, database_url: str, tmp_path: Path, timeout: float) -> None:
         data = config_dict(write_root(tmp_path))
         data["apps"]["com.faults.app"] = {}
         data.update(api_token=TOKEN, database_timeout_seconds=timeout)
-        services = build(settings_module.from_dict(data), database_url=database_url)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(services), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Service:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__init__(create_app(build(settings_module.from_dict(data), database_url=database_url)))
 
 
 def _wait_for(load: Load, status: int, after: float, limit: float) -> float:
@@ -346,7 +323,7 @@ COMMANDS = [["db", "upgrade"], ["serve"], ["relay", "--once"], ["ingest", "-"], 
 
 @pytest.mark.usefixtures("_logging_restored")
 def test_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     url = f"postgresql://sl:s3cret-pw@127.0.0.1:{port}/ledger"
     env = {"SUBLEDGER_DATA_DIR": str(tmp_path), "SUBLEDGER_CONFIG": ""}
     for command in COMMANDS:

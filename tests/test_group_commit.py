@@ -10,9 +10,7 @@ second database.
 from __future__ import annotations
 
 import random
-import socket
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ import httpx
 import psycopg
 import psycopg.sql
 import pytest
-import uvicorn
+from live_server import Served
 
 from subledger.app import settings as settings_module
 from subledger.app.bootstrap import build
@@ -75,34 +73,11 @@ def second_db(pg_server: str, template_db: str) -> Iterator[str]:
         conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Service:
-    """The production app under uvicorn in a thread: real sockets, the real request path."""
+class Service(Served):
+    """The production app on the injected clock, served by uvicorn in a thread."""
 
     def __init__(self, database_url: str) -> None:
-        services = build(_settings(), database_url=database_url, clock=lambda: NOW)
-        self.app = create_app(services, pool_size=4)
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Service:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__init__(create_app(build(_settings(), database_url=database_url, clock=lambda: NOW), pool_size=4))
 
 
 def _live(conn: psycopg.Connection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from pathlib import Path
 import httpx
 import psycopg
 from fake_segment import APP, FakeSegment, lifecycle, write_config
+from live_server import free_port
 
 from subledger.store.verify import verify
 
 SUBLEDGER = str(Path(sys.executable).parent / "subledger")
 TOKEN = "workers-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -50,7 +44,7 @@ def _alive(pid: int) -> bool:
 def _serve(tmp_path: Path, db_url: str, endpoint: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     config = write_config(tmp_path / "c.toml", endpoint)
     config.write_text(f'api_token = "{TOKEN}"\n' + config.read_text())
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SUBLEDGER_DATA_DIR": str(tmp_path / "data"), "SUBLEDGER_LOG_FORMAT": "json"}
     env.pop("SUBLEDGER_CONFIG", None)
     proc = subprocess.Popen([SUBLEDGER, "serve", "--workers", "2", "--port", str(port), "--config", str(config),
