@@ -136,7 +136,12 @@ def test_an_operator_signs_in_follows_a_subscriber_retries_a_dead_letter_pauses_
     page.get_by_role("button", name="Yes, do it").click()
     assert "requeued 1 message" in page.locator(".flash").inner_text()
     _wait_for(lambda: any(m.get("messageId") == dead for m in fake.capture.messages()))
-    page.goto(base + f"/console/messages/{dead}")
+
+    def shown_delivered() -> bool:  # the sink answers before the relay records the outcome: reload until then
+        page.goto(base + f"/console/messages/{dead}")
+        return "delivered" in page.locator("h1").inner_text()
+
+    _wait_for(shown_delivered)
     assert "delivered" in page.locator("h1").inner_text()
 
     page.goto(base + "/console/destinations")
