@@ -46,11 +46,14 @@ from subledger.core.errors import (
     InvalidEvent,
     PayloadRejected,
     SourceUnavailable,
+    StoreError,
     TooDeep,
 )
 from subledger.core.events import Source
 from subledger.core.sources import Notification
 from subledger.core.sources import amazon as amazon_source
+from subledger.store import sns_certificates
+from subledger.store.db import Pool
 
 log = logging.getLogger("subledger.amazon")
 CERT_TTL_SECONDS = 3600.0
@@ -78,9 +81,11 @@ def _problem(exc: httpx.HTTPError) -> str:
 class Certificates:
     """SNS signing certificates by URL, cached; one per process (every Amazon app shares it)."""
 
-    def __init__(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 keep: Callable[[str, bytes], None] | None = None) -> None:
         self.client = httpx.Client(timeout=timeout, follow_redirects=False)
         self.clock = clock
+        self.keep = keep  # called with each certificate fetched (serve stores it: store/sns_certificates.py)
         self.cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self.lock = threading.Lock()
         self.fetched = 0  # fetches made, for tests and the curious
@@ -108,7 +113,24 @@ class Certificates:
             self.cache[url] = (self.clock(), response.content)
             while len(self.cache) > CERT_CACHE_SIZE:
                 self.cache.popitem(last=False)
+        if self.keep is not None:
+            self.keep(url, response.content)
         return response.content
+
+
+def keeper(pool: Pool, clock: Callable[[], datetime]) -> Callable[[str, bytes], None]:
+    """`Certificates.keep` for serve: each fetched certificate is stored (store/sns_certificates.py),
+    so the console re-verifies logged envelopes offline. A failure to store it is logged and never
+    fails the notification (its entry then shows as unchecked)."""
+
+    def keep(url: str, pem: bytes) -> None:
+        try:
+            with pool.connection() as conn:
+                sns_certificates.save(conn, url, pem, clock())
+        except StoreError as exc:
+            log.warning("amazon: could not keep the SNS signing certificate %s: %s", url[:200], exc)
+
+    return keep
 
 
 @dataclass

@@ -169,14 +169,14 @@ def _trusted_revenuecat(app_id: str, settings: Settings) -> rc_source.RevenueCat
     return rc_source.RevenueCatConfig(app_id=app_id, authorization="unused: captured bodies are trusted")
 
 
-def build_sources(settings: Settings) -> Sources:
-    """Every configured adapter, validated; a ConfigError names the key (`apps."x".apple.…`)."""
+def build_sources(settings: Settings, *, certificates: Certificates | None = None) -> Sources:
+    """Every configured adapter, validated; a ConfigError names the key (`apps."x".apple.…`).
+    `certificates`: the SNS certificate cache the Amazon apps share (one is made when needed)."""
     apple_by_bundle: dict[str, apple_source.AppleAdapter] = {}
     stripe_by_app: dict[str, stripe_source.StripeConfig] = {}
     rc_by_app: dict[str, rc_source.RevenueCatConfig] = {}
     google_by_package: dict[str, GoogleSource] = {}
     amazon_by_package: dict[str, AmazonSource] = {}
-    certificates: Certificates | None = None  # one SNS certificate cache for every Amazon app
     check_routing_keys(settings.apps)  # one app per bundle id / package name
     for app_id, app in settings.apps.items():
         try:

@@ -3,8 +3,8 @@
 Every statement is a point lookup or a bounded range on an index (named next to it), so each page
 costs the same on a log of a thousand events or of a million: nothing here reads `event_log` but
 by its primary key, its `(source, external_id)` key, `event_log_subscription` or the GIN index of
-the store ids its facts name (`event_log_references`), and no chart reads more than the covering
-indexes of the transitions. The statements are module constants so tests can EXPLAIN exactly what
+the store ids its facts name (`event_log_references`), and every count is read from the rollups
+(store/rollups.py). The statements are module constants so tests can EXPLAIN exactly what
 runs.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from subledger.core.events import Source, Store
-from subledger.store import audit
+from subledger.store import audit, rollups
 from subledger.store.fact_references import FACT_REFERENCES
 
 # Point lookups, one per thing a search box may hold. Indexes: subscriptions_pkey, outbox's unique
@@ -240,13 +240,11 @@ class Backlog:
 
 def backlog(conn: psycopg.Connection, now: datetime,
             counted: Sequence[dict[str, Any]] | None = None) -> dict[tuple[str, str], Backlog]:
-    """(app_id, destination) → pending and dead rows (counted on the partial indexes of pending and
-    dead rows, audit.STATS_OUTBOX_SQL) and the age of its oldest pending row. Unlike the /metrics
-    gauges' one-pass aggregate, this never reads the outbox's bodies. `counted`: those counts when
-    the caller already has them (`audit.stats(...).outbox`), so they are not counted twice."""
+    """(app_id, destination) → pending and dead rows (the outbox rollup, `rollups.outbox`) and the
+    age of its oldest pending row. `counted`: those counts when the caller already has them
+    (`audit.stats(...).outbox`), so they are not read twice."""
     if counted is None:
-        with conn.cursor(row_factory=dict_row) as cur:
-            counted = cur.execute(audit.STATS_OUTBOX_SQL).fetchall()
+        counted = rollups.outbox(conn)
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for r in counted:
         counts.setdefault((str(r["app_id"]), str(r["destination"])), {})[str(r["status"])] = int(r["rows"])
@@ -260,35 +258,6 @@ def backlog(conn: psycopg.Connection, now: datetime,
     return out
 
 
-# Index-only on transitions_created (its INCLUDE holds kind and superseded_at).
-TRANSITIONS_BY_DAY_SQL = """
-SELECT (date_trunc('day', created_at AT TIME ZONE 'UTC'))::date AS day, kind,
-  count(*) FILTER (WHERE superseded_at IS NULL) AS live
-FROM transitions WHERE created_at >= %(since)s AND created_at < %(until)s
-GROUP BY 1, 2 ORDER BY 1, 2
-"""
-
-
-def transitions_by_day(conn: psycopg.Connection, since: datetime, until: datetime) -> list[tuple[Any, str, int]]:
-    """(UTC day, kind, live transitions derived that day) over [since, until)."""
-    rows = conn.execute(TRANSITIONS_BY_DAY_SQL, {"since": since, "until": until}).fetchall()
-    return [(day, str(kind), int(n)) for day, kind, n in rows]
-
-
-# Index-only on transitions_revenue (0009: partial on `price IS NOT NULL`, covering app, price,
-# currency and superseded_at). Days are the purchase's (occurred_at, UTC): a renewal is revenue of
-# the day it was charged, whenever it arrived. Grouped by the price's text, so the database only
-# counts (date_bin on UTC midnights needs no time-zone conversion per row, and no row is cast);
-# the few distinct prices are summed as Decimals here, where one unreadable price is skipped
-# instead of failing the page. A refund's price is negative, so the sum is net.
-REVENUE_BY_DAY_SQL = """
-SELECT date_bin('1 day', occurred_at, '2000-01-01 00:00+00') AS day, app_id, currency, price, count(*) AS n
-FROM transitions
-WHERE price IS NOT NULL AND superseded_at IS NULL AND occurred_at >= %(since)s AND occurred_at < %(until)s
-GROUP BY 1, 2, 3, 4
-"""
-
-
 @dataclass(frozen=True, slots=True)
 class Revenue:
     """One UTC day's net revenue of one app in one currency (`charges`: live transitions with a price)."""
@@ -300,19 +269,22 @@ class Revenue:
     charges: int
 
 
-def revenue_by_day(conn: psycopg.Connection, since: datetime, until: datetime) -> list[Revenue]:
-    """Net revenue per (UTC day, app, currency) of the live transitions that occurred in [since, until)."""
+def revenue_by_day(conn: psycopg.Connection, days: rollups.Days) -> list[Revenue]:
+    """Net revenue per (UTC day charged, app, currency) of the live priced transitions, from the
+    revenue rollup (0011), which counts transitions per price text: the few distinct prices are
+    summed as Decimals here, where one unreadable price is skipped instead of failing the page. A
+    refund's price is negative, so the sum is net."""
     sums: dict[tuple[date, str, str | None], tuple[Decimal, int]] = {}
-    for day, app, currency, price, n in conn.execute(REVENUE_BY_DAY_SQL, {"since": since, "until": until}):
+    for day, app, currency, price, n in rollups.revenue(conn, days):
         try:
             amount = Decimal(price)
         except InvalidOperation:
             continue
         if not amount.is_finite():
             continue
-        key = (day.astimezone(UTC).date(), str(app), None if currency is None else str(currency))
+        key = (day, app, currency)
         total, charges = sums.get(key, (Decimal(0), 0))
-        sums[key] = (total + amount * int(n), charges + int(n))
+        sums[key] = (total + amount * n, charges + n)
     return [Revenue(day, app, currency, total, charges)
             for (day, app, currency), (total, charges) in sorted(sums.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                                  kv[0][2] or ""))]

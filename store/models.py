@@ -9,8 +9,9 @@ asserts that autogenerate finds no difference, so a migration without its model 
 reverse) fails a test instead of drifting.
 
 What a model cannot say stays in the migrations alone: the plpgsql functions (`subledger_ingest_begin`,
-`subledger_prune_duplicate_receipts`, `subledger_refuse_change`), the triggers that make the log
-append-only, the `subledger_app` role and its grants, and the seed row of `log_head`.
+`subledger_prune_duplicate_receipts`, `subledger_refuse_change`, the `subledger_rollup_*` family), the
+triggers that make the log append-only and keep the rollups, the `subledger_app` role and its grants,
+and the seed row of `log_head`.
 
 Read-side code may query through these models; the hot write path stays on psycopg (COPY and the
 one-statement batch writes), which neither maps rows to objects nor pays for the ORM.
@@ -22,7 +23,7 @@ bigserial id, a generated column) is `X | None = None` on the model even where t
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -31,11 +32,13 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Computed,
+    Date,
     DateTime,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Text,
     UniqueConstraint,
     false,
@@ -214,9 +217,6 @@ class Transition(SQLModel, table=True):
         Index("transitions_subscriber", "subscriber"),
         Index("transitions_created", "created_at",
               postgresql_include=["kind", "app_id", "event_source", "environment", "superseded_at"]),
-        # revenue per day (0009): index-only over the transitions that carry a price
-        Index("transitions_revenue", "occurred_at", postgresql_include=["app_id", "price", "currency", "superseded_at"],
-              postgresql_where=text("price IS NOT NULL")),
     )
 
     id: str = _text(primary_key=True)
@@ -234,7 +234,7 @@ class Transition(SQLModel, table=True):
         default=None, sa_column=Column("event_source", TEXT, Computed("body->>'event_source'", persisted=True)))
     environment: str | None = Field(
         default=None, sa_column=Column("environment", TEXT, Computed("body->>'environment'", persisted=True)))
-    # the body's price and currency as the fold wrote them, text (0009): `transitions_revenue` covers them
+    # the body's price and currency as the fold wrote them, text (0009): the revenue rollup (0011) reads them
     price: str | None = Field(
         default=None, sa_column=Column("price", TEXT, Computed("body->>'price'", persisted=True)))
     currency: str | None = Field(
@@ -385,6 +385,98 @@ class VerifyRun(SQLModel, table=True):
     subscriptions: int = _bigint()
     problem_count: int = _bigint()
     first_bad_position: int | None = _bigint(nullable=True)
+
+
+# -- rollups: counts kept by triggers for the overview and `audit stats` (0011, store/rollups.py) -----
+
+
+def _day() -> Any:
+    return Field(primary_key=True, sa_type=Date())
+
+
+def _key() -> Any:
+    return _text(primary_key=True)
+
+
+def _shard() -> Any:
+    """The writing backend's pid mod 64, so concurrent writers add to different rows."""
+    return Field(primary_key=True, sa_type=SmallInteger())
+
+
+class RollupLogDay(SQLModel, table=True):
+    """Log entries per UTC day received, source, app and environment ('' for none)."""
+
+    __tablename__ = "rollup_log_days"
+
+    day: date = _day()
+    source: str = _key()
+    app_id: str = _key()
+    environment: str = _key()
+    shard: int = _shard()
+    entries: int = _bigint()
+
+
+class RollupTransitionDay(SQLModel, table=True):
+    """Transitions per UTC day derived (created_at), app, kind, source and environment."""
+
+    __tablename__ = "rollup_transition_days"
+
+    day: date = _day()
+    app_id: str = _key()
+    kind: str = _key()
+    source: str = _key()
+    environment: str = _key()
+    shard: int = _shard()
+    live: int = _bigint()
+    superseded: int = _bigint()
+
+
+class RollupRevenueDay(SQLModel, table=True):
+    """Live priced transitions per UTC day charged (occurred_at), app, currency and price text."""
+
+    __tablename__ = "rollup_revenue_days"
+
+    day: date = _day()
+    app_id: str = _key()
+    currency: str = _key()
+    price: str = _key()
+    shard: int = _shard()
+    charges: int = _bigint()
+
+
+class RollupDeliveredDay(SQLModel, table=True):
+    """Messages delivered per UTC day, app and destination."""
+
+    __tablename__ = "rollup_delivered_days"
+
+    day: date = _day()
+    app_id: str = _key()
+    destination: str = _key()
+    shard: int = _shard()
+    delivered: int = _bigint()
+
+
+class RollupOutbox(SQLModel, table=True):
+    """Outbox rows now per app, destination and status."""
+
+    __tablename__ = "rollup_outbox"
+
+    app_id: str = _key()
+    destination: str = _key()
+    status: str = _key()
+    shard: int = _shard()
+    rows: int = _bigint()
+
+
+class SnsCertificate(SQLModel, table=True):
+    """An Amazon SNS signing certificate as fetched, by URL, for re-verifying logged envelopes (0012)."""
+
+    __tablename__ = "sns_certificates"
+
+    url: str = _text(primary_key=True)
+    pem: bytes = _bytea()
+    first_fetched_at: datetime = _timestamptz()
+    last_fetched_at: datetime = _timestamptz()
 
 
 metadata: Final[MetaData] = SQLModel.metadata

@@ -55,7 +55,7 @@ from subledger.core.derive import Known, Located, derive
 from subledger.core.errors import InvalidEvent
 from subledger.core.events import event_from_facts, format_time
 from subledger.core.lifecycle import TransitionKind, subscriber_id, transition_id
-from subledger.store import log
+from subledger.store import log, rollups
 
 FETCH = 2000
 MAX_PROBLEMS = 50
@@ -85,7 +85,8 @@ FROM transitions ORDER BY subscription_key
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """`kind`: chain, head, projection or transition; `position` for the log, `subscription` otherwise.
+    """`kind`: chain, head, projection, transition or rollup; `position` for the log, `subscription`
+    for a projection or transition.
 
     `column` names the column that disagrees when one can be named (a derived log column, or a
     projection column), so a reader of `--json` need not parse `detail`. `chain` names the chain of a
@@ -100,8 +101,10 @@ class Problem:
     chain: int | None = None
 
     def describe(self) -> str:
+        if self.kind in ("head", "rollup"):
+            return f"{self.kind}: {self.detail}"
         where = f"position {self.position}" if self.position is not None else f"subscription {self.subscription}"
-        return f"{self.kind} at {where}: {self.detail}" if self.kind != "head" else f"head: {self.detail}"
+        return f"{self.kind} at {where}: {self.detail}"
 
 
 @dataclass
@@ -163,12 +166,21 @@ def verify(conn: psycopg.Connection, *, progress: Progress | None = None) -> Ver
         try:
             _verify_chain(conn, result, progress)
             _verify_projections(conn, result, progress)
+            _verify_rollups(conn, result)
         finally:
             conn.rollback()
             conn.read_only = False
     finally:
         conn.isolation_level = previous_isolation
     return result
+
+
+def _verify_rollups(conn: psycopg.Connection, result: Verification) -> None:
+    """The counts the overview and `audit stats` read (store/rollups.py) equal a fresh count of
+    their tables, in the same snapshot as the chain: a trigger switched off, or a rollup edited,
+    is named by table and group."""
+    for d in rollups.drift(conn):
+        result.add(Problem("rollup", f"{d.table} {d.what}: kept {d.kept}, the table holds {d.counted}"))
 
 
 class _Walk:

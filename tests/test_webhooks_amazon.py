@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 from fake_amazon import (
     EXPIRED,
+    GOOD,
     OTHER,
     SECRET,
     TOPIC,
@@ -22,6 +24,7 @@ from fake_amazon import (
     FakeAmazon,
     amazon_settings,
     confirmation_body,
+    make_signer,
     receipt,
     rtn_message,
     sns_body,
@@ -350,3 +353,40 @@ def test_captured_deliveries_replay_with_stored_receipts_or_fetch_now(db_url: st
     assert kinds == ["SUBSCRIPTION_PURCHASED", "SUBSCRIPTION_AUTO_RENEWAL_OFF", "SUBSCRIPTION_RENEWED/NOT_FOUND"]
     again = ingest_stream(services, io.BytesIO(lines[0]), "a.ndjson", historical=False, progress=None, fmt="amazon")
     assert (again.new, again.duplicate) == (0, 1)
+
+
+# --- the console's payload viewer re-verifies a logged envelope against the kept certificate ---------
+
+
+def test_the_console_reverifies_a_logged_envelope_against_the_kept_certificate(db_url: str, fake: FakeAmazon) -> None:
+    """The webhook keeps the certificate it fetched (sns_certificates); the entry page re-verifies the
+    stored envelope with it, offline: verified; with the kept bytes replaced by another key's
+    certificate: failed; with none kept: unchecked, and the page fetches nothing."""
+    token = "console-token-amazon"
+    settings = settings_module.from_dict({**config(fake), "api_token": token})
+    fake.receipts[R1] = receipt(R1, now(), renews=now() + timedelta(days=30))
+    bearer = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(build(settings, database_url=db_url), pool_size=2)) as client:
+        assert post(client, note(fake, "SUBSCRIPTION_PURCHASED", version="2")).status_code == 200
+        with psycopg.connect(db_url) as conn:
+            kept = conn.execute("SELECT url, pem FROM sns_certificates").fetchall()
+            position = conn.execute("SELECT position FROM event_log WHERE source = 'amazon'").fetchone()
+        assert [(url, bytes(pem)) for url, pem in kept] == [(fake.cert_url(), GOOD.pem)]
+        assert position is not None
+        fetched = len(fake.requests)
+
+        def state() -> str:
+            page = client.get(f"/console/entries/{position[0]}", headers=bearer)
+            assert page.status_code == 200, page.text
+            found = re.search(r"<strong>Signature: ([a-z ]+)</strong> — ([^\n]*)", page.text)
+            assert found is not None, page.text
+            return found.group(1)
+
+        assert state() == "verified"
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("UPDATE sns_certificates SET pem = %s", (make_signer().pem,))
+        assert state() == "failed"
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM sns_certificates")
+        assert state() == "unchecked"
+        assert len(fake.requests) == fetched  # the page never reached for the network

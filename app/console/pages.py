@@ -30,7 +30,7 @@ from subledger.core.safejson import text_problem
 from subledger.outbox import ops
 from subledger.outbox.ingest import wake_relay
 from subledger.outbox.routes import routes_from
-from subledger.store import audit, identity, reconciliation, verify_runs
+from subledger.store import audit, identity, reconciliation, rollups, sns_certificates, verify_runs
 from subledger.store import console as queries
 from subledger.store import outbox as outbox_store
 
@@ -309,11 +309,11 @@ def _destinations(request: Request, conn: Any, counted: list[dict[str, Any]] | N
 @router.get("")
 def overview(request: Request, session: auth.Session = Depends(current)) -> HTMLResponse:
     now = now_of(request)
-    since = now - timedelta(days=30)
+    days = rollups.Days.ending(now.astimezone(UTC).date(), 30)  # the charts' 30 UTC days, today included
     with pool_of(request).connection() as conn:
-        stats = audit.stats(conn, since, now, now)
-        by_day = queries.transitions_by_day(conn, since, now)
-        revenue = queries.revenue_by_day(conn, _day_start(now) - timedelta(days=29), now)
+        stats = audit.stats(conn, days.since, days.until, now)
+        by_day = rollups.transitions_by_day(conn, days)
+        revenue = queries.revenue_by_day(conn, days)
         destinations = _destinations(request, conn, stats.outbox)
         last_verify = verify_runs.last(conn)
         gaps = _gaps(conn, now)
@@ -328,10 +328,6 @@ def overview(request: Request, session: auth.Session = Depends(current)) -> HTML
                   revenue=_revenue_charts(revenue, now.date()), last_verify=last_verify,
                   verify_age=None if last_verify is None else (now - last_verify.finished_at).total_seconds(),
                   gaps=gaps)
-
-
-def _day_start(now: datetime) -> datetime:
-    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _gaps(conn: Any, now: datetime) -> list[dict[str, Any]]:
@@ -457,11 +453,21 @@ def entry(request: Request, position: str, session: auth.Session = Depends(curre
         raise PageRefused(404, f"no log entry {position!r}")
     with pool_of(request).connection() as conn:
         found = queries.entry(conn, int(position))
-    if found is None:
-        raise PageRefused(404, f"no log entry #{position}")
+        if found is None:
+            raise PageRefused(404, f"no log entry #{position}")
+        sns = _sns_check(request, conn, found) if found["source"] == "amazon" else None
     checked = signature.verdict(found["source"], found["arrival"], found.pop("raw_bytes"),
-                                _offline_apple(request) if found["source"] == "apple" else None)
+                                _offline_apple(request) if found["source"] == "apple" else None, sns)
     return render(request, session, "entry.html", entry=found, signature=checked)
+
+
+def _sns_check(request: Request, conn: Any, found: dict[str, Any]) -> signature.SnsCheck:
+    """The entry's app's SNS certificate hosts, and its envelope's kept certificate (one point
+    lookup by URL, read now so the page's connection is not held while it renders)."""
+    url = signature.certificate_url(found["raw_bytes"])
+    kept = None if url is None else sns_certificates.load(conn, url)
+    return signature.SnsCheck(signature.sns_hosts(services_of(request).settings, found["app_id"]),
+                              lambda u: kept if u == url else None)
 
 
 def _offline_apple(request: Request) -> Any:

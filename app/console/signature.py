@@ -18,9 +18,12 @@ entry's source and how it arrived, and for Apple it can be proven again:
 - Google: a Pub/Sub push carries no signature of its own; its OIDC push token is checked when the
   app configures `push_audience`, and the state itself is fetched from the Play Developer API with
   subledger's service account. Per entry: not recorded.
-- Amazon: the SNS envelope (with its `Signature`) is stored, but checking it needs the signing
-  certificate from the network, which a page does not fetch; captured receipts are imported
-  unchecked. Not recorded.
+- Amazon: the SNS envelope (with its `Signature` and `SigningCertURL`) is stored, and the webhook
+  keeps each signing certificate it fetched (store/sns_certificates.py, 0012), so the envelope is
+  re-verified on view against the kept certificate, offline, at the envelope's `Timestamp`, with
+  the URL checked against the app's SNS hosts as at ingest. An entry whose certificate was never
+  kept (logged before 0012, or imported while none was) is unchecked; a body that is not an SNS
+  envelope (a captured receipt) is not recorded.
 - Reconciliation (`arrival = reconciliation`) of the other stores: fetched by subledger from the
   store's API with its own credentials; there is no signature to check. Canonical events (`custom`) are authenticated
   by the API token or are the operator's own import; scheduler entries are subledger's own.
@@ -28,12 +31,22 @@ entry's source and how it arrived, and for Apple it can be proven again:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from subledger.app.settings import Settings
 from subledger.app.sources import Sources, build_sources
-from subledger.core.errors import BadSignature, ConfigError, MalformedPayload, PayloadRejected, SignatureUncheckable
+from subledger.core.errors import (
+    BadSignature,
+    ConfigError,
+    MalformedPayload,
+    PayloadRejected,
+    SignatureUncheckable,
+)
 from subledger.core.events import Source
+from subledger.core.sources import amazon as amazon_source
+from subledger.store.sns_certificates import Kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +69,22 @@ def offline_apple(settings: Settings) -> Sources:
     return build_sources(settings.model_copy(update={"apps": apps}))
 
 
-def verdict(source: str, arrival: str, raw: bytes, apple: Sources | None) -> Verdict:
+@dataclass(frozen=True, slots=True)
+class SnsCheck:
+    """What re-verifying an Amazon envelope needs: the app's SNS certificate hosts, and the kept
+    certificate by URL (`None`: never kept)."""
+
+    hosts: frozenset[str]
+    kept: Callable[[str], Kept | None]
+
+
+def verdict(source: str, arrival: str, raw: bytes, apple: Sources | None, sns: SnsCheck | None = None) -> Verdict:
     """The signature result of one log entry (`apple`: `offline_apple(settings)`, or None when it
-    could not be built; then Apple entries are reported unchecked)."""
+    could not be built; then Apple entries are reported unchecked; `sns` likewise for Amazon)."""
     if source == Source.APPLE:  # pushed, imported or recovered from the notification history: the same JWS
         return _apple(raw, apple)
+    if source == Source.AMAZON and sns is not None:
+        return _amazon(raw, sns)
     if arrival == "reconciliation":
         return Verdict("not signed", "recovered by `subledger reconcile`: fetched from the store's API over HTTPS "
                                      "with subledger's own credentials, so there is no webhook signature to check")
@@ -109,6 +133,51 @@ def _apple(raw: bytes, apple: Sources | None) -> Verdict:
     return Verdict("verified", f"re-verified now: the signed payload and its signed transaction / renewal info "
                                f"chain to the configured Apple root certificate(s) of {adapter.config.bundle_id} "
                                f"(offline, at the payload's signedDate)")
+
+
+def sns_hosts(settings: Settings, app_id: str) -> frozenset[str]:
+    """Where the app's SNS certificates may come from, as its webhook checks (SNS's own hosts for
+    an app no longer configured with Amazon)."""
+    app = settings.apps.get(app_id)
+    configured = app.amazon if app is not None else None
+    return frozenset(configured.sns_certificate_hosts if configured is not None else amazon_source.AWS_SNS_HOSTS)
+
+
+def certificate_url(raw: bytes) -> str | None:
+    """The `SigningCertURL` of a stored SNS envelope, or None when the body is not one."""
+    try:
+        return amazon_source.parse_envelope(raw).signing_cert_url
+    except MalformedPayload:  # TooDeep too
+        return None
+
+
+def _amazon(raw: bytes, sns: SnsCheck) -> Verdict:
+    try:
+        envelope = amazon_source.parse_envelope(raw)
+    except MalformedPayload:  # TooDeep too
+        return Verdict("not recorded", "the stored body is not a signed SNS envelope (a captured receipt, imported "
+                                       "with `subledger ingest --format amazon`, which is trusted unchecked)")
+    url = envelope.signing_cert_url
+    try:
+        amazon_source.check_sns_url(url, sns.hosts, "SigningCertURL", pem=True)
+    except BadSignature as exc:
+        return Verdict("failed", f"re-checked now: {exc}")
+    kept = sns.kept(url)
+    if kept is None:
+        return Verdict("unchecked", f"the signing certificate {url} was never kept (the entry was logged before "
+                                    "subledger kept certificates, or imported), and a page does not fetch it")
+    try:
+        at = datetime.fromisoformat(envelope.fields["Timestamp"])
+    except ValueError:
+        return Verdict("failed", "re-checked now: the envelope's Timestamp is not an ISO 8601 time")
+    try:
+        amazon_source.verify_signature(envelope, kept.pem, at)
+    except BadSignature as exc:
+        return Verdict("failed", f"re-verified now: {exc}")
+    return Verdict("verified", f"re-verified now: the SNS signature (version {envelope.signature_version}) verifies "
+                               f"against the signing certificate {url}, kept as fetched on "
+                               f"{kept.first_fetched_at:%Y-%m-%d %H:%M} UTC, valid at the envelope's Timestamp "
+                               f"(offline)")
 
 
 def safe_offline_apple(settings: Settings) -> Sources | None:

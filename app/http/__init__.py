@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from subledger.app import console
+from subledger.app.amazon_api import Certificates, keeper
 from subledger.app.bootstrap import Services
 from subledger.app.http import amazon, audit, docs, events, health, outbox, subscribers, webhooks
 from subledger.app.http.common import install_error_handlers
@@ -45,7 +46,8 @@ def create_app(services: Services, *, pool_size: int = 8) -> FastAPI:
     app.state.committer = committer
     install_error_handlers(app)
     app.include_router(events.router)
-    sources = build_sources(services.settings)  # the store adapters, built (and so validated) once
+    # the store adapters, built (and so validated) once; SNS certificates are kept as fetched
+    sources = build_sources(services.settings, certificates=Certificates(keep=keeper(pool, services.clock)))
     app.include_router(webhooks.webhook_router(services, pool, committer, sources))
     app.include_router(amazon.amazon_router(services, pool, committer, sources))
     app.include_router(health.router)

@@ -1,0 +1,195 @@
+"""Reads of the rollups (0011): counts per UTC day and of the outbox now, kept by triggers.
+
+The overview and `audit stats` over whole UTC days ask how many log entries, transitions, priced
+transitions and deliveries there were, and how many messages wait or are dead now. Counted from
+the tables, that is one index entry read per row (seconds on a million-event log); here it is a
+primary-key range over a few rows per day, the same cost on a log of a thousand events or of a
+million. The triggers that keep these tables are in migrations/versions/0011_rollups.py; each
+row is one writer shard's share, so every read sums over `shard`.
+
+`days` is a half-open range of UTC dates [first, last + 1 day): what [since, until) means when
+both are UTC midnights (`whole_days` says whether they are). `verify` recounts the tables and
+compares (`drift`), so a rollup that ever disagreed with its rows is reported, not believed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+@dataclass(frozen=True, slots=True)
+class Days:
+    """UTC dates first..last, both included."""
+
+    first: date
+    last: date
+
+    @classmethod
+    def ending(cls, today: date, n: int) -> Days:
+        """The `n` UTC days that end with `today` (the overview's "last 30 days")."""
+        return cls(today - timedelta(days=n - 1), today)
+
+    @property
+    def since(self) -> datetime:
+        return datetime.combine(self.first, time(), UTC)
+
+    @property
+    def until(self) -> datetime:
+        return datetime.combine(self.last + timedelta(days=1), time(), UTC)
+
+    def params(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last}
+
+
+def whole_days(since: datetime, until: datetime) -> Days | None:
+    """[since, until) as whole UTC days when both are UTC midnights (and the range is not empty)."""
+    a, b = since.astimezone(UTC), until.astimezone(UTC)
+    if a.timetz() != time(tzinfo=UTC) or b.timetz() != time(tzinfo=UTC) or b <= a:
+        return None
+    return Days(a.date(), (b - timedelta(days=1)).date())
+
+
+# Each: a range of rollup_*_days' primary key (day leads), summed over shards; a group whose
+# shards cancel out (a count moved away) is left out.
+LOG_SQL = """
+SELECT source, app_id, environment, sum(entries)::bigint AS entries FROM rollup_log_days
+WHERE day BETWEEN %(first)s AND %(last)s GROUP BY 1, 2, 3 HAVING sum(entries) <> 0 ORDER BY 1, 2, 3
+"""
+TRANSITIONS_SQL = """
+SELECT kind, app_id, nullif(source, '') AS source, nullif(environment, '') AS environment,
+  sum(live)::bigint AS live, sum(superseded)::bigint AS superseded
+FROM rollup_transition_days WHERE day BETWEEN %(first)s AND %(last)s
+GROUP BY kind, app_id, source, environment HAVING sum(live) <> 0 OR sum(superseded) <> 0 ORDER BY 1, 2, 3, 4
+"""
+TRANSITIONS_BY_DAY_SQL = """
+SELECT day, kind, sum(live)::bigint AS live FROM rollup_transition_days
+WHERE day BETWEEN %(first)s AND %(last)s GROUP BY 1, 2 HAVING sum(live) <> 0 ORDER BY 1, 2
+"""
+REVENUE_SQL = """
+SELECT day, app_id, nullif(currency, '') AS currency, price, sum(charges)::bigint AS n FROM rollup_revenue_days
+WHERE day BETWEEN %(first)s AND %(last)s GROUP BY day, app_id, currency, price HAVING sum(charges) <> 0
+"""
+DELIVERED_SQL = """
+SELECT coalesce(sum(delivered), 0)::bigint FROM rollup_delivered_days WHERE day BETWEEN %(first)s AND %(last)s
+"""
+# The outbox now: rollup_outbox is a few rows per (app, destination, status).
+OUTBOX_SQL = """
+SELECT app_id, destination, status, sum(rows)::bigint AS rows FROM rollup_outbox
+GROUP BY 1, 2, 3 HAVING sum(rows) <> 0 ORDER BY 1, 2, 3
+"""
+
+
+def _dicts(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def log(conn: psycopg.Connection, days: Days) -> list[dict[str, Any]]:
+    """Log entries received per (source, app, environment) over `days`; environment '' for none."""
+    return _dicts(conn, LOG_SQL, days.params())
+
+
+def transitions(conn: psycopg.Connection, days: Days) -> list[dict[str, Any]]:
+    """Transitions derived per (kind, app, source, environment) over `days`, live and superseded."""
+    return _dicts(conn, TRANSITIONS_SQL, days.params())
+
+
+def transitions_by_day(conn: psycopg.Connection, days: Days) -> list[tuple[date, str, int]]:
+    """(UTC day, kind, live transitions derived that day)."""
+    return [(day, str(kind), int(n)) for day, kind, n in conn.execute(TRANSITIONS_BY_DAY_SQL, days.params())]
+
+
+def revenue(conn: psycopg.Connection, days: Days) -> list[tuple[date, str, str | None, str, int]]:
+    """(UTC day charged, app, currency, price text, live transitions with that price)."""
+    return [(day, str(app), currency, str(price), int(n))
+            for day, app, currency, price, n in conn.execute(REVENUE_SQL, days.params())]
+
+
+def delivered(conn: psycopg.Connection, days: Days) -> int:
+    row = conn.execute(DELIVERED_SQL, days.params()).fetchone()
+    return int(row[0]) if row else 0
+
+
+def outbox(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """(app_id, destination, status, rows) of the outbox now: pending and dead rows."""
+    return _dicts(conn, OUTBOX_SQL, {})
+
+
+# What verify recounts: each rollup beside the same count made from its table, the differences only.
+DRIFT_SQL = {
+    "rollup_log_days": """
+      WITH counted AS (
+        SELECT (received_at AT TIME ZONE 'UTC')::date AS day, source, app_id, coalesce(environment, '') AS environment,
+          count(*)::bigint AS n FROM event_log GROUP BY 1, 2, 3, 4),
+      kept AS (SELECT day, source, app_id, environment, sum(entries)::bigint AS n
+        FROM rollup_log_days GROUP BY 1, 2, 3, 4)
+      SELECT concat_ws('/', day, source, app_id, nullif(environment, '')) AS what,
+        coalesce(kept.n, 0) AS kept, coalesce(counted.n, 0) AS counted
+      FROM counted FULL JOIN kept USING (day, source, app_id, environment)
+      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
+    "rollup_transition_days": """
+      WITH counted AS (
+        SELECT (created_at AT TIME ZONE 'UTC')::date AS day, app_id, kind, coalesce(event_source, '') AS source,
+          coalesce(environment, '') AS environment, count(*) FILTER (WHERE superseded_at IS NULL)::bigint AS live,
+          count(*) FILTER (WHERE superseded_at IS NOT NULL)::bigint AS superseded
+        FROM transitions GROUP BY 1, 2, 3, 4, 5),
+      kept AS (SELECT day, app_id, kind, source, environment, sum(live)::bigint AS live,
+          sum(superseded)::bigint AS superseded FROM rollup_transition_days GROUP BY 1, 2, 3, 4, 5)
+      SELECT concat_ws('/', day, app_id, kind, nullif(source, ''), nullif(environment, '')) AS what,
+        concat(coalesce(kept.live, 0), ' live + ', coalesce(kept.superseded, 0), ' superseded') AS kept,
+        concat(coalesce(counted.live, 0), ' live + ', coalesce(counted.superseded, 0), ' superseded') AS counted
+      FROM counted FULL JOIN kept USING (day, app_id, kind, source, environment)
+      WHERE coalesce(kept.live, 0) <> coalesce(counted.live, 0)
+         OR coalesce(kept.superseded, 0) <> coalesce(counted.superseded, 0)""",
+    "rollup_revenue_days": """
+      WITH counted AS (
+        SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, app_id, coalesce(currency, '') AS currency, price,
+          count(*)::bigint AS n FROM transitions WHERE price IS NOT NULL AND superseded_at IS NULL GROUP BY 1, 2, 3, 4),
+      kept AS (SELECT day, app_id, currency, price, sum(charges)::bigint AS n
+        FROM rollup_revenue_days GROUP BY 1, 2, 3, 4)
+      SELECT concat_ws('/', day, app_id, nullif(currency, ''), price) AS what,
+        coalesce(kept.n, 0) AS kept, coalesce(counted.n, 0) AS counted
+      FROM counted FULL JOIN kept USING (day, app_id, currency, price)
+      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
+    "rollup_delivered_days": """
+      WITH counted AS (
+        SELECT (delivered_at AT TIME ZONE 'UTC')::date AS day, app_id, destination, count(*)::bigint AS n
+        FROM outbox_delivered GROUP BY 1, 2, 3),
+      kept AS (SELECT day, app_id, destination, sum(delivered)::bigint AS n FROM rollup_delivered_days GROUP BY 1, 2, 3)
+      SELECT concat_ws('/', day, app_id, destination) AS what, coalesce(kept.n, 0) AS kept,
+        coalesce(counted.n, 0) AS counted
+      FROM counted FULL JOIN kept USING (day, app_id, destination)
+      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
+    "rollup_outbox": """
+      WITH counted AS (SELECT app_id, destination, status, count(*)::bigint AS n FROM outbox GROUP BY 1, 2, 3),
+      kept AS (SELECT app_id, destination, status, sum(rows)::bigint AS n FROM rollup_outbox GROUP BY 1, 2, 3)
+      SELECT concat_ws('/', app_id, destination, status) AS what, coalesce(kept.n, 0) AS kept,
+        coalesce(counted.n, 0) AS counted
+      FROM counted FULL JOIN kept USING (app_id, destination, status)
+      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """One rollup group whose kept count is not what its table holds."""
+
+    table: str
+    what: str
+    kept: str
+    counted: str
+
+
+def drift(conn: psycopg.Connection) -> list[Drift]:
+    """Every rollup group that disagrees with a fresh count of its table (each table read once).
+    Run in one snapshot (verify's repeatable-read transaction) the two sides see the same rows."""
+    out = []
+    for table, sql in DRIFT_SQL.items():
+        for what, kept, counted in conn.execute(sql).fetchall():
+            out.append(Drift(table, str(what), str(kept), str(counted)))
+    return out
