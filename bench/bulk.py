@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench.common import Report, fresh_database, out_dir, times, write_config
+from bench.common import Report, bare_database, fresh_database, out_dir, times, write_config
 from bench.generate import APP, write_ndjson
 from bench.ingest import _cli
 
@@ -77,8 +77,8 @@ def run(report: Report, count: int) -> None:
     summary = json.loads(out)
     ours = count / seconds
     dumps = dump(url, out_dir())
-    all_seconds = copy_in(fresh_database("subledger_bench_copy"), dumps, TABLES)
-    log_seconds = copy_in(fresh_database("subledger_bench_copy_log"), dumps, ("event_log",))
+    all_seconds = copy_in(bare_database("subledger_bench_copy"), dumps, TABLES)
+    log_seconds = copy_in(bare_database("subledger_bench_copy_log"), dumps, ("event_log",))
     rows = {t: n for t, (_, _, n) in dumps.items()}
     for name in (dumps[t][1] for t in TABLES):
         os.unlink(name)

@@ -78,6 +78,18 @@ def fresh_database(name: str, *, migrated: bool = True) -> str:
     return with_database(server, target)
 
 
+def bare_database(name: str) -> str:
+    """`fresh_database(name)` with every trigger of subledger's tables switched off (the rollups'
+    and the append-only guards): a baseline writes the same rows with nothing kept beside them."""
+    url = fresh_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT DISTINCT event_object_table FROM information_schema.triggers WHERE trigger_schema = 'public'")]
+        for table in tables:
+            conn.execute(psycopg.sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(psycopg.sql.Identifier(table)))
+    return url
+
+
 def drop_databases() -> None:
     """Drop every database of this BENCH_DATABASE_PREFIX (the smoke test cleans up with it)."""
     prefix = os.environ.get("BENCH_DATABASE_PREFIX")

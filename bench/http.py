@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from bench import loadgen
+from bench import common, loadgen
 from bench.common import ROOT, Report, fresh_database, out_dir, seconds, times
 from bench.service import Serve, SinkProcess
 
@@ -114,7 +114,7 @@ BARE_OUTBOX = (
 
 
 def bare_database() -> str:
-    url = fresh_database("subledger_bench_http_bare")
+    url = common.bare_database("subledger_bench_http_bare")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE SEQUENCE bench_position")
     return url

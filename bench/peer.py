@@ -26,7 +26,7 @@ from uuid import UUID
 
 import psycopg
 
-from bench.common import Report, fresh_database, times, write_config
+from bench.common import Report, bare_database, fresh_database, times, write_config
 from bench.generate import APP, events
 
 Step = Callable[[int, dict[str, Any], bytes], None]  # (1-based number, event, its raw JSON)
@@ -54,7 +54,7 @@ def subledger_writer() -> Iterator[Step]:
 
 @contextmanager
 def bare_writer() -> Iterator[Step]:
-    url = fresh_database("subledger_bench_tx_bare")
+    url = bare_database("subledger_bench_tx_bare")
     with psycopg.connect(url) as conn:
         def step(n: int, item: dict[str, Any], raw: bytes) -> None:
             with conn.transaction():

@@ -275,6 +275,7 @@ def test_outage_is_a_bounded_503_on_every_route_and_the_service_recovers_by_itse
         assert any(body["error_id"] in r.getMessage() for r in caplog.records), name
 
 
+@pytest.mark.edits_tables  # renames the outbox away
 def test_a_database_error_is_a_503_with_an_id_and_no_sql_text(
     db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

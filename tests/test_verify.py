@@ -90,10 +90,33 @@ def test_edited_entry_is_named_by_position(ledger: psycopg.Connection, db_url: s
         ("DELETE FROM event_log WHERE position = 5", 5),
     ],
 )
+@pytest.mark.edits_tables  # the log's rollup then counts the deleted entry
 def test_other_edits_are_named(ledger: psycopg.Connection, sql: str, position: int) -> None:
     tamper(ledger, sql)
     result = verify(ledger)
     assert not result.ok and result.first_bad_position == position
+
+
+@pytest.mark.edits_tables
+def test_a_rollup_that_disagrees_with_its_table_is_named(ledger: psycopg.Connection) -> None:
+    """The overview's counts are recounted: a rollup edited (or a trigger switched off) is named by
+    table and group, with both counts; the log and the projections are still fine."""
+    assert verify(ledger).ok
+    entries = ledger.execute("SELECT count(*) FROM event_log").fetchone()
+    ledger.execute("UPDATE rollup_log_days SET entries = entries + 1"
+                   " WHERE ctid = (SELECT min(ctid) FROM rollup_log_days)")
+    ledger.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_rollup_delete")
+    ledger.execute("DELETE FROM outbox WHERE id = (SELECT min(id) FROM outbox)")
+    ledger.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_rollup_delete")
+    ledger.commit()
+    result = verify(ledger)
+    assert not result.ok and result.first_bad_position is None
+    described = sorted(p.describe() for p in result.problems)
+    assert [p.kind for p in result.problems] == ["rollup", "rollup"], described
+    assert entries is not None
+    assert described[0].startswith(f"rollup: rollup_log_days {NOW:%Y-%m-%d}/custom/") and \
+        described[0].endswith(f": kept {entries[0] + 1}, the table holds {entries[0]}"), described
+    assert described[1].startswith("rollup: rollup_outbox ") and "/pending: kept" in described[1], described
 
 
 def test_projection_that_disagrees_with_the_fold_is_named(ledger: psycopg.Connection, db_url: str) -> None:

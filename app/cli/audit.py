@@ -216,7 +216,9 @@ def events(
 
 @audit_app.command("stats")
 def stats(
-    since: Annotated[str | None, typer.Option("--since", help="Range start (default: 24 h before --until).")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Range start (default: 24 h before --until). Dates on both ends (2026-11-01) are whole UTC "
+                        "days, read from the rollups at a fixed cost.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Range end (default: now).")] = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
@@ -231,7 +233,8 @@ def stats(
     if as_json:
         print_json(found)
         return
-    out.print(f"{shown_time(start)} → {shown_time(end)} UTC", highlight=False)
+    how = "whole UTC days: counts from the rollups" if found.from_rollups else "counted on the tables' time indexes"
+    out.print(f"{shown_time(start)} → {shown_time(end)} UTC ({how})", highlight=False)
     log = Table(title="log entries received", title_justify="left")
     for col in ("source", "app", "environment", "entries"):
         log.add_column(col)
@@ -249,7 +252,8 @@ def stats(
     lat = found.latency_seconds
     pct = ", ".join(f"{k} {v:.3f} s" for k, v in lat.items() if v is not None) or "-"
     out.print(f"outbox: {found.pending} pending (oldest {oldest}), {found.dead} dead; "
-              f"{found.delivered} delivered in range, latency {pct}", highlight=False)
+              f"{found.delivered} delivered in range, latency {pct}"
+              f"{f' (newest {found.latency_sample:,})' if found.latency_sample else ''}", highlight=False)
     for p in found.paused:
         out.print(f"paused {p['app_id']}/{p['destination']} since {shown_time(p['paused_at'])}: "
                   f"{p['paused_reason'] or 'manual'}", highlight=False)
