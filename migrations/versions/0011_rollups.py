@@ -107,57 +107,52 @@ def _outbox_upsert(rows: str) -> str:
     """
 
 
-FUNCTIONS = f"""
-CREATE FUNCTION subledger_rollup_log() RETURNS trigger LANGUAGE plpgsql AS $$
+def _function(name: str, body: str) -> str:
+    """A trigger function of this migration: the writing backend's shard, the body, no row returned."""
+    return f"""
+CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE writer smallint := {SHARD};
 BEGIN
-  INSERT INTO rollup_log_days AS r (day, source, app_id, environment, shard, entries)
-  SELECT (received_at AT TIME ZONE 'UTC')::date, source, app_id, coalesce(environment, ''), writer, count(*)
-  FROM added GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-  ON CONFLICT (day, source, app_id, environment, shard) DO UPDATE SET entries = r.entries + excluded.entries;
+  {body}
   RETURN NULL;
 END $$;
+"""
 
-CREATE FUNCTION subledger_rollup_transitions() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE writer smallint := {SHARD};
-BEGIN
+
+def _count_added(table: str, day: str, keys: dict[str, str], measure: str) -> str:
+    """Add the inserted rows (`added`) to `table` per UTC day of `day` and `keys` (column → expression)."""
+    groups = ", ".join(str(i) for i in range(1, len(keys) + 2))
+    return f"""
+  INSERT INTO {table} AS r (day, {", ".join(keys)}, shard, {measure})
+  SELECT ({day} AT TIME ZONE 'UTC')::date, {", ".join(keys.values())}, writer, count(*)
+  FROM added GROUP BY {groups} ORDER BY {groups}
+  ON CONFLICT (day, {", ".join(keys)}, shard) DO UPDATE SET {measure} = r.{measure} + excluded.{measure};"""
+
+
+FUNCTIONS = (
+    _function("subledger_rollup_log", _count_added(
+        "rollup_log_days", "received_at",
+        {"source": "source", "app_id": "app_id", "environment": "coalesce(environment, '')"}, "entries"))
+    + _function("subledger_rollup_transitions", f"""
   IF TG_OP = 'INSERT' THEN {_transitions_upserts("new")}
   ELSIF TG_OP = 'UPDATE' THEN {_transitions_upserts("both")}
   ELSE {_transitions_upserts("old")}
-  END IF;
-  RETURN NULL;
-END $$;
-
-CREATE FUNCTION subledger_rollup_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE writer smallint := {SHARD};
-BEGIN
-  INSERT INTO rollup_delivered_days AS r (day, app_id, destination, shard, delivered)
-  SELECT (delivered_at AT TIME ZONE 'UTC')::date, app_id, destination, writer, count(*)
-  FROM added GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-  ON CONFLICT (day, app_id, destination, shard) DO UPDATE SET delivered = r.delivered + excluded.delivered;
-  RETURN NULL;
-END $$;
-
-CREATE FUNCTION subledger_rollup_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE writer smallint := {SHARD};
-BEGIN
+  END IF;""")
+    + _function("subledger_rollup_delivered", _count_added(
+        "rollup_delivered_days", "delivered_at", {"app_id": "app_id", "destination": "destination"}, "delivered"))
+    + _function("subledger_rollup_outbox", f"""
   IF TG_OP = 'INSERT' THEN {_outbox_upsert("new")}
   ELSE {_outbox_upsert("old")}
-  END IF;
-  RETURN NULL;
-END $$;
-
--- a row's status changed (dead-lettered, retried): rare, so one row at a time
-CREATE FUNCTION subledger_rollup_outbox_status() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE writer smallint := {SHARD};
-BEGIN
+  END IF;""")
+    # a row's status changed (dead-lettered, retried): rare, so one row at a time
+    + _function("subledger_rollup_outbox_status", """
   INSERT INTO rollup_outbox AS r (app_id, destination, status, shard, rows)
   SELECT OLD.app_id, OLD.destination, s.status, writer, s.d
   FROM (VALUES (OLD.status, -1), (NEW.status, 1)) AS s(status, d) ORDER BY 3
-  ON CONFLICT (app_id, destination, status, shard) DO UPDATE SET rows = r.rows + excluded.rows;
-  RETURN NULL;
-END $$;
+  ON CONFLICT (app_id, destination, status, shard) DO UPDATE SET rows = r.rows + excluded.rows;""")
+)
 
+TRIGGERS = """
 CREATE TRIGGER event_log_rollup AFTER INSERT ON event_log
   REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION subledger_rollup_log();
 CREATE TRIGGER transitions_rollup_insert AFTER INSERT ON transitions
@@ -199,6 +194,7 @@ SELECT app_id, destination, status, 0, count(*) FROM outbox GROUP BY 1, 2, 3;
 def upgrade() -> None:
     op.execute(TABLES)
     op.execute(FUNCTIONS)
+    op.execute(TRIGGERS)
     op.execute(BACKFILL)
     op.execute("DROP INDEX transitions_revenue")  # 0009's, for revenue per day: the rollup answers it now
 
