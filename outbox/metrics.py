@@ -81,11 +81,11 @@ def outbox_exposition(conn: psycopg.Connection, known: Iterable[tuple[str, str]]
                                labels=["app_id", "destination"])
     rows = outbox_sql.depths(conn)
     for key in known:
-        rows.setdefault(key, outbox_sql.Depth(0, 0, 0.0))
+        rows.setdefault(key, outbox_sql.Depth(0, 0, None))
     for (app_id, destination), depth in sorted(rows.items()):
         pending.add_metric([app_id, destination], float(depth.pending))
         dead.add_metric([app_id, destination], float(depth.dead))
-        oldest.add_metric([app_id, destination], depth.oldest_pending_seconds)
+        oldest.add_metric([app_id, destination], depth.oldest_pending_seconds or 0.0)
     failing = GaugeMetricFamily("subledger_destination_failing",
                                 "1 while the relay marks a destination failing (5xx, timeouts): its backlog "
                                 "waits behind one probe.", labels=["app_id", "destination"])

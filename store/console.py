@@ -223,41 +223,6 @@ def paused(conn: psycopg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["app_id"], r["destination"]): r for r in rows}
 
 
-# The oldest pending row of one (app, destination): ids grow with creation time and delivered rows
-# leave the table, so the primary key's first match is it (the scan stops there).
-OLDEST_PENDING_SQL = """
-SELECT extract(epoch FROM %(now)s - created_at)::float8 FROM outbox
-WHERE status = 'pending' AND app_id = %(app)s AND destination = %(dest)s ORDER BY id LIMIT 1
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    pending: int
-    dead: int
-    oldest_pending_seconds: float | None
-
-
-def backlog(conn: psycopg.Connection, now: datetime,
-            counted: Sequence[dict[str, Any]] | None = None) -> dict[tuple[str, str], Backlog]:
-    """(app_id, destination) → pending and dead rows (the outbox rollup, `rollups.outbox`) and the
-    age of its oldest pending row. `counted`: those counts when the caller already has them
-    (`audit.stats(...).outbox`), so they are not read twice."""
-    if counted is None:
-        counted = rollups.outbox(conn)
-    counts: dict[tuple[str, str], dict[str, int]] = {}
-    for r in counted:
-        counts.setdefault((str(r["app_id"]), str(r["destination"])), {})[str(r["status"])] = int(r["rows"])
-    out = {}
-    for (app_id, destination), by in counts.items():
-        oldest = None
-        if by.get("pending"):
-            row = conn.execute(OLDEST_PENDING_SQL, {"now": now, "app": app_id, "dest": destination}).fetchone()
-            oldest = None if row is None else float(row[0])
-        out[(app_id, destination)] = Backlog(by.get("pending", 0), by.get("dead", 0), oldest)
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class Revenue:
     """One UTC day's net revenue of one app in one currency (`charges`: live transitions with a price)."""

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from subledger.store import rollups
 from subledger.store.rows import write_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -148,28 +149,39 @@ def check_listener(conn: psycopg.Connection) -> None:
     conn.execute("SELECT 1")
 
 
-GAUGES_SQL = """
-SELECT o.app_id, o.destination,
-  count(*) FILTER (WHERE o.status = 'pending'),
-  count(*) FILTER (WHERE o.status = 'dead'),
-  coalesce(extract(epoch FROM now() - min(o.created_at) FILTER (WHERE o.status = 'pending')), 0)
-FROM outbox o GROUP BY 1, 2
+# The oldest pending row of one (app, destination): ids grow with creation time and delivered rows
+# leave the table, so the primary key's first match is it (the scan stops there).
+OLDEST_PENDING_SQL = """
+SELECT extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - created_at)::float8 FROM outbox
+WHERE status = 'pending' AND app_id = %(app)s AND destination = %(dest)s ORDER BY id LIMIT 1
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Depth:
-    """One (app, destination)'s outbox now, for the `/metrics` gauges (outbox/metrics.py)."""
+    """One (app, destination)'s outbox now: `/metrics`, `/readyz` and the console's destinations."""
 
     pending: int
     dead: int
-    oldest_pending_seconds: float
+    oldest_pending_seconds: float | None  # None when nothing is pending
 
 
-def depths(conn: psycopg.Connection) -> dict[tuple[str, str], Depth]:
-    """(app_id, destination) → its pending and dead rows and the age of its oldest pending one."""
-    return {(str(a), str(d)): Depth(int(p), int(n), float(age or 0))
-            for a, d, p, n, age in conn.execute(GAUGES_SQL).fetchall()}
+def depths(conn: psycopg.Connection, now: datetime | None = None) -> dict[tuple[str, str], Depth]:
+    """(app_id, destination) → its pending and dead rows (the outbox rollup, 0011: a few rows however
+    long the backlog, so a scrape or a readiness probe never counts the outbox) and the age of its
+    oldest pending row at `now` (the database's clock when None): one index probe per destination
+    with a backlog."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rollups.outbox(conn):
+        counts.setdefault((str(r["app_id"]), str(r["destination"])), {})[str(r["status"])] = int(r["rows"])
+    out = {}
+    for (app_id, destination), by in counts.items():
+        oldest = None
+        if by.get("pending", 0) > 0:
+            row = conn.execute(OLDEST_PENDING_SQL, {"now": now, "app": app_id, "dest": destination}).fetchone()
+            oldest = None if row is None else float(row[0])
+        out[(app_id, destination)] = Depth(by.get("pending", 0), by.get("dead", 0), oldest)
+    return out
 
 
 def paused_flags(conn: psycopg.Connection) -> dict[tuple[str, str], bool]:
@@ -790,11 +802,7 @@ def failing_states(conn: psycopg.Connection) -> list[Failing]:
 
 def readiness(conn: psycopg.Connection) -> Readiness:
     """The backlog and the held destinations, read now (the database's clock: `now()`)."""
-    row = conn.execute(
-        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'),"
-        " extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) FROM outbox"
-    ).fetchone()
-    assert row is not None  # an aggregate always answers one row
+    by_destination = depths(conn).values()
     paused = conn.execute(
         "SELECT app_id, destination, paused_reason, paused_at FROM destination_state WHERE paused"
     ).fetchall()
@@ -802,7 +810,8 @@ def readiness(conn: psycopg.Connection) -> Readiness:
         "SELECT app_id, destination, retry_after FROM destination_state WHERE retry_after > now()"
     ).fetchall()
     return Readiness(
-        pending=int(row[0]), dead=int(row[1]), oldest_pending_seconds=float(row[2] or 0),
+        pending=sum(d.pending for d in by_destination), dead=sum(d.dead for d in by_destination),
+        oldest_pending_seconds=max((d.oldest_pending_seconds or 0.0 for d in by_destination), default=0.0),
         paused=[(a, d, r, t) for a, d, r, t in paused], rate_limited=[(a, d, t) for a, d, t in waiting],
         failing=failing_states(conn),
     )

@@ -28,6 +28,7 @@ from subledger.core.sources import Notification
 from subledger.outbox.ingest import Incoming, IngestPolicy, ingest
 from subledger.store import audit, rollups, verify_runs
 from subledger.store import console as queries
+from subledger.store import outbox as outbox_store
 
 TOKEN = "console-test-token"
 NOW = datetime(2026, 10, 1, 12, tzinfo=UTC)
@@ -266,6 +267,30 @@ def _reads(conn: psycopg.Connection) -> dict[str, tuple[int, int]]:
     """table → (sequential scans, index scans) so far in this transaction."""
     rows = conn.execute("SELECT relname, seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables").fetchall()
     return {str(name): (int(seq), int(idx)) for name, seq, idx in rows}
+
+
+def test_backlog_figures_never_count_the_outbox(db_url: str) -> None:
+    """The console's destinations, `/metrics` and `/readyz` take pending and dead counts from the
+    outbox rollup, which reads no row of the outbox, and probe the oldest pending row per
+    destination for its age (along an index: no sequential scan)."""
+    events = [e for i in range(40) for e in lifecycle(i)]
+    ingest_events(db_url, console_settings(), events, now=NOW)
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        waiting = conn.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()
+        assert waiting is not None and waiting[0] >= 200
+        conn.execute("SET LOCAL enable_seqscan = off")
+        fetch = "SELECT seq_scan, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'outbox'"
+        before = conn.execute(fetch).fetchone()
+        counted = rollups.outbox(conn)
+        between = conn.execute(fetch).fetchone()
+        depth = outbox_store.depths(conn, NOW + timedelta(minutes=1))
+        ready = outbox_store.readiness(conn)
+        after = conn.execute(fetch).fetchone()
+        assert [(r["status"], r["rows"]) for r in counted] == [("pending", waiting[0])]
+        assert depth[(APP, "segment")].pending == ready.pending == waiting[0]
+        assert depth[(APP, "segment")].oldest_pending_seconds == pytest.approx(60, abs=1)
+        assert between == before  # the counts read nothing of the outbox
+        assert before is not None and after is not None and after[0] == before[0]  # no sequential scan
 
 
 def test_subscriber_page_and_search_never_scan_the_event_log(db_url: str) -> None:

@@ -281,6 +281,7 @@ def test_a_database_error_is_a_503_with_an_id_and_no_sql_text(
 ) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE outbox RENAME TO outbox_gone")  # every ingest now fails in SQL
+        conn.execute("ALTER TABLE rollup_outbox RENAME TO rollup_outbox_gone")  # and /readyz's backlog read
     data = {**config_dict(write_root(tmp_path)), "api_token": TOKEN, "accept_unconfigured_apps": True}
     caplog.set_level(logging.WARNING, logger="subledger.http")
     with TestClient(create_app(build(settings_module.from_dict(data), database_url=db_url))) as client:

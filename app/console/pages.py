@@ -285,10 +285,10 @@ def static(name: str, session: auth.Session = Depends(current)) -> Response:
                     headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
 
 
-def _destinations(request: Request, conn: Any, counted: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def _destinations(request: Request, conn: Any) -> list[dict[str, Any]]:
     """Every (app, destination) the configuration or the database knows, with its backlog and pause."""
     policy = services_of(request).policy
-    depths = queries.backlog(conn, now_of(request), counted)
+    depths = outbox_store.depths(conn, now_of(request))
     paused = queries.paused(conn)
     names = {(app, d.name) for app, dests in policy.destinations.items() for d in dests}
     names |= set(depths) | set(paused)
@@ -314,7 +314,7 @@ def overview(request: Request, session: auth.Session = Depends(current)) -> HTML
         stats = audit.stats(conn, days.since, days.until, now)
         by_day = rollups.transitions_by_day(conn, days)
         revenue = queries.revenue_by_day(conn, days)
-        destinations = _destinations(request, conn, stats.outbox)
+        destinations = _destinations(request, conn)
         last_verify = verify_runs.last(conn)
         gaps = _gaps(conn, now)
     ingested: dict[str, int] = {}
