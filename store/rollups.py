@@ -120,59 +120,68 @@ def outbox(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return _dicts(conn, OUTBOX_SQL, {})
 
 
-# What verify recounts: each rollup beside the same count made from its table, the differences only.
-DRIFT_SQL = {
-    "rollup_log_days": """
-      WITH counted AS (
-        SELECT (received_at AT TIME ZONE 'UTC')::date AS day, source, app_id, coalesce(environment, '') AS environment,
-          count(*)::bigint AS n FROM event_log GROUP BY 1, 2, 3, 4),
-      kept AS (SELECT day, source, app_id, environment, sum(entries)::bigint AS n
-        FROM rollup_log_days GROUP BY 1, 2, 3, 4)
-      SELECT concat_ws('/', day, source, app_id, nullif(environment, '')) AS what,
-        coalesce(kept.n, 0) AS kept, coalesce(counted.n, 0) AS counted
-      FROM counted FULL JOIN kept USING (day, source, app_id, environment)
-      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
-    "rollup_transition_days": """
-      WITH counted AS (
-        SELECT (created_at AT TIME ZONE 'UTC')::date AS day, app_id, kind, coalesce(event_source, '') AS source,
-          coalesce(environment, '') AS environment, count(*) FILTER (WHERE superseded_at IS NULL)::bigint AS live,
-          count(*) FILTER (WHERE superseded_at IS NOT NULL)::bigint AS superseded
-        FROM transitions GROUP BY 1, 2, 3, 4, 5),
-      kept AS (SELECT day, app_id, kind, source, environment, sum(live)::bigint AS live,
-          sum(superseded)::bigint AS superseded FROM rollup_transition_days GROUP BY 1, 2, 3, 4, 5)
-      SELECT concat_ws('/', day, app_id, kind, nullif(source, ''), nullif(environment, '')) AS what,
-        concat(coalesce(kept.live, 0), ' live + ', coalesce(kept.superseded, 0), ' superseded') AS kept,
-        concat(coalesce(counted.live, 0), ' live + ', coalesce(counted.superseded, 0), ' superseded') AS counted
-      FROM counted FULL JOIN kept USING (day, app_id, kind, source, environment)
-      WHERE coalesce(kept.live, 0) <> coalesce(counted.live, 0)
-         OR coalesce(kept.superseded, 0) <> coalesce(counted.superseded, 0)""",
-    "rollup_revenue_days": """
-      WITH counted AS (
-        SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, app_id, coalesce(currency, '') AS currency, price,
-          count(*)::bigint AS n FROM transitions WHERE price IS NOT NULL AND superseded_at IS NULL GROUP BY 1, 2, 3, 4),
-      kept AS (SELECT day, app_id, currency, price, sum(charges)::bigint AS n
-        FROM rollup_revenue_days GROUP BY 1, 2, 3, 4)
-      SELECT concat_ws('/', day, app_id, nullif(currency, ''), price) AS what,
-        coalesce(kept.n, 0) AS kept, coalesce(counted.n, 0) AS counted
-      FROM counted FULL JOIN kept USING (day, app_id, currency, price)
-      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
-    "rollup_delivered_days": """
-      WITH counted AS (
-        SELECT (delivered_at AT TIME ZONE 'UTC')::date AS day, app_id, destination, count(*)::bigint AS n
-        FROM outbox_delivered GROUP BY 1, 2, 3),
-      kept AS (SELECT day, app_id, destination, sum(delivered)::bigint AS n FROM rollup_delivered_days GROUP BY 1, 2, 3)
-      SELECT concat_ws('/', day, app_id, destination) AS what, coalesce(kept.n, 0) AS kept,
-        coalesce(counted.n, 0) AS counted
-      FROM counted FULL JOIN kept USING (day, app_id, destination)
-      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
-    "rollup_outbox": """
-      WITH counted AS (SELECT app_id, destination, status, count(*)::bigint AS n FROM outbox GROUP BY 1, 2, 3),
-      kept AS (SELECT app_id, destination, status, sum(rows)::bigint AS n FROM rollup_outbox GROUP BY 1, 2, 3)
-      SELECT concat_ws('/', app_id, destination, status) AS what, coalesce(kept.n, 0) AS kept,
-        coalesce(counted.n, 0) AS counted
-      FROM counted FULL JOIN kept USING (app_id, destination, status)
-      WHERE coalesce(kept.n, 0) <> coalesce(counted.n, 0)""",
-}
+@dataclass(frozen=True, slots=True)
+class _Counted:
+    """What one rollup holds, said as a count of its table: its key columns (each an expression
+    over the table, the day first), its measures (each an aggregate) and which rows count."""
+
+    rollup: str
+    table: str
+    keys: dict[str, str]
+    measures: dict[str, str]
+    where: str = "true"
+
+    def drift_sql(self) -> str:
+        """The rollup (summed over shards) beside a fresh count of the table, the differences only:
+        `what` names the group (its keys, '/'-joined, empty ones left out), `kept` and `counted` its
+        measures (`3 live + 0 superseded` when there are several)."""
+        keys = ", ".join(self.keys)
+        counted = ", ".join([f"{expr} AS {col}" for col, expr in self.keys.items()]
+                            + [f"{agg}::bigint AS {m}" for m, agg in self.measures.items()])
+        kept = ", ".join(list(self.keys) + [f"sum({m})::bigint AS {m}" for m in self.measures])
+        groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
+
+        def shown(side: str) -> str:
+            if len(self.measures) == 1:
+                return f"coalesce({side}.{next(iter(self.measures))}, 0)::text"
+            return "concat_ws(' + ', " + ", ".join(f"coalesce({side}.{m}, 0) || ' {m}'" for m in self.measures) + ")"
+
+        differs = " OR ".join(f"coalesce(kept.{m}, 0) <> coalesce(counted.{m}, 0)" for m in self.measures)
+        return f"""
+          WITH counted AS (SELECT {counted} FROM {self.table} WHERE {self.where} GROUP BY {groups}),
+          kept AS (SELECT {kept} FROM {self.rollup} GROUP BY {groups})
+          SELECT concat_ws('/', {", ".join(f"nullif({k}::text, '')" for k in self.keys)}) AS what,
+            {shown("kept")} AS kept, {shown("counted")} AS counted
+          FROM counted FULL JOIN kept USING ({keys})
+          WHERE {differs}"""
+
+
+def _day(column: str) -> str:
+    return f"({column} AT TIME ZONE 'UTC')::date"
+
+
+# What verify recounts: each rollup as a count of its table (the triggers of 0011 keep the same).
+COUNTED = (
+    _Counted("rollup_log_days", "event_log",
+             {"day": _day("received_at"), "source": "source", "app_id": "app_id",
+              "environment": "coalesce(environment, '')"},
+             {"entries": "count(*)"}),
+    _Counted("rollup_transition_days", "transitions",
+             {"day": _day("created_at"), "app_id": "app_id", "kind": "kind", "source": "coalesce(event_source, '')",
+              "environment": "coalesce(environment, '')"},
+             {"live": "count(*) FILTER (WHERE superseded_at IS NULL)",
+              "superseded": "count(*) FILTER (WHERE superseded_at IS NOT NULL)"}),
+    _Counted("rollup_revenue_days", "transitions",
+             {"day": _day("occurred_at"), "app_id": "app_id", "currency": "coalesce(currency, '')", "price": "price"},
+             {"charges": "count(*)"}, where="price IS NOT NULL AND superseded_at IS NULL"),
+    _Counted("rollup_delivered_days", "outbox_delivered",
+             {"day": _day("delivered_at"), "app_id": "app_id", "destination": "destination"},
+             {"delivered": "count(*)"}),
+    _Counted("rollup_outbox", "outbox",
+             {"app_id": "app_id", "destination": "destination", "status": "status"},
+             {"rows": "count(*)"}),
+)
+DRIFT_SQL = {c.rollup: c.drift_sql() for c in COUNTED}
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,8 +466,7 @@ def _sns_check(request: Request, conn: Any, found: dict[str, Any]) -> signature.
     lookup by URL, read now so the page's connection is not held while it renders)."""
     url = signature.certificate_url(found["raw_bytes"])
     kept = None if url is None else sns_certificates.load(conn, url)
-    return signature.SnsCheck(signature.sns_hosts(services_of(request).settings, found["app_id"]),
-                              lambda u: kept if u == url else None)
+    return signature.SnsCheck(signature.sns_hosts(services_of(request).settings, found["app_id"]), kept)
 
 
 def _offline_apple(request: Request) -> Any:

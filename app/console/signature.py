@@ -31,7 +31,6 @@ entry's source and how it arrived, and for Apple it can be proven again:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,11 +70,11 @@ def offline_apple(settings: Settings) -> Sources:
 
 @dataclass(frozen=True, slots=True)
 class SnsCheck:
-    """What re-verifying an Amazon envelope needs: the app's SNS certificate hosts, and the kept
-    certificate by URL (`None`: never kept)."""
+    """What re-verifying an Amazon envelope needs: the app's SNS certificate hosts, and the
+    certificate kept for the envelope's `SigningCertURL` (`None`: never kept)."""
 
     hosts: frozenset[str]
-    kept: Callable[[str], Kept | None]
+    kept: Kept | None
 
 
 def verdict(source: str, arrival: str, raw: bytes, apple: Sources | None, sns: SnsCheck | None = None) -> Verdict:
@@ -162,7 +161,7 @@ def _amazon(raw: bytes, sns: SnsCheck) -> Verdict:
         amazon_source.check_sns_url(url, sns.hosts, "SigningCertURL", pem=True)
     except BadSignature as exc:
         return Verdict("failed", f"re-checked now: {exc}")
-    kept = sns.kept(url)
+    kept = sns.kept
     if kept is None:
         return Verdict("unchecked", f"the signing certificate {url} was never kept (the entry was logged before "
                                     "subledger kept certificates, or imported), and a page does not fetch it")
