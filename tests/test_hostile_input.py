@@ -446,8 +446,11 @@ def test_property_v1_events_array(client: TestClient, conn: psycopg.Connection, 
         assert [r["result"] for r in (results[0], results[-1])] == ["new", "new"]
         rejected = [h.get("id") for h, r in zip(hostile, results[1:-1], strict=True)
                     if r["result"] == "rejected" and isinstance(h, dict)]
+        # two hostile items may share an id (hypothesis draws it): one accepted, the other refused
+        accepted = {h.get("id") for h, r in zip(hostile, results[1:-1], strict=True)
+                    if r["result"] != "rejected" and isinstance(h, dict)}
         logged = {e for (e,) in conn.execute("SELECT external_id FROM event_log")}
-        assert not {i for i in rejected if isinstance(i, str)} & logged
+        assert not {i for i in rejected if isinstance(i, str) and i not in accepted} & logged
         assert counts(conn)["event_log"] - before["event_log"] == response.json()["new"]
 
 
